@@ -1,0 +1,25 @@
+//! pemworker: a PEM agent worker built for PEM servers reached through pgBouncer.
+//!
+//! The binary (`src/main.rs`) only parses the command line, sets up logging and maps results to
+//! exit codes; everything else lives here:
+//!
+//! - [`cli`]: the command line (PEM's flag spellings) and its resolution into checked settings.
+//! - [`error`]: the crate-level error, exit codes and how each failure maps onto one.
+//! - [`secret`]: passwords: redacted in `Debug`, read from the environment, `~/.pgpass` or a prompt.
+//! - [`connection`]: connections to the PEM server with libpq's meanings (sslmode, root CA, client
+//!   certificate) and the pool-safe statement helpers every query goes through.
+//! - [`certs`]: key pairs, certificate signing requests and the private files they live in.
+//! - [`fsutil`]: atomic writes, backups, ownership and modes of the files we manage.
+//! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
+//! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
+
+pub mod certs;
+pub mod cli;
+pub mod connection;
+pub mod error;
+pub mod fsutil;
+pub mod pooler;
+pub mod schema;
+pub mod secret;
+
+pub use error::{Error, ExitCode};

@@ -1,0 +1,141 @@
+//! The reference PEM server schema and its migrations.
+//!
+//! The real PEM server is proprietary; `etc/sql` holds the subset agents talk to, named as PEM
+//! names it. Migrations are applied in version order, in one transaction, under an advisory lock
+//! (so two installers cannot interleave), and recorded in `pem.schema_version`; applying again
+//! is a no-op.
+
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+use crate::connection::{Error, pool};
+
+/// One schema version.
+#[derive(Debug)]
+pub struct Migration {
+    pub version: i32,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "reference PEM server schema: roles, agent registry, probes, auth and signing functions",
+    sql: include_str!("../etc/sql/001_reference_schema.sql"),
+}];
+
+/// The newest version this build knows.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// An arbitrary constant shared by every installer: the advisory lock that serializes them.
+const INSTALL_LOCK: i64 = 0x7065_6d77_6f72_6b72;
+
+const BOOTSTRAP: &str = "
+CREATE SCHEMA IF NOT EXISTS pem;
+CREATE TABLE IF NOT EXISTS pem.schema_version (
+    version integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);";
+
+/// The installed version, or `None` when the schema is absent.
+pub async fn installed_version(client: &Client) -> Result<Option<i32>, Error> {
+    let what = "reading the PEM schema version";
+    let exists: bool = pool::query(
+        client,
+        what,
+        "SELECT to_regclass('pem.schema_version') IS NOT NULL",
+        &[],
+    )
+    .await?[0]
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let rows = pool::query(
+        client,
+        what,
+        "SELECT max(version) FROM pem.schema_version",
+        &[],
+    )
+    .await?;
+    Ok(rows[0].get::<_, Option<i32>>(0))
+}
+
+/// Applies every missing migration; returns the versions applied (empty when up to date).
+pub async fn apply(client: &Client) -> Result<Vec<i32>, Error> {
+    let what = "installing the PEM schema";
+    pool::batch(client, what, "BEGIN").await?;
+    let result = apply_in_transaction(client).await;
+    match result {
+        Ok(applied) => {
+            pool::batch(client, what, "COMMIT").await?;
+            Ok(applied)
+        }
+        Err(e) => {
+            let _ = pool::batch(client, what, "ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn apply_in_transaction(client: &Client) -> Result<Vec<i32>, Error> {
+    pool::execute(
+        client,
+        "waiting for other schema installers",
+        "SELECT pg_advisory_xact_lock($1)",
+        &[(&INSTALL_LOCK, Type::INT8)],
+    )
+    .await?;
+    pool::batch(client, "creating pem.schema_version", BOOTSTRAP).await?;
+    let current: i32 = pool::query(
+        client,
+        "reading the PEM schema version",
+        "SELECT coalesce(max(version), 0) FROM pem.schema_version",
+        &[],
+    )
+    .await?[0]
+        .get(0);
+    let mut applied = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let what = format!(
+            "applying PEM schema version {} ({})",
+            m.version, m.description
+        );
+        pool::batch(client, &what, m.sql).await?;
+        pool::execute(
+            client,
+            &what,
+            "INSERT INTO pem.schema_version (version, description) VALUES ($1, $2)",
+            &[(&m.version, Type::INT4), (&m.description, Type::TEXT)],
+        )
+        .await?;
+        applied.push(m.version);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_strictly_ordered_and_hold_no_transaction_control() {
+        let mut last = 0;
+        for m in MIGRATIONS {
+            assert!(m.version > last, "version {} out of order", m.version);
+            last = m.version;
+            let upper = m.sql.to_uppercase();
+            for word in ["\nBEGIN;", "\nCOMMIT;", "\nROLLBACK;"] {
+                assert!(
+                    !upper.contains(word),
+                    "migration {} contains {word:?}",
+                    m.version
+                );
+            }
+        }
+    }
+}
