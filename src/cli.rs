@@ -9,6 +9,7 @@ use crate::Error;
 use crate::connection::ConnectSettings;
 use crate::fsutil::Owner;
 use crate::pooler::{bouncer, hba, prepare};
+use crate::registration::{self, migrate};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,9 +19,91 @@ use crate::pooler::{bouncer, hba, prepare};
     after_help = "Exit codes: 0 success, 1 bad input or configuration, 2 cannot connect or \
                   authenticate, 3 agent inactive, 4 the PEM server refused, 5 local file error."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// PEM's own command line: `pemworker --register-agent ...` and friends.
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group = clap::ArgGroup::new("mode").multiple(false))]
+pub struct AgentArgs {
+    /// Register this agent on the PEM server (usually through pgBouncer).
+    #[arg(long = "register-agent", group = "mode", help_heading = "Modes")]
+    pub register_agent: bool,
+    /// Mark this agent inactive on the PEM server and set its agent.cfg aside.
+    #[arg(long = "unregister-agent", group = "mode", help_heading = "Modes")]
+    pub unregister_agent: bool,
+    /// Log in as the agent and check it is registered and active (exit 0, 1, 2 or 3).
+    #[arg(long = "verify-registration", group = "mode", help_heading = "Modes")]
+    pub verify_registration: bool,
+    /// Move an existing agent onto pgBouncer, keeping its agent id (guide section 4.2).
+    #[arg(long = "migrate-to-pooler", group = "mode", help_heading = "Modes")]
+    pub migrate_to_pooler: bool,
+
+    /// PEM server (or pgBouncer) host.
+    #[arg(long = "pem-server", value_name = "HOST")]
+    pub pem_server: Option<String>,
+    /// PEM server (or pgBouncer) port [default: 5432].
+    #[arg(long = "pem-port", value_name = "PORT")]
+    pub pem_port: Option<u16>,
+    /// PEM admin user that registers the agent.
+    #[arg(long = "pem-user", value_name = "USER")]
+    pub pem_user: Option<String>,
+    /// Common agent user to log in as (through pgBouncer); default: a dedicated agent<ID>.
+    #[arg(long = "pem-agent-user", value_name = "USER")]
+    pub pem_agent_user: Option<String>,
+    /// Name shown in PEM [default: the host's FQDN].
+    #[arg(long = "display-name", value_name = "NAME")]
+    pub display_name: Option<String>,
+    /// Directory of the agent's key and certificate [default: ~/.pem].
+    #[arg(long = "cert-path", value_name = "DIR")]
+    pub cert_path: Option<PathBuf>,
+    /// Directory of agent.cfg [default: <binary directory>/../etc].
+    #[arg(long = "config-dir", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Replace an existing registration on this host (keeping its agent id; backups kept).
+    #[arg(long = "force-registration")]
+    pub force_registration: bool,
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    #[arg(long, value_name = "TEAM")]
+    pub team: Option<String>,
+    #[arg(long, value_name = "OWNER")]
+    pub owner: Option<String>,
+    /// Use a dedicated connection for heartbeats.
+    #[arg(long = "enable-heartbeat-connection")]
+    pub enable_heartbeat_connection: bool,
+    /// Allow PEM to restart monitored servers through this agent.
+    #[arg(long = "allow_server_restart")]
+    pub allow_server_restart: bool,
+    /// Allow batch probes (scripts) on this host.
+    #[arg(long = "allow-batch-probes")]
+    pub allow_batch_probes: bool,
+    /// OS user batch probes run as.
+    #[arg(long = "batch-script-user", value_name = "USER")]
+    pub batch_script_user: Option<String>,
+    /// Extra agent.cfg setting (repeatable).
+    #[arg(short = 'o', value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
+    /// With --migrate-to-pooler: reuse this certificate for the agent user.
+    #[arg(
+        long = "agent-ssl-crt",
+        value_name = "FILE",
+        requires = "agent_ssl_key"
+    )]
+    pub agent_ssl_crt: Option<PathBuf>,
+    /// With --migrate-to-pooler: reuse this key for the agent user.
+    #[arg(
+        long = "agent-ssl-key",
+        value_name = "FILE",
+        requires = "agent_ssl_crt"
+    )]
+    pub agent_ssl_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,5 +312,178 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         admin_networks: a.admin_networks.clone(),
         force: a.force,
         pgbouncer_bin: a.pgbouncer_bin.clone(),
+    })
+}
+
+fn missing(flag: &str, why: &str) -> Error {
+    Error::Usage(format!("missing {flag}: {why}"))
+}
+
+/// agent.cfg's directory: `--config-dir`, else `<binary directory>/../etc` as PEM installs it.
+pub fn config_dir(a: &AgentArgs) -> PathBuf {
+    a.config_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(|d| d.join("etc")))
+            .unwrap_or_else(|| PathBuf::from("/usr/edb/pem/agent/etc"))
+    })
+}
+
+fn cert_path(a: &AgentArgs) -> PathBuf {
+    a.cert_path.clone().unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"))
+            .join(".pem")
+    })
+}
+
+/// The host's fully qualified name (`hostname -f`), else its plain name.
+pub fn host_fqdn() -> String {
+    std::process::Command::new("hostname")
+        .arg("-f")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn admin_settings(a: &AgentArgs, host: &str, port: u16) -> Result<ConnectSettings, Error> {
+    let user = a.pem_user.as_deref().ok_or_else(|| {
+        missing(
+            "--pem-user",
+            "the PEM admin user that registers agents, for example --pem-user pem_admin1",
+        )
+    })?;
+    resolve_server(&PemServerArgs {
+        pem_server: host.to_string(),
+        pem_port: port,
+        pem_user: user.to_string(),
+        pem_database: "pem".into(),
+    })
+}
+
+fn server_host(a: &AgentArgs) -> Result<String, Error> {
+    a.pem_server.clone().ok_or_else(|| {
+        missing(
+            "--pem-server",
+            "the PEM server or pgBouncer host, for example --pem-server pem.example",
+        )
+    })
+}
+
+pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
+    // Checked first, and all before a password prompt or any connection.
+    let host = server_host(a)?;
+    if a.pem_user.is_none() {
+        return Err(missing(
+            "--pem-user",
+            "the PEM admin user that registers agents, for example --pem-user pem_admin1",
+        ));
+    }
+    if let Some(u) = &a.pem_agent_user {
+        registration::check_agent_user(u)?;
+    }
+    let overrides = a
+        .options
+        .iter()
+        .map(|o| registration::parse_override(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let server = admin_settings(a, &host, a.pem_port.unwrap_or(5432))?;
+    Ok(registration::Options {
+        server,
+        agent_user: a.pem_agent_user.clone(),
+        display_name: a.display_name.clone().unwrap_or_else(host_fqdn),
+        host_name: host_fqdn(),
+        cert_path: cert_path(a),
+        config_dir: config_dir(a),
+        force: a.force_registration,
+        group: a.group.clone(),
+        team: a.team.clone(),
+        owner: a.owner.clone(),
+        heartbeat_connection: a.enable_heartbeat_connection,
+        allow_server_restart: a.allow_server_restart,
+        allow_batch_probes: a.allow_batch_probes,
+        batch_script_user: a.batch_script_user.clone(),
+        overrides,
+    })
+}
+
+pub fn resolve_unregister(a: &AgentArgs) -> Result<(ConnectSettings, PathBuf), Error> {
+    let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
+    let host = match &a.pem_server {
+        Some(h) => h.clone(),
+        None => {
+            crate::agentcfg::AgentIdentity::load(&file)
+                .map_err(registration::Error::from)?
+                .1
+                .pem_host
+        }
+    };
+    let port = match a.pem_port {
+        Some(p) => p,
+        None => {
+            crate::agentcfg::AgentIdentity::load(&file)
+                .map_err(registration::Error::from)?
+                .1
+                .pem_port
+        }
+    };
+    Ok((admin_settings(a, &host, port)?, file))
+}
+
+pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
+    let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
+    let port = a.pem_port.ok_or_else(|| {
+        missing(
+            "--pem-port",
+            "the pgBouncer port to move the agent to, for example --pem-port 6432",
+        )
+    })?;
+    let agent_user = a.pem_agent_user.clone().ok_or_else(|| {
+        missing(
+            "--pem-agent-user",
+            "the common agent user to log in as, for example --pem-agent-user pem_agent_user1",
+        )
+    })?;
+    registration::check_agent_user(&agent_user)?;
+    let reuse = a.agent_ssl_crt.clone().zip(a.agent_ssl_key.clone());
+    let admin = match (&reuse, &a.pem_user) {
+        (Some(_), _) => None,
+        (None, Some(_)) => {
+            let host = match &a.pem_server {
+                Some(h) => h.clone(),
+                None => {
+                    crate::agentcfg::AgentIdentity::load(&file)
+                        .map_err(registration::Error::from)?
+                        .1
+                        .pem_host
+                }
+            };
+            Some(admin_settings(a, &host, port)?)
+        }
+        (None, None) => {
+            return Err(missing(
+                "--pem-user",
+                "a PEM admin to sign the agent user's certificate, or reuse files with --agent-ssl-crt and --agent-ssl-key",
+            ));
+        }
+    };
+    Ok(migrate::Options {
+        config_file: file,
+        pem_host: a.pem_server.clone(),
+        pooler_port: port,
+        agent_user,
+        cert_path: cert_path(a),
+        admin,
+        reuse,
+        force: a.force_registration,
     })
 }

@@ -9,7 +9,7 @@
 //! | 4 | the PEM server refused: missing rights, missing schema, a rejected statement |
 //! | 5 | a local file system operation failed |
 
-use crate::{connection, fsutil, pooler};
+use crate::{connection, fsutil, pooler, registration};
 
 /// What the process exits with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub enum Error {
     Pooler(#[from] pooler::Error),
     #[error(transparent)]
     Files(#[from] fsutil::Error),
+    #[error(transparent)]
+    Registration(#[from] registration::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -41,6 +43,7 @@ impl Error {
             Error::Connection(e) => connection_exit_code(e),
             Error::Pooler(e) => e.exit_code(),
             Error::Files(e) => files_exit_code(e),
+            Error::Registration(e) => e.exit_code(),
             Error::Usage(_) => ExitCode::Config,
         }
     }

@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) only parses the command line, sets up logging and maps results to
 //! exit codes; everything else lives here:
 //!
+//! - [`agentcfg`]: agent.cfg, read with line numbers and rewritten in place.
 //! - [`cli`]: the command line (PEM's flag spellings) and its resolution into checked settings.
 //! - [`error`]: the crate-level error, exit codes and how each failure maps onto one.
 //! - [`secret`]: passwords: redacted in `Debug`, read from the environment, `~/.pgpass` or a prompt.
@@ -12,13 +13,16 @@
 //! - [`fsutil`]: atomic writes, backups, ownership and modes of the files we manage.
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
 //! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
+//! - [`registration`]: registering, verifying, unregistering and migrating agents.
 
+pub mod agentcfg;
 pub mod certs;
 pub mod cli;
 pub mod connection;
 pub mod error;
 pub mod fsutil;
 pub mod pooler;
+pub mod registration;
 pub mod schema;
 pub mod secret;
 

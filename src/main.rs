@@ -3,10 +3,12 @@
 
 use std::process::ExitCode;
 
+use clap::CommandFactory;
 use clap::Parser;
 use clap::error::ErrorKind;
-use pemworker::cli::{self, Cli, Command, PoolerCommand};
+use pemworker::cli::{self, AgentArgs, Cli, Command, PoolerCommand};
 use pemworker::pooler::{bouncer, prepare, proxy_user};
+use pemworker::registration::{self, migrate};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -61,7 +63,10 @@ fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), pemworker::Error> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return run_agent(&cli.agent).await;
+    };
+    match command {
         Command::Pooler(PoolerCommand::PrepareServer(a)) => {
             let (settings, opts) = cli::resolve_prepare(&a)?;
             let (report, lines) = prepare::run(&settings, &opts).await?;
@@ -89,6 +94,60 @@ async fn run(cli: Cli) -> Result<(), pemworker::Error> {
             println!("pgBouncer {ma}.{mi}.{pa} supports certificate authentication");
             println!("{}", outcome.report);
         }
+    }
+    Ok(())
+}
+
+async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
+    if a.register_agent {
+        let opts = cli::resolve_register(a)?;
+        let r = registration::register(&opts).await?;
+        println!("Postgres Enterprise Manager Agent registered successfully!");
+        println!(
+            "agent id: {}{}",
+            r.agent_id,
+            if r.kept_id {
+                " (kept from the existing agent.cfg)"
+            } else {
+                ""
+            }
+        );
+        println!("agent user: {}", r.agent_user);
+        println!("configuration: {}", r.config_file.display());
+        println!("key: {}", r.key_file.display());
+        println!("certificate: {}", r.cert_file.display());
+        for b in &r.backups {
+            println!("backup: {}", b.display());
+        }
+        for id in &r.deactivated {
+            println!("marked the duplicate registration {id} inactive");
+        }
+    } else if a.verify_registration {
+        let file = cli::config_dir(a).join(pemworker::agentcfg::FILE_NAME);
+        let id = registration::verify(&file).await?;
+        println!("agent {id} is registered and active");
+    } else if a.unregister_agent {
+        let (server, file) = cli::resolve_unregister(a)?;
+        let (id, backup) = registration::unregister(&server, &file).await?;
+        println!(
+            "agent {id} unregistered; its agent.cfg was moved to {}",
+            backup.display()
+        );
+    } else if a.migrate_to_pooler {
+        let opts = cli::resolve_migrate(a)?;
+        let m = migrate::migrate(&opts).await?;
+        println!(
+            "agent {} now logs in through the pooler at port {} as {}",
+            m.agent_id, opts.pooler_port, opts.agent_user
+        );
+        for b in &m.backups {
+            println!("backup: {}", b.display());
+        }
+    } else {
+        let _ = Cli::command().print_help();
+        return Err(pemworker::Error::Usage(
+            "nothing to do: give a mode such as --register-agent, or a subcommand".into(),
+        ));
     }
     Ok(())
 }

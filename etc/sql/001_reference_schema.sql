@@ -758,3 +758,6 @@ COMMENT ON SCHEMA pem IS
 COMMENT ON SCHEMA pemdata IS 'Latest value of each probe, upserted by agents.';
 COMMENT ON SCHEMA pemhistory IS 'Probe history, one row per delivered sample row (delivery_key).';
 COMMENT ON COLUMN pem.agent.agent_user IS 'Login the agent uses; NULL means the dedicated role agent<id>.';
+
+-- The runner's version table: admins and agents may read which schema they talk to.
+GRANT SELECT ON pem.schema_version TO pem_admin, pem_agent;

@@ -98,7 +98,12 @@ impl Error {
 /// when the server answered; the driver's own chain otherwise.
 pub fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        // PL/Python prefixes the errors it raises; the reference server's signing function is one.
+        let message = db
+            .message()
+            .strip_prefix("plpy.Error: ")
+            .unwrap_or(db.message());
+        let mut s = format!("{message} (SQLSTATE {})", db.code().code());
         if let Some(d) = db.detail() {
             s.push_str(&format!("; {d}"));
         }

@@ -1,0 +1,685 @@
+//! Agent registration on the PEM server, usually through pgBouncer.
+//!
+//! - [`register`] (`--register-agent`): one server transaction registers the agent row, makes
+//!   sure its agent user exists and has a CSR signed; files are staged beside their targets
+//!   and moved into place only once the server committed, so a failure at any step leaves no
+//!   row, no role and no file behind.
+//! - [`verify`] (`--verify-registration`) and [`unregister`] (`--unregister-agent`).
+//! - [`migrate`] (`--migrate-to-pooler`): the guide's section 4.2 for an existing agent.
+
+pub mod cert_check;
+pub mod migrate;
+
+use std::path::{Path, PathBuf};
+
+use rcgen::KeyPair;
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+use crate::agentcfg::{self, AgentIdentity, Document};
+use crate::certs;
+use crate::connection::{self, ConnectSettings, pool};
+use crate::error::{ExitCode, connection_exit_code, files_exit_code};
+use crate::fsutil::{self, Staged};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connection(#[from] connection::Error),
+    #[error(transparent)]
+    Files(#[from] fsutil::Error),
+    #[error(transparent)]
+    Certs(#[from] certs::Error),
+    #[error(transparent)]
+    Config(#[from] agentcfg::Problems),
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("{0}")]
+    Missing(String),
+    #[error(
+        "the PEM schema is not installed in database {database} on {target}; install the PEM server (or run pemworker pooler prepare-server --install-schema)"
+    )]
+    SchemaMissing { database: String, target: String },
+    #[error("user {user} on {target} cannot register agents: {missing}")]
+    MissingRight {
+        user: String,
+        target: String,
+        missing: String,
+    },
+    #[error("the PEM server returned an unusable certificate for {agent_user}: {why}")]
+    BadCertificate { agent_user: String, why: String },
+    #[error(
+        "agent {agent_id} is not registered on {target}; register it again with --register-agent --force-registration"
+    )]
+    NotRegistered { agent_id: i32, target: String },
+    #[error("agent {agent_id} is registered on {target} but inactive")]
+    Inactive { agent_id: i32, target: String },
+    #[error("{what}; {restored}")]
+    MigrationFailed {
+        what: String,
+        restored: String,
+        code: ExitCode,
+    },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Connection(e) => connection_exit_code(e),
+            Error::Files(e) => files_exit_code(e),
+            Error::Certs(_) => ExitCode::Local,
+            Error::Config(_)
+            | Error::Invalid { .. }
+            | Error::Missing(_)
+            | Error::NotRegistered { .. } => ExitCode::Config,
+            Error::SchemaMissing { .. }
+            | Error::MissingRight { .. }
+            | Error::BadCertificate { .. } => ExitCode::Server,
+            Error::Inactive { .. } => ExitCode::Inactive,
+            Error::MigrationFailed { code, .. } => *code,
+        }
+    }
+}
+
+/// Checks an agent user name: it names a role, two files and an entry in pgBouncer's HBA file,
+/// so it must be plain.
+pub fn check_agent_user(name: &str) -> Result<(), Error> {
+    let ok_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let ok_rest = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-$".contains(c));
+    if !ok_first || !ok_rest || name.len() > 63 || name.starts_with("pg_") {
+        return Err(Error::Invalid {
+            what: "agent user name",
+            value: name.to_string(),
+            why: "use 1 to 63 letters, digits, _ . - or $, starting with a letter or _ (not pg_)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Parses `-o key=value`.
+pub fn parse_override(s: &str) -> Result<(String, String), Error> {
+    let invalid = |why: &str| Error::Invalid {
+        what: "-o option",
+        value: s.to_string(),
+        why: why.to_string(),
+    };
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| invalid("expected key=value, for example -o log_level=info"))?;
+    let k = k.trim();
+    if k.is_empty()
+        || !k
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(invalid("the key must be lowercase letters, digits and _"));
+    }
+    if v.contains(['\n', '\r']) {
+        return Err(invalid("the value must be one line"));
+    }
+    if ["agent_id", "agent_user", "agent_ssl_key", "agent_ssl_crt"].contains(&k) {
+        return Err(invalid("registration sets this key itself"));
+    }
+    if !agentcfg::is_known_key(k) {
+        tracing::warn!("-o {k}: not a key PEM's agent knows; it is written to agent.cfg as given");
+    }
+    Ok((k.to_string(), v.trim().to_string()))
+}
+
+/// Everything `--register-agent` needs, resolved from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The PEM admin's session (host and port as agent.cfg will hold them).
+    pub server: ConnectSettings,
+    pub agent_user: Option<String>,
+    pub display_name: String,
+    pub host_name: String,
+    pub cert_path: PathBuf,
+    pub config_dir: PathBuf,
+    pub force: bool,
+    pub group: Option<String>,
+    pub team: Option<String>,
+    pub owner: Option<String>,
+    pub heartbeat_connection: bool,
+    pub allow_server_restart: bool,
+    pub allow_batch_probes: bool,
+    pub batch_script_user: Option<String>,
+    pub overrides: Vec<(String, String)>,
+}
+
+/// What a registration produced.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub agent_id: i32,
+    pub agent_user: String,
+    pub config_file: PathBuf,
+    pub key_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub backups: Vec<PathBuf>,
+    pub kept_id: bool,
+    pub deactivated: Vec<i32>,
+}
+
+pub fn key_file(cert_path: &Path, agent_user: &str) -> PathBuf {
+    cert_path.join(format!("{agent_user}.key"))
+}
+
+pub fn cert_file(cert_path: &Path, agent_user: &str) -> PathBuf {
+    cert_path.join(format!("{agent_user}.crt"))
+}
+
+/// Directories created by this run, removed again (if still empty) unless kept.
+struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    fn ensure(&mut self, dir: &Path, mode: Option<u32>) -> Result<(), fsutil::Error> {
+        let mut missing = Vec::new();
+        let mut d = Some(dir);
+        while let Some(p) = d {
+            if p.exists() {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            d = p.parent();
+        }
+        std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
+        missing.reverse();
+        self.0.extend(missing);
+        if let Some(m) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(m))
+                .map_err(fsutil::Error::io("set the mode of", dir))?;
+        }
+        Ok(())
+    }
+
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Fails with the `--force-registration` hint when `path` exists and force is off.
+fn refuse_existing(path: &Path, force: bool) -> Result<(), Error> {
+    if path.exists() && !force {
+        return Err(fsutil::Error::Exists {
+            path: path.to_path_buf(),
+            flag: "--force-registration",
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Checks that the connected user may register agents, naming the missing right. Only the
+/// catalogs are read until membership in pem_admin is known, since a user without it may not
+/// even look inside schema pem.
+pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) -> Result<(), Error> {
+    let target = settings.target();
+    let user = &settings.user;
+    let row = &pool::query(
+        client,
+        "checking the registering user's rights",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = 'pem' AND c.relname = 'agent'), \
+                EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pem_admin') \
+                AND pg_catalog.pg_has_role('pem_admin', 'MEMBER')",
+        &[],
+    )
+    .await?[0];
+    if !row.get::<_, bool>(0) {
+        return Err(Error::SchemaMissing {
+            database: settings.dbname.clone(),
+            target,
+        });
+    }
+    let missing = |m: String| Error::MissingRight {
+        user: user.clone(),
+        target: target.clone(),
+        missing: m,
+    };
+    if !row.get::<_, bool>(1) {
+        return Err(missing(format!(
+            "not a member of pem_admin (run GRANT pem_admin TO {user} on the PEM server)"
+        )));
+    }
+    let row = &pool::query(
+        client,
+        "checking the registering user's rights",
+        "SELECT has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
+                has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
+                has_function_privilege('pem.create_proxy_agent_user(varchar)', 'EXECUTE')",
+        &[],
+    )
+    .await?[0];
+    for (i, what) in [
+        (0, "no INSERT or UPDATE on pem.agent"),
+        (1, "no EXECUTE on pem.sign_agent_csr(text)"),
+        (2, "no EXECUTE on pem.create_proxy_agent_user(varchar)"),
+    ] {
+        if !row.get::<_, bool>(i) {
+            return Err(missing(format!(
+                "{what} (grant it to pem_admin on the PEM server)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure `agent_user` exists as an agent user; true when this call created it.
+/// Serialized with the server function's own lock, so concurrent registrations never race on
+/// CREATE ROLE or GRANT (PEM's "tuple concurrently updated").
+pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Result<bool, Error> {
+    let exists = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)";
+    let what = format!("checking agent user {agent_user}");
+    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
+    {
+        return Ok(false);
+    }
+    pool::execute(
+        client,
+        &what,
+        "SELECT pg_advisory_xact_lock(hashtext('pem.create_proxy_agent_user'))",
+        &[],
+    )
+    .await?;
+    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
+    {
+        return Ok(false);
+    }
+    pool::execute(
+        client,
+        &format!("creating agent user {agent_user}"),
+        "SELECT pem.create_proxy_agent_user($1::varchar)",
+        &[(&agent_user, Type::TEXT)],
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Generates a key, has the server sign a CSR for `agent_user`, and checks the result.
+pub(crate) async fn obtain_certificate(
+    client: &Client,
+    agent_user: &str,
+    root_cert: Option<&Path>,
+) -> Result<(KeyPair, String), Error> {
+    let key = certs::generate_key()?;
+    let csr = certs::csr_pem(&key, agent_user)?;
+    let cert: String = pool::query(
+        client,
+        &format!("signing the certificate of {agent_user}"),
+        "SELECT pem.sign_agent_csr($1)",
+        &[(&csr, Type::TEXT)],
+    )
+    .await?[0]
+        .get(0);
+    cert_check::check(&cert, &key, agent_user, root_cert).map_err(|why| Error::BadCertificate {
+        agent_user: agent_user.to_string(),
+        why,
+    })?;
+    Ok((key, cert))
+}
+
+async fn in_transaction<T>(
+    client: &Client,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    pool::batch(client, "starting the registration", "BEGIN").await?;
+    match work.await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let _ = pool::batch(client, "rolling back", "ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Registers the agent; see the module documentation for the all-or-nothing order.
+pub async fn register(opts: &Options) -> Result<Registered, Error> {
+    if let Some(u) = &opts.agent_user {
+        check_agent_user(u)?;
+    }
+    let config_file = opts.config_dir.join(agentcfg::FILE_NAME);
+    refuse_existing(&config_file, opts.force)?;
+    // With --force-registration the agent keeps the id its agent.cfg already has.
+    let previous_id = if config_file.exists() {
+        Document::read(&config_file)
+            .ok()
+            .and_then(|d| d.get("agent_id").and_then(|v| v.parse::<i32>().ok()))
+    } else {
+        None
+    };
+    if let Some(u) = &opts.agent_user {
+        refuse_existing(&key_file(&opts.cert_path, u), opts.force)?;
+        refuse_existing(&cert_file(&opts.cert_path, u), opts.force)?;
+    }
+    let mut dirs = CreatedDirs(Vec::new());
+    dirs.ensure(&opts.cert_path, Some(0o700))?;
+    dirs.ensure(&opts.config_dir, None)?;
+    // Prove both directories writable before the server is touched.
+    drop(Staged::write(
+        &key_file(&opts.cert_path, "probe"),
+        b"",
+        0o600,
+        None,
+    )?);
+    drop(Staged::write(&config_file, b"", 0o644, None)?);
+
+    let client = connection::connect(&opts.server).await?;
+    check_rights(&client, &opts.server).await?;
+
+    let work = async {
+        let (agent_id, kept_id) = upsert_agent(&client, opts, previous_id).await?;
+        let agent_user = opts
+            .agent_user
+            .clone()
+            .unwrap_or_else(|| format!("agent{agent_id}"));
+        let (key_path, crt_path) = (
+            key_file(&opts.cert_path, &agent_user),
+            cert_file(&opts.cert_path, &agent_user),
+        );
+        if opts.agent_user.is_none() {
+            refuse_existing(&key_path, opts.force)?;
+            refuse_existing(&crt_path, opts.force)?;
+        }
+        pool::execute(
+            &client,
+            "recording the agent user",
+            "UPDATE pem.agent SET agent_user = $2 WHERE id = $1",
+            &[(&agent_id, Type::INT4), (&agent_user, Type::TEXT)],
+        )
+        .await?;
+        let created_role = ensure_agent_user(&client, &agent_user).await?;
+        let (key, cert) =
+            obtain_certificate(&client, &agent_user, opts.server.root_cert.as_deref()).await?;
+        let deactivated = if kept_id {
+            deactivate_duplicates(&client, agent_id, opts).await?
+        } else {
+            Vec::new()
+        };
+
+        let cfg = agent_config(opts, agent_id, &agent_user, &key_path, &crt_path);
+        let staged = vec![
+            (
+                key_path.clone(),
+                Staged::write(&key_path, key.serialize_pem().as_bytes(), 0o600, None)?,
+            ),
+            (
+                crt_path.clone(),
+                Staged::write(&crt_path, cert.as_bytes(), 0o600, None)?,
+            ),
+            (
+                config_file.clone(),
+                Staged::write(&config_file, cfg.render().as_bytes(), 0o644, None)?,
+            ),
+        ];
+        let mut backups = Vec::new();
+        for (path, _) in &staged {
+            if path.exists() {
+                backups.push(fsutil::backup(path)?);
+            }
+        }
+        pool::batch(&client, "committing the registration", "COMMIT").await?;
+        Ok((
+            agent_id,
+            agent_user,
+            created_role,
+            kept_id,
+            deactivated,
+            staged,
+            backups,
+            key_path,
+            crt_path,
+        ))
+    };
+    let (
+        agent_id,
+        agent_user,
+        created_role,
+        kept_id,
+        deactivated,
+        staged,
+        backups,
+        key_path,
+        crt_path,
+    ) = in_transaction(&client, work).await?;
+
+    for (_, s) in staged {
+        if let Err(e) = s.commit() {
+            undo_registration(
+                &client,
+                agent_id,
+                kept_id,
+                created_role.then_some(agent_user.as_str()),
+            )
+            .await;
+            return Err(e.into());
+        }
+    }
+    dirs.keep();
+    Ok(Registered {
+        agent_id,
+        agent_user,
+        config_file,
+        key_file: key_path,
+        cert_file: crt_path,
+        backups,
+        kept_id,
+        deactivated,
+    })
+}
+
+/// Inserts the agent row, or with a previous id that the server knows, updates and reactivates
+/// it. Returns the id and whether it was kept.
+async fn upsert_agent(
+    client: &Client,
+    o: &Options,
+    previous: Option<i32>,
+) -> Result<(i32, bool), Error> {
+    let params: [pool::Param<'_>; 10] = [
+        (&o.display_name, Type::TEXT),
+        (&o.host_name, Type::TEXT),
+        (&o.group, Type::TEXT),
+        (&o.team, Type::TEXT),
+        (&o.owner, Type::TEXT),
+        (&o.allow_server_restart, Type::BOOL),
+        (&o.allow_batch_probes, Type::BOOL),
+        (&o.batch_script_user, Type::TEXT),
+        (&o.heartbeat_connection, Type::BOOL),
+        (&previous, Type::INT4),
+    ];
+    let row = pool::query_opt(
+        client,
+        "registering the agent",
+        "UPDATE pem.agent SET display_name = $1, host_name = $2, group_name = $3, team = $4, owner = $5, \
+                allow_server_restart = $6, allow_batch_probes = $7, batch_script_user = $8, \
+                heartbeat_connection = $9, active = true, unregistered_at = NULL \
+          WHERE id = $10 RETURNING id",
+        &params,
+    )
+    .await?;
+    if let Some(r) = row {
+        return Ok((r.get(0), true));
+    }
+    if let Some(id) = previous {
+        tracing::warn!(
+            "agent id {id} from the existing agent.cfg is unknown to the PEM server; registering a new agent"
+        );
+    }
+    let row = pool::query(
+        client,
+        "registering the agent",
+        "INSERT INTO pem.agent (display_name, host_name, group_name, team, owner, allow_server_restart, \
+                                allow_batch_probes, batch_script_user, heartbeat_connection) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        &params[..9],
+    )
+    .await?;
+    Ok((row[0].get(0), false))
+}
+
+/// Marks other active registrations of the same host and display name inactive: the row a
+/// plain re-registration would have left for the DBA to disable by hand.
+async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Result<Vec<i32>, Error> {
+    let rows = pool::query(
+        client,
+        "deactivating duplicate registrations",
+        "UPDATE pem.agent SET active = false, unregistered_at = now() \
+          WHERE active AND id <> $1 AND host_name = $2 AND display_name = $3 RETURNING id",
+        &[
+            (&keep, Type::INT4),
+            (&o.host_name, Type::TEXT),
+            (&o.display_name, Type::TEXT),
+        ],
+    )
+    .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Best effort after the server committed but a file could not be put in place.
+async fn undo_registration(
+    client: &Client,
+    agent_id: i32,
+    kept_id: bool,
+    created_role: Option<&str>,
+) {
+    if !kept_id {
+        let _ = pool::execute(
+            client,
+            "undoing the registration",
+            "DELETE FROM pem.agent WHERE id = $1",
+            &[(&agent_id, Type::INT4)],
+        )
+        .await;
+    }
+    if let Some(role) = created_role {
+        if let Ok(rows) = pool::query(
+            client,
+            "undo",
+            "SELECT format('DROP ROLE %I', $1::text)",
+            &[(&role, Type::TEXT)],
+        )
+        .await
+        {
+            let _ = pool::batch(
+                client,
+                "undoing the agent user",
+                &rows[0].get::<_, String>(0),
+            )
+            .await;
+        }
+    }
+}
+
+fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &Path) -> Document {
+    let mut d = Document::with_defaults();
+    let b = |v: bool| if v { "true" } else { "false" };
+    d.set("pem_host", &o.server.host, None);
+    d.set("pem_port", &o.server.port.to_string(), None);
+    d.set("agent_id", &agent_id.to_string(), None);
+    d.set("agent_user", agent_user, None);
+    d.set("agent_ssl_key", &key.display().to_string(), None);
+    d.set("agent_ssl_crt", &crt.display().to_string(), None);
+    d.set("allow_server_restart", b(o.allow_server_restart), None);
+    d.set("allow_batch_probes", b(o.allow_batch_probes), None);
+    d.set("heartbeat_connection", b(o.heartbeat_connection), None);
+    if let Some(u) = &o.batch_script_user {
+        d.set("batch_script_user", u, None);
+    }
+    if let Some(ca) = &o.server.root_cert {
+        d.set("ca_file", &ca.display().to_string(), None);
+    }
+    for (k, v) in &o.overrides {
+        d.set(k, v, None);
+    }
+    d
+}
+
+/// Settings for the agent's own session: agent.cfg's server, user and certificate, with
+/// libpq's environment for sslmode and the root CA (agent.cfg's ca_file first).
+pub fn agent_settings(id: &AgentIdentity) -> Result<ConnectSettings, Error> {
+    let mut s = ConnectSettings::from_env(&id.pem_host, id.pem_port, &id.agent_user, "pem")?;
+    if id.ca_file.is_some() {
+        s.root_cert = id.ca_file.clone();
+    }
+    s.client_cert = Some((id.agent_ssl_crt.clone(), id.agent_ssl_key.clone()));
+    Ok(s)
+}
+
+/// Whether the agent of this agent.cfg can log in with its own certificate and is active.
+pub async fn verify(config_file: &Path) -> Result<i32, Error> {
+    let (_, id) = AgentIdentity::load(config_file)?;
+    let settings = agent_settings(&id)?;
+    let client = connection::connect(&settings).await?;
+    check_active(&client, &id, &settings.target()).await?;
+    Ok(id.agent_id)
+}
+
+pub(crate) async fn check_active(
+    client: &Client,
+    id: &AgentIdentity,
+    target: &str,
+) -> Result<(), Error> {
+    let row = pool::query_opt(
+        client,
+        "reading the agent's registration",
+        "SELECT active FROM pem.agent WHERE id = $1",
+        &[(&id.agent_id, Type::INT4)],
+    )
+    .await?;
+    match row.map(|r| r.get::<_, bool>(0)) {
+        Some(true) => Ok(()),
+        Some(false) => Err(Error::Inactive {
+            agent_id: id.agent_id,
+            target: target.to_string(),
+        }),
+        None => Err(Error::NotRegistered {
+            agent_id: id.agent_id,
+            target: target.to_string(),
+        }),
+    }
+}
+
+/// Marks the agent of this agent.cfg inactive on the server (as `server`'s admin user) and
+/// moves agent.cfg aside to a timestamped backup, so the worker no longer starts with it.
+pub async fn unregister(
+    server: &ConnectSettings,
+    config_file: &Path,
+) -> Result<(i32, PathBuf), Error> {
+    let (_, id) = AgentIdentity::load(config_file)?;
+    let client = connection::connect(server).await?;
+    check_rights(&client, server).await?;
+    let n = pool::execute(
+        &client,
+        "unregistering the agent",
+        "UPDATE pem.agent SET active = false, unregistered_at = now() WHERE id = $1",
+        &[(&id.agent_id, Type::INT4)],
+    )
+    .await?;
+    if n == 0 {
+        return Err(Error::NotRegistered {
+            agent_id: id.agent_id,
+            target: server.target(),
+        });
+    }
+    let backup = fsutil::backup(config_file)?;
+    std::fs::remove_file(config_file).map_err(fsutil::Error::io("remove", config_file))?;
+    Ok((id.agent_id, backup))
+}
