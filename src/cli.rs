@@ -90,6 +90,15 @@ pub struct AgentArgs {
     /// Extra agent.cfg setting (repeatable).
     #[arg(short = 'o', value_name = "KEY=VALUE")]
     pub options: Vec<String>,
+    /// The worker's agent.cfg [default: agent.cfg in the config directory].
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Stay in the foreground and log to stderr too (for systemd and terminals).
+    #[arg(short = 'f', long = "foreground")]
+    pub foreground: bool,
+    /// Check agent.cfg and print "config valid" or every problem found.
+    #[arg(long = "check-config", group = "mode", help_heading = "Modes")]
+    pub check_config: bool,
     /// With --migrate-to-pooler: reuse this certificate for the agent user.
     #[arg(
         long = "agent-ssl-crt",
@@ -486,4 +495,25 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
         reuse,
         force: a.force_registration,
     })
+}
+
+/// The worker's agent.cfg and its `-o key=value` overrides.
+pub fn resolve_worker(a: &AgentArgs) -> Result<(PathBuf, Vec<(String, String)>), Error> {
+    let path = a
+        .config
+        .clone()
+        .unwrap_or_else(|| config_dir(a).join(crate::agentcfg::FILE_NAME));
+    let overrides = a
+        .options
+        .iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(Error::Usage(format!(
+                "invalid -o option {o:?}: expected key=value, for example -o log_level=info"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((path, overrides))
 }

@@ -4,26 +4,38 @@
 //! exit codes; everything else lives here:
 //!
 //! - [`agentcfg`]: agent.cfg, read with line numbers and rewritten in place.
+//! - [`backoff`]: jittered exponential backoff for reconnection.
 //! - [`cli`]: the command line (PEM's flag spellings) and its resolution into checked settings.
 //! - [`error`]: the crate-level error, exit codes and how each failure maps onto one.
 //! - [`secret`]: passwords: redacted in `Debug`, read from the environment, `~/.pgpass` or a prompt.
+//! - [`config`]: the worker's checked configuration (agent.cfg with `-o` overrides).
 //! - [`connection`]: connections to the PEM server with libpq's meanings (sslmode, root CA, client
 //!   certificate) and the pool-safe statement helpers every query goes through.
 //! - [`certs`]: key pairs, certificate signing requests and the private files they live in.
+//! - [`logging`]: the worker's log file and stderr, at PEM's levels, reloadable.
 //! - [`fsutil`]: atomic writes, backups, ownership and modes of the files we manage.
+//! - [`spool`]: the on-disk queue every sample passes through on its way to the server.
+//! - [`worker`]: the running agent: heartbeat, collector and delivery loops, reload, shutdown.
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
 //! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
+//! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
 
 pub mod agentcfg;
+pub mod backoff;
 pub mod certs;
 pub mod cli;
+pub mod config;
 pub mod connection;
 pub mod error;
 pub mod fsutil;
+pub mod logging;
 pub mod pooler;
+pub mod probes;
 pub mod registration;
 pub mod schema;
 pub mod secret;
+pub mod spool;
+pub mod worker;
 
 pub use error::{Error, ExitCode};

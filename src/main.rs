@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::CommandFactory;
 use clap::Parser;
 use clap::error::ErrorKind;
 use pemworker::cli::{self, AgentArgs, Cli, Command, PoolerCommand};
@@ -11,20 +10,14 @@ use pemworker::pooler::{bouncer, prepare, proxy_user};
 use pemworker::registration::{self, migrate};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PEMWORKER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
-
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    if cli.command.is_none() && is_worker(&cli.agent) {
+        return worker_main(&cli.agent);
+    }
+    pemworker::logging::init_cli();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -144,10 +137,116 @@ async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
             println!("backup: {}", b.display());
         }
     } else {
-        let _ = Cli::command().print_help();
-        return Err(pemworker::Error::Usage(
-            "nothing to do: give a mode such as --register-agent, or a subcommand".into(),
-        ));
+        unreachable!("the worker modes are dispatched in main");
     }
     Ok(())
+}
+
+fn is_worker(a: &AgentArgs) -> bool {
+    !(a.register_agent || a.unregister_agent || a.verify_registration || a.migrate_to_pooler)
+}
+
+fn fail(code: pemworker::ExitCode, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("pemworker: error: {message}");
+    ExitCode::from(code as u8)
+}
+
+/// `pemworker [-c agent.cfg] [-f] [--check-config]`: check the configuration, then run the
+/// worker until SIGTERM or SIGINT, reloading on SIGHUP.
+fn worker_main(a: &AgentArgs) -> ExitCode {
+    use pemworker::config::AgentConfig;
+    let (path, overrides) = match cli::resolve_worker(a) {
+        Ok(v) => v,
+        Err(e) => return fail(e.exit_code(), e),
+    };
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    let load = || AgentConfig::load(&path, &overrides);
+    let (config, warnings) = match load() {
+        Ok(v) => v,
+        Err(problems) => {
+            for p in &problems.0 {
+                eprintln!("pemworker: error: {p}");
+            }
+            return ExitCode::from(pemworker::ExitCode::Config as u8);
+        }
+    };
+    if a.check_config {
+        for w in &warnings {
+            eprintln!("pemworker: warning: {w}");
+        }
+        println!("config valid");
+        return ExitCode::SUCCESS;
+    }
+    if !a.foreground {
+        // Classic daemon: detach from the terminal. systemd runs the worker with -f instead.
+        if let Err(e) = nix::unistd::daemon(false, false) {
+            return fail(
+                pemworker::ExitCode::Local,
+                format!("cannot run in the background: {e}"),
+            );
+        }
+    }
+    let logging = match pemworker::logging::init_worker(
+        config.log_level,
+        config.log_location.as_deref(),
+        a.foreground,
+    ) {
+        Ok(l) => l,
+        Err(e) => return fail(pemworker::ExitCode::Local, e),
+    };
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                pemworker::ExitCode::Local,
+                format!("cannot start the runtime: {e}"),
+            );
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signals = watch_signals(shutdown.clone(), reload.clone())?;
+        let r = pemworker::worker::run(config, Some(&logging), shutdown, reload, || {
+            load().map(|(c, _)| c)
+        })
+        .await;
+        signals.abort();
+        r.map_err(|e| e.to_string())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            drop(logging);
+            fail(pemworker::ExitCode::Local, e)
+        }
+    }
+}
+
+/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP notifies `reload`.
+fn watch_signals(
+    shutdown: tokio_util::sync::CancellationToken,
+    reload: std::sync::Arc<tokio::sync::Notify>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); shutdown.cancel(); }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading the configuration"); reload.notify_one(); }
+            }
+        }
+    }))
 }

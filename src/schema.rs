@@ -19,11 +19,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "reference PEM server schema: roles, agent registry, probes, auth and signing functions",
-    sql: include_str!("../etc/sql/001_reference_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "reference PEM server schema: roles, agent registry, probes, auth and signing functions",
+        sql: include_str!("../etc/sql/001_reference_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "worker: heartbeats, effective schedules, pgBouncer bindings",
+        sql: include_str!("../etc/sql/002_worker.sql"),
+    },
+];
 
 /// The newest version this build knows.
 pub fn latest_version() -> i32 {

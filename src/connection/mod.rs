@@ -5,6 +5,7 @@
 //! and how statements are sent ([`pool`]: only the simple protocol or the unnamed statement, so
 //! every statement is safe in pgBouncer's transaction pooling).
 
+pub mod manager;
 pub mod pool;
 mod settings;
 mod tls;
@@ -82,6 +83,20 @@ impl Error {
             Error::Connect { source, .. } | Error::Query { source, .. } => source.code(),
             _ => None,
         }
+    }
+
+    /// True when retrying later may succeed: the connection is gone, or the server answered
+    /// with a connection, resource, operator-intervention, system or serialization error
+    /// (SQLSTATE classes 08, 53, 57, 58, 40), as during restarts and pool pauses.
+    pub fn is_transient(&self) -> bool {
+        if self.is_connect() || self.is_closed() {
+            return true;
+        }
+        self.code().is_some_and(|c| {
+            ["08", "53", "57", "58", "40"]
+                .iter()
+                .any(|class| c.code().starts_with(class))
+        })
     }
 
     /// True when the connection is gone (server or pooler restarted, pool killed).

@@ -502,3 +502,119 @@ pub fn outcome(o: &Output) -> (i32, String, String) {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
+
+impl TestBed {
+    /// Registers an agent through pgBouncer as pem_agent_user1 with its files under
+    /// `<home>/<name>`; returns its agent.cfg and agent id.
+    pub fn register_agent(&self, name: &str) -> (PathBuf, i32) {
+        let site = self.home.join(name);
+        let args = [
+            "--register-agent".to_string(),
+            "--pem-server".into(),
+            "127.0.0.1".into(),
+            "--pem-port".into(),
+            self.pgb_port.to_string(),
+            "--pem-user".into(),
+            ADMIN_USER.into(),
+            "--pem-agent-user".into(),
+            "pem_agent_user1".into(),
+            "--display-name".into(),
+            name.into(),
+            "--cert-path".into(),
+            site.join(".pem").display().to_string(),
+            "--config-dir".into(),
+            site.join("etc").display().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = check(
+            "register",
+            self.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", ADMIN_PASSWORD)]),
+        );
+        let _ = out;
+        let cfg = site.join("etc/agent.cfg");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("agent_id="))
+            .and_then(|v| v.parse().ok())
+            .expect("agent_id in agent.cfg");
+        (cfg, id)
+    }
+
+    /// Starts `pemworker -c <cfg> -f` with the bed's environment and extra `-o` settings.
+    pub fn start_worker(&self, cfg: &Path, overrides: &[(&str, String)]) -> Child {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pemworker"));
+        c.arg("-c").arg(cfg).arg("-f");
+        for (k, v) in overrides {
+            c.arg("-o").arg(format!("{k}={v}"));
+        }
+        let log = std::fs::File::create(cfg.with_extension("stderr")).unwrap();
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &self.home)
+            .env("PGSSLMODE", "verify-full")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start pemworker")
+    }
+
+    /// Runs SQL on pgBouncer's admin console as the admin user (PAUSE, RESUME, KILL ...).
+    pub async fn console(&self, sql: &str) {
+        let mut s = self.admin_via_pooler();
+        s.dbname = "pgbouncer".into();
+        let c = self.connect(&s).await;
+        pool::batch(&c, sql, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Stops PostgreSQL (fast) and returns once it is down.
+    pub fn stop_postgres(&self) {
+        check(
+            "pg_ctl stop",
+            self.server_command(&self.bin_dir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "fast", "-w", "-t", "30", "stop"])
+                .stdout(Stdio::null())
+                .output()
+                .unwrap(),
+        );
+    }
+
+    pub fn start_postgres(&self) {
+        check(
+            "pg_ctl start",
+            self.server_command(&self.bin_dir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-w", "-t", "30", "-l"])
+                .arg(self.pgb_run_dir.join("postgresql.log"))
+                .arg("start")
+                .stdout(Stdio::null())
+                .output()
+                .unwrap(),
+        );
+    }
+}
+
+/// Polls `f` every 200 ms until it returns true; panics with `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,86 @@
+//! Logging: tracing to agent.cfg's log_location (through a non-blocking writer whose guard
+//! flushes every buffered line at exit) and to stderr in the foreground, at PEM's levels, with
+//! the level changeable at run time (SIGHUP).
+
+use std::path::Path;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+use crate::config::LogLevel;
+
+/// Keeps the log writer alive; dropping it flushes what is buffered.
+pub struct Logging {
+    handle: reload::Handle<EnvFilter, Registry>,
+    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot open log file {path}: {source}; fix log_location in agent.cfg or the directory's permissions"
+)]
+pub struct Error {
+    path: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Logs for a command-line run: warnings and errors on stderr (`PEMWORKER_LOG` overrides).
+pub fn init_cli() {
+    let filter =
+        EnvFilter::try_from_env("PEMWORKER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Logs for the worker: to `file` if given, and to stderr when `stderr` is set.
+pub fn init_worker(level: LogLevel, file: Option<&Path>, stderr: bool) -> Result<Logging, Error> {
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(level.filter()));
+    let (file_layer, guard) = match file {
+        Some(path) => {
+            let open = || -> std::io::Result<std::fs::File> {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+            };
+            let f = open().map_err(|source| Error {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let (writer, guard) = tracing_appender::non_blocking(f);
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_ansi(false);
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    let stderr_layer =
+        stderr.then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(file_layer)
+        .with(stderr_layer)
+        .try_init();
+    Ok(Logging {
+        handle,
+        _guard: guard,
+    })
+}
+
+impl Logging {
+    pub fn set_level(&self, level: LogLevel) {
+        if let Err(e) = self.handle.reload(EnvFilter::new(level.filter())) {
+            tracing::warn!("cannot change the log level: {e}");
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Probes: what the agent measures, and the shape of what it stores.
+//!
+//! Every probe has a [`ProbeSpec`]: its internal name (as in `pem.probe`), what it runs
+//! against, and its typed columns, which match `pemdata.<name>` / `pemhistory.<name>` in the
+//! reference schema. Collectors return rows of [`Value`]s in column order:
+//!
+//! - [`os`]: agent-level probes read from the local operating system;
+//! - [`postgres`]: server-level probes, SQL on a monitored PostgreSQL server;
+//! - [`pgbouncer`]: SHOW POOLS / SHOW STATS on a pgBouncer admin console.
+
+pub mod os;
+pub mod pgbouncer;
+pub mod postgres;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One column value. Server-side, values are cast to the column's type, so a collector may hand
+/// numbers from SQL probes over as text exactly as the server printed them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl From<Option<&str>> for Value {
+    fn from(v: Option<&str>) -> Value {
+        v.map_or(Value::Null, |s| Value::Text(s.to_string()))
+    }
+}
+
+/// One row, in the order of the probe's `columns`.
+pub type Row = Vec<Value>;
+
+/// What a probe runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Agent,
+    Server,
+    Pgbouncer,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Option<Target> {
+        match s {
+            "agent" => Some(Target::Agent),
+            "server" => Some(Target::Server),
+            "pgbouncer" => Some(Target::Pgbouncer),
+            _ => None,
+        }
+    }
+}
+
+/// A probe's storage shape: `columns` are (name, SQL type) after the common columns
+/// (agent_id, server_id, pgbouncer, collected_at); `key` names the columns that identify a row
+/// among one sample's rows (empty for single-row probes).
+#[derive(Debug)]
+pub struct ProbeSpec {
+    pub name: &'static str,
+    pub target: Target,
+    pub columns: &'static [(&'static str, &'static str)],
+    pub key: &'static [&'static str],
+}
+
+const F: &str = "double precision";
+const B: &str = "bigint";
+const I: &str = "integer";
+const T: &str = "text";
+
+/// Every probe this agent knows, matching the reference schema's catalogue.
+pub const PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        name: "cpu_usage",
+        target: Target::Agent,
+        columns: &[
+            ("user_percent", F),
+            ("system_percent", F),
+            ("idle_percent", F),
+            ("iowait_percent", F),
+            ("steal_percent", F),
+        ],
+        key: &[],
+    },
+    ProbeSpec {
+        name: "memory_usage",
+        target: Target::Agent,
+        columns: &[
+            ("total_bytes", B),
+            ("used_bytes", B),
+            ("free_bytes", B),
+            ("available_bytes", B),
+            ("swap_total_bytes", B),
+            ("swap_used_bytes", B),
+        ],
+        key: &[],
+    },
+    ProbeSpec {
+        name: "load_average",
+        target: Target::Agent,
+        columns: &[("one", F), ("five", F), ("fifteen", F)],
+        key: &[],
+    },
+    ProbeSpec {
+        name: "disk_space",
+        target: Target::Agent,
+        columns: &[
+            ("mount_point", T),
+            ("file_system", T),
+            ("total_bytes", B),
+            ("used_bytes", B),
+            ("available_bytes", B),
+        ],
+        key: &["mount_point"],
+    },
+    ProbeSpec {
+        name: "network_statistics",
+        target: Target::Agent,
+        columns: &[
+            ("interface_name", T),
+            ("rx_bytes", B),
+            ("tx_bytes", B),
+            ("rx_packets", B),
+            ("tx_packets", B),
+            ("rx_errors", B),
+            ("tx_errors", B),
+        ],
+        key: &["interface_name"],
+    },
+    ProbeSpec {
+        name: "process_count",
+        target: Target::Agent,
+        columns: &[("total", I), ("running", I), ("sleeping", I), ("zombie", I)],
+        key: &[],
+    },
+    ProbeSpec {
+        name: "server_info",
+        target: Target::Server,
+        columns: &[
+            ("version", T),
+            ("server_start", "timestamptz"),
+            ("uptime_seconds", F),
+            ("is_in_recovery", "boolean"),
+            ("max_connections", I),
+        ],
+        key: &[],
+    },
+    ProbeSpec {
+        name: "database_size",
+        target: Target::Server,
+        columns: &[("database_name", T), ("size_bytes", B)],
+        key: &["database_name"],
+    },
+    ProbeSpec {
+        name: "session_info",
+        target: Target::Server,
+        columns: &[("database_name", T), ("state", T), ("count", I)],
+        key: &["database_name", "state"],
+    },
+    ProbeSpec {
+        name: "blocked_sessions",
+        target: Target::Server,
+        columns: &[
+            ("blocked_pid", I),
+            ("blocking_pid", I),
+            ("blocked_query", T),
+            ("wait_seconds", F),
+        ],
+        key: &["blocked_pid", "blocking_pid"],
+    },
+    ProbeSpec {
+        name: "streaming_replication",
+        target: Target::Server,
+        columns: &[
+            ("application_name", T),
+            ("client_addr", "inet"),
+            ("state", T),
+            ("sent_lsn", "pg_lsn"),
+            ("replay_lsn", "pg_lsn"),
+            ("replay_lag_seconds", F),
+        ],
+        key: &["application_name", "client_addr"],
+    },
+    ProbeSpec {
+        name: "bgwriter_statistics",
+        target: Target::Server,
+        columns: &[
+            ("checkpoints_timed", B),
+            ("checkpoints_req", B),
+            ("buffers_checkpoint", B),
+            ("buffers_clean", B),
+            ("buffers_backend", B),
+            ("maxwritten_clean", B),
+        ],
+        key: &[],
+    },
+    ProbeSpec {
+        name: "xid_age",
+        target: Target::Server,
+        columns: &[
+            ("database_name", T),
+            ("datfrozenxid_age", B),
+            ("oldest_xact_age_seconds", F),
+        ],
+        key: &["database_name"],
+    },
+    ProbeSpec {
+        name: "pgbouncer_pools",
+        target: Target::Pgbouncer,
+        columns: &[
+            ("database", T),
+            ("user_name", T),
+            ("cl_active", B),
+            ("cl_waiting", B),
+            ("sv_active", B),
+            ("sv_idle", B),
+            ("sv_used", B),
+            ("maxwait_us", B),
+            ("pool_mode", T),
+        ],
+        key: &["database", "user_name"],
+    },
+    ProbeSpec {
+        name: "pgbouncer_stats",
+        target: Target::Pgbouncer,
+        columns: &[
+            ("database", T),
+            ("total_xact_count", B),
+            ("total_query_count", B),
+            ("total_received", B),
+            ("total_sent", B),
+            ("total_xact_time", B),
+            ("total_query_time", B),
+            ("total_wait_time", B),
+        ],
+        key: &["database"],
+    },
+];
+
+pub fn spec(name: &str) -> Option<&'static ProbeSpec> {
+    PROBES.iter().find(|p| p.name == name)
+}
+
+/// One execution of one probe: its rows, each with the delivery key that makes storing it
+/// idempotent (the server keeps a row once however often it is delivered).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub probe: String,
+    pub server_id: Option<i32>,
+    /// For pgBouncer probes: `host:port` of the instance.
+    pub pgbouncer: Option<String>,
+    pub collected_at: DateTime<Utc>,
+    pub rows: Vec<(Uuid, Row)>,
+}
+
+impl Sample {
+    pub fn new(
+        probe: &str,
+        server_id: Option<i32>,
+        pgbouncer: Option<String>,
+        rows: Vec<Row>,
+    ) -> Sample {
+        Sample {
+            probe: probe.to_string(),
+            server_id,
+            pgbouncer,
+            collected_at: Utc::now(),
+            rows: rows.into_iter().map(|r| (Uuid::new_v4(), r)).collect(),
+        }
+    }
+}
+
+/// Why a probe produced no sample this time.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("probe {probe}: {message}")]
+    Failed { probe: String, message: String },
+    #[error("probe {probe} against {target}: {source}")]
+    Connection {
+        probe: String,
+        target: String,
+        #[source]
+        source: crate::connection::Error,
+    },
+    #[error("unknown probe {0}")]
+    Unknown(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_probe_is_in_the_reference_schema_with_its_columns() {
+        let sql = include_str!("../../etc/sql/001_reference_schema.sql");
+        for p in PROBES {
+            let table = format!("CREATE TABLE pemdata.{} (", p.name);
+            let start = sql
+                .find(&table)
+                .unwrap_or_else(|| panic!("no table for {}", p.name));
+            let body = &sql[start..start + sql[start..].find(");").unwrap()];
+            for (col, _) in p.columns {
+                assert!(
+                    body.lines()
+                        .any(|l| l.trim_start().starts_with(&format!("{col} "))),
+                    "{}.{col} missing in the schema",
+                    p.name
+                );
+            }
+            let target = match p.target {
+                Target::Agent => "'agent'",
+                Target::Server => "'server'",
+                Target::Pgbouncer => "'pgbouncer'",
+            };
+            assert!(
+                sql.lines()
+                    .any(|l| l.contains(&format!("('{}',", p.name)) && l.contains(target)),
+                "{} not in the catalogue as {target}",
+                p.name
+            );
+        }
+    }
+}
