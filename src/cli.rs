@@ -96,6 +96,120 @@ pub struct AgentArgs {
     /// Stay in the foreground and log to stderr too (for systemd and terminals).
     #[arg(short = 'f', long = "foreground")]
     pub foreground: bool,
+    /// Record a monitored server on the PEM server and bind it to this agent.
+    #[arg(long = "register-server", group = "mode", help_heading = "Modes")]
+    pub register_server: bool,
+    /// Unbind a monitored server (--asb-host-name and --server-port) from this agent.
+    #[arg(long = "unregister-server", group = "mode", help_heading = "Modes")]
+    pub unregister_server: bool,
+    /// Enable a probe for this agent or one of its servers (with --probe-interval: and set it).
+    #[arg(long = "enable-probe", group = "mode", help_heading = "Modes")]
+    pub enable_probe: bool,
+    /// Disable a probe for this agent or one of its servers.
+    #[arg(long = "disable-probe", group = "mode", help_heading = "Modes")]
+    pub disable_probe: bool,
+    /// Change a probe's interval without enabling or disabling it.
+    #[arg(
+        long = "set-probe-interval",
+        group = "mode",
+        help_heading = "Modes",
+        value_name = "SECONDS"
+    )]
+    pub set_probe_interval: Option<u32>,
+
+    /// Monitored server: address recorded on the PEM server.
+    #[arg(
+        long = "server-addr",
+        value_name = "HOST",
+        help_heading = "Monitored servers"
+    )]
+    pub server_addr: Option<String>,
+    #[arg(
+        long = "server-port",
+        value_name = "PORT",
+        help_heading = "Monitored servers"
+    )]
+    pub server_port: Option<u16>,
+    #[arg(
+        long = "server-database",
+        value_name = "DB",
+        help_heading = "Monitored servers"
+    )]
+    pub server_database: Option<String>,
+    /// Monitored server user (a pg_monitor member). Password: PEM_MONITORED_SERVER_PASSWORD,
+    /// ~/.pgpass or a prompt; kept only in the agent user's ~/.pgpass.
+    #[arg(
+        long = "server-user",
+        value_name = "USER",
+        help_heading = "Monitored servers"
+    )]
+    pub server_user: Option<String>,
+    #[arg(
+        long = "server-service-name",
+        value_name = "NAME",
+        help_heading = "Monitored servers"
+    )]
+    pub server_service_name: Option<String>,
+    /// How this agent reaches the server, when not as recorded (host or socket directory).
+    #[arg(
+        long = "asb-host-name",
+        value_name = "HOST",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_host_name: Option<String>,
+    #[arg(
+        long = "asb-host-port",
+        value_name = "PORT",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_host_port: Option<u16>,
+    #[arg(
+        long = "asb-host-db",
+        value_name = "DB",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_host_db: Option<String>,
+    #[arg(
+        long = "asb-host-user",
+        value_name = "USER",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_host_user: Option<String>,
+    /// libpq sslmode for the agent's connection [default: prefer].
+    #[arg(
+        long = "asb-ssl-mode",
+        value_name = "MODE",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_ssl_mode: Option<String>,
+    #[arg(
+        long = "remote-monitoring",
+        value_name = "yes|no",
+        help_heading = "Monitored servers"
+    )]
+    pub remote_monitoring: Option<String>,
+    #[arg(
+        long = "probe-internal-name",
+        value_name = "NAME",
+        help_heading = "Probes"
+    )]
+    pub probe_internal_name: Option<String>,
+    #[arg(
+        long = "probe-display-name",
+        value_name = "NAME",
+        help_heading = "Probes"
+    )]
+    pub probe_display_name: Option<String>,
+    #[arg(long = "probe-id", value_name = "ID", help_heading = "Probes")]
+    pub probe_id: Option<i32>,
+    /// With --enable-probe / --disable-probe: also set the interval.
+    #[arg(
+        long = "probe-interval",
+        value_name = "SECONDS",
+        help_heading = "Probes"
+    )]
+    pub probe_interval: Option<u32>,
+
     /// Check agent.cfg and print "config valid" or every problem found.
     #[arg(long = "check-config", group = "mode", help_heading = "Modes")]
     pub check_config: bool,
@@ -120,6 +234,21 @@ pub enum Command {
     /// The pooled side: prepare the PEM server and configure pgBouncer (guide chapters 3-4).
     #[command(subcommand)]
     Pooler(PoolerCommand),
+    /// A throwaway PEM server + pgBouncer + registered agent on this machine, with a live view.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Leave everything running and print how to connect and how to stop it.
+    #[arg(long)]
+    pub keep: bool,
+    /// pgBouncer's port (another free one if it is taken).
+    #[arg(long, default_value_t = 6432, value_name = "PORT")]
+    pub pgbouncer_port: u16,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -516,4 +645,179 @@ pub fn resolve_worker(a: &AgentArgs) -> Result<(PathBuf, Vec<(String, String)>),
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((path, overrides))
+}
+
+/// This agent's identity (agent.cfg) and the PEM admin's session: host and port from agent.cfg
+/// unless --pem-server / --pem-port say otherwise.
+fn agent_and_admin(
+    a: &AgentArgs,
+) -> Result<(crate::agentcfg::AgentIdentity, ConnectSettings), Error> {
+    if a.pem_user.is_none() {
+        return Err(missing(
+            "--pem-user",
+            "the PEM admin user, for example --pem-user pem_admin1",
+        ));
+    }
+    let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
+    let (_, id) = crate::agentcfg::AgentIdentity::load(&file).map_err(registration::Error::from)?;
+    let host = a.pem_server.clone().unwrap_or_else(|| id.pem_host.clone());
+    let port = a.pem_port.unwrap_or(id.pem_port);
+    let mut admin = admin_settings(a, &host, port)?;
+    if admin.root_cert.is_none() {
+        admin.root_cert = id.ca_file.clone();
+    }
+    Ok((id, admin))
+}
+
+pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::ServerOptions, Error> {
+    use crate::monitored::{Binding, ServerOptions};
+    let server_addr = a.server_addr.clone().ok_or_else(|| {
+        missing(
+            "--server-addr",
+            "the monitored server's address, for example --server-addr db1.example",
+        )
+    })?;
+    let server_port = a.server_port.ok_or_else(|| {
+        missing(
+            "--server-port",
+            "the monitored server's port, for example --server-port 5432",
+        )
+    })?;
+    let server_user = a.server_user.clone().ok_or_else(|| {
+        missing(
+            "--server-user",
+            "a pg_monitor member on the monitored server, for example --server-user monitor",
+        )
+    })?;
+    let server_database = a
+        .server_database
+        .clone()
+        .unwrap_or_else(|| "postgres".into());
+    let sslmode = a
+        .asb_ssl_mode
+        .as_deref()
+        .unwrap_or("prefer")
+        .parse::<crate::connection::SslMode>()?;
+    let remote_monitoring = match a.remote_monitoring.as_deref() {
+        None | Some("no") => false,
+        Some("yes") => true,
+        Some(other) => {
+            return Err(Error::Usage(format!(
+                "invalid --remote-monitoring {other:?}: use yes or no"
+            )));
+        }
+    };
+    let binding = Binding {
+        host: a
+            .asb_host_name
+            .clone()
+            .unwrap_or_else(|| server_addr.clone()),
+        port: a.asb_host_port.unwrap_or(server_port),
+        database: a
+            .asb_host_db
+            .clone()
+            .unwrap_or_else(|| server_database.clone()),
+        user: a
+            .asb_host_user
+            .clone()
+            .unwrap_or_else(|| server_user.clone()),
+        sslmode,
+    };
+    let (agent, admin) = agent_and_admin(a)?;
+    let pgpass = crate::monitored::pgpass_file();
+    let in_pgpass = crate::secret::from_pgpass(
+        &pgpass,
+        &binding.host,
+        binding.port,
+        &binding.database,
+        &binding.user,
+    )
+    .is_some();
+    let password = crate::secret::from_env(&["PEM_MONITORED_SERVER_PASSWORD"]).or_else(|| {
+        (!in_pgpass)
+            .then(|| {
+                crate::secret::prompt(&format!(
+                    "Password for {}@{}:{}: ",
+                    binding.user, binding.host, binding.port
+                ))
+            })
+            .flatten()
+    });
+    Ok(ServerOptions {
+        admin,
+        agent,
+        display_name: a
+            .display_name
+            .clone()
+            .unwrap_or_else(|| format!("{server_addr}:{server_port}")),
+        server_addr,
+        server_port,
+        server_database,
+        server_user,
+        service_name: a.server_service_name.clone(),
+        binding,
+        group: a.group.clone(),
+        team: a.team.clone(),
+        owner: a.owner.clone(),
+        remote_monitoring,
+        force: a.force_registration,
+        password,
+        pgpass,
+    })
+}
+
+pub fn resolve_unregister_server(
+    a: &AgentArgs,
+) -> Result<(ConnectSettings, i32, String, u16), Error> {
+    let host = a.asb_host_name.clone().ok_or_else(|| {
+        missing(
+            "--asb-host-name",
+            "the host this agent reaches the server at",
+        )
+    })?;
+    let port = a
+        .server_port
+        .ok_or_else(|| missing("--server-port", "the monitored server's port"))?;
+    let (agent, admin) = agent_and_admin(a)?;
+    Ok((admin, agent.agent_id, host, port))
+}
+
+pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChange, Error> {
+    use crate::monitored::ProbeSelector;
+    let probe = match (&a.probe_internal_name, &a.probe_display_name, a.probe_id) {
+        (Some(n), None, None) => ProbeSelector::InternalName(n.clone()),
+        (None, Some(n), None) => ProbeSelector::DisplayName(n.clone()),
+        (None, None, Some(i)) => ProbeSelector::Id(i),
+        _ => {
+            return Err(Error::Usage(
+                "name the probe with exactly one of --probe-internal-name, --probe-display-name or --probe-id".into(),
+            ));
+        }
+    };
+    let server = match (&a.asb_host_name, a.server_port) {
+        (Some(h), Some(p)) => Some((h.clone(), p)),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Usage(
+                "give both --asb-host-name and --server-port to name a monitored server".into(),
+            ));
+        }
+    };
+    let enabled = if a.enable_probe {
+        Some(true)
+    } else if a.disable_probe {
+        Some(false)
+    } else {
+        None
+    };
+    let interval = a.set_probe_interval.or(a.probe_interval);
+    let (agent, admin) = agent_and_admin(a)?;
+    Ok(crate::monitored::ProbeChange {
+        admin,
+        agent_id: agent.agent_id,
+        probe,
+        server,
+        enabled,
+        interval,
+    })
 }

@@ -9,7 +9,7 @@
 //! | 4 | the PEM server refused: missing rights, missing schema, a rejected statement |
 //! | 5 | a local file system operation failed |
 
-use crate::{connection, fsutil, pooler, registration};
+use crate::{connection, fsutil, monitored, pooler, registration, sandbox};
 
 /// What the process exits with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,10 @@ pub enum Error {
     Files(#[from] fsutil::Error),
     #[error(transparent)]
     Registration(#[from] registration::Error),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
+    #[error(transparent)]
+    Monitored(#[from] monitored::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -44,6 +48,11 @@ impl Error {
             Error::Pooler(e) => e.exit_code(),
             Error::Files(e) => files_exit_code(e),
             Error::Registration(e) => e.exit_code(),
+            Error::Sandbox(sandbox::Error::Servers(sandbox::servers::Error::Missing {
+                ..
+            })) => ExitCode::Config,
+            Error::Sandbox(_) => ExitCode::Local,
+            Error::Monitored(e) => e.exit_code(),
             Error::Usage(_) => ExitCode::Config,
         }
     }

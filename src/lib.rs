@@ -17,6 +17,7 @@
 //! - [`spool`]: the on-disk queue every sample passes through on its way to the server.
 //! - [`worker`]: the running agent: heartbeat, collector and delivery loops, reload, shutdown.
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
+//! - [`monitored`]: monitored servers and probe settings (`--register-server`, `--enable-probe` ...).
 //! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
 //! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
@@ -30,9 +31,11 @@ pub mod connection;
 pub mod error;
 pub mod fsutil;
 pub mod logging;
+pub mod monitored;
 pub mod pooler;
 pub mod probes;
 pub mod registration;
+pub mod sandbox;
 pub mod schema;
 pub mod secret;
 pub mod spool;

@@ -56,7 +56,12 @@ pub fn init_worker(level: LogLevel, file: Option<&Path>, stderr: bool) -> Result
                 path: path.display().to_string(),
                 source,
             })?;
-            let (writer, guard) = tracing_appender::non_blocking(f);
+            // The default queue preallocates 128,000 slots (4 MB, a quarter of the agent's
+            // footprint); a short queue that blocks when full loses no line either.
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .buffered_lines_limit(1024)
+                .lossy(false)
+                .finish(f);
             let layer = tracing_subscriber::fmt::layer()
                 .with_writer(writer)
                 .with_ansi(false);

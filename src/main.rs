@@ -80,6 +80,14 @@ async fn run(cli: Cli) -> Result<(), pemworker::Error> {
                 }
             }
         }
+        Command::Sandbox(a) => {
+            let settings = pemworker::sandbox::Settings {
+                keep: a.keep,
+                pgbouncer_port: a.pgbouncer_port,
+                duration: a.duration.map(std::time::Duration::from_secs),
+            };
+            pemworker::sandbox::run(&settings).await?;
+        }
         Command::Pooler(PoolerCommand::Configure(a)) => {
             let settings = cli::resolve_configure(&a)?;
             let outcome = bouncer::configure(&settings)?;
@@ -136,6 +144,35 @@ async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
         for b in &m.backups {
             println!("backup: {}", b.display());
         }
+    } else if a.register_server {
+        let opts = cli::resolve_register_server(a)?;
+        let r = pemworker::monitored::register_server(&opts).await?;
+        println!(
+            "server {} {} and bound to agent {}",
+            r.server_id,
+            if r.updated { "updated" } else { "registered" },
+            opts.agent.agent_id
+        );
+        if let Some(f) = r.password_saved_in {
+            println!("its password is kept only in {} (mode 0600)", f.display());
+        }
+    } else if a.unregister_server {
+        let (admin, agent_id, host, port) = cli::resolve_unregister_server(a)?;
+        let id = pemworker::monitored::unregister_server(&admin, agent_id, &host, port).await?;
+        println!("server {id} ({host}:{port}) is no longer monitored by agent {agent_id}");
+    } else if a.enable_probe || a.disable_probe || a.set_probe_interval.is_some() {
+        let change = cli::resolve_probe_change(a)?;
+        let s = pemworker::monitored::set_probe(&change).await?;
+        println!(
+            "probe {}{} for agent {}: {}, every {} s",
+            s.probe,
+            s.server_id
+                .map(|i| format!(" on server {i}"))
+                .unwrap_or_default(),
+            change.agent_id,
+            if s.enabled { "enabled" } else { "disabled" },
+            s.interval
+        );
     } else {
         unreachable!("the worker modes are dispatched in main");
     }
@@ -143,7 +180,15 @@ async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
 }
 
 fn is_worker(a: &AgentArgs) -> bool {
-    !(a.register_agent || a.unregister_agent || a.verify_registration || a.migrate_to_pooler)
+    !(a.register_agent
+        || a.unregister_agent
+        || a.verify_registration
+        || a.migrate_to_pooler
+        || a.register_server
+        || a.unregister_server
+        || a.enable_probe
+        || a.disable_probe
+        || a.set_probe_interval.is_some())
 }
 
 fn fail(code: pemworker::ExitCode, message: impl std::fmt::Display) -> ExitCode {
