@@ -265,105 +265,29 @@ pub struct AgentIdentity {
 }
 
 impl AgentIdentity {
-    /// Reads `path` and checks the connection keys, reporting every problem with its line.
+    /// Reads `path` and checks it as the worker would ([`crate::config::AgentConfig`]),
+    /// reporting every problem with its line; returns the file too, for rewriting it.
     pub fn load(path: &Path) -> Result<(Document, AgentIdentity), Problems> {
-        let problem = |line, message: String| Problem {
-            file: path.to_path_buf(),
-            line,
-            message,
+        let doc = Document::read(path).map_err(|e| {
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                line: None,
+                message: format!("cannot read the agent configuration: {e}; register the agent first (--register-agent)"),
+            }])
+        })?;
+        let (c, _) = crate::config::AgentConfig::from_document(path, &doc)?;
+        let identity = AgentIdentity {
+            path: path.to_path_buf(),
+            // Registration and verification talk to the first host; the worker fails over.
+            pem_host: c.pem_hosts.into_iter().next().unwrap_or_default(),
+            pem_port: c.pem_port,
+            agent_id: c.agent_id,
+            agent_user: c.agent_user,
+            agent_ssl_key: c.agent_ssl_key,
+            agent_ssl_crt: c.agent_ssl_crt,
+            ca_file: c.ca_file,
         };
-        let doc = match Document::read(path) {
-            Ok(d) => d,
-            Err(e) => {
-                return Err(Problems(vec![problem(
-                    None,
-                    format!(
-                        "cannot read the agent configuration: {e}; register the agent first (--register-agent)"
-                    ),
-                )]));
-            }
-        };
-        let mut problems = Vec::new();
-        if !doc.has_section() {
-            problems.push(problem(None, format!("no [{SECTION}] section")));
-        }
-        for (line, raw) in doc.malformed_lines() {
-            problems.push(problem(
-                Some(line),
-                format!("expected key=value, found {raw:?}"),
-            ));
-        }
-        let line_of = |key: &str| {
-            doc.entries()
-                .into_iter()
-                .rev()
-                .find(|e| e.key == key)
-                .map(|e| e.line)
-        };
-        let mut required = |key: &str| -> Option<String> {
-            match doc.get(key) {
-                Some(v) if !v.is_empty() => Some(v.to_string()),
-                Some(_) => {
-                    problems.push(problem(line_of(key), format!("{key} is empty")));
-                    None
-                }
-                None => {
-                    problems.push(problem(None, format!("{key} is missing")));
-                    None
-                }
-            }
-        };
-        let pem_host = required("pem_host");
-        let pem_port = required("pem_port");
-        let agent_id = required("agent_id");
-        let agent_ssl_key = required("agent_ssl_key");
-        let agent_ssl_crt = required("agent_ssl_crt");
-        let pem_port = pem_port.and_then(|p| match p.parse::<u16>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => {
-                problems.push(problem(
-                    line_of("pem_port"),
-                    format!("pem_port {p:?} is not a port number (1-65535)"),
-                ));
-                None
-            }
-        });
-        let agent_id = agent_id.and_then(|a| match a.parse::<i32>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => {
-                problems.push(problem(
-                    line_of("agent_id"),
-                    format!("agent_id {a:?} is not a positive number"),
-                ));
-                None
-            }
-        });
-        match (pem_host, pem_port, agent_id, agent_ssl_key, agent_ssl_crt) {
-            (Some(pem_host), Some(pem_port), Some(agent_id), Some(key), Some(crt))
-                if problems.is_empty() =>
-            {
-                let agent_user = doc
-                    .get("agent_user")
-                    .filter(|u| !u.is_empty())
-                    .map_or_else(|| format!("agent{agent_id}"), str::to_string);
-                let ca_file = doc
-                    .get("ca_file")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from);
-                let identity = AgentIdentity {
-                    path: path.to_path_buf(),
-                    pem_host,
-                    pem_port,
-                    agent_id,
-                    agent_user,
-                    agent_ssl_key: key.into(),
-                    agent_ssl_crt: crt.into(),
-                    ca_file,
-                };
-                Ok((doc, identity))
-            }
-            _ => Err(Problems(problems)),
-        }
+        Ok((doc, identity))
     }
 }
 
@@ -402,31 +326,18 @@ mod tests {
     }
 
     #[test]
-    fn every_problem_is_reported_with_its_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("agent.cfg");
-        std::fs::write(
-            &p,
-            "[PEM/agent]\npem_host=h\npem_port=sixty\nthis is not a key\nagent_ssl_key=k\n",
-        )
-        .unwrap();
-        let err = AgentIdentity::load(&p).unwrap_err();
-        let text = err.to_string();
-        assert!(
-            text.contains("agent.cfg:3: pem_port \"sixty\" is not a port number"),
-            "{text}"
-        );
-        assert!(text.contains("agent.cfg:4: expected key=value"), "{text}");
-        assert!(text.contains("agent_id is missing"), "{text}");
-        assert!(text.contains("agent_ssl_crt is missing"), "{text}");
-        assert_eq!(err.0.len(), 4);
-    }
-
-    #[test]
     fn agent_user_defaults_to_the_dedicated_role() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("agent.cfg");
-        std::fs::write(&p, SAMPLE).unwrap();
+        let (key, crt) = (dir.path().join("a.key"), dir.path().join("a.crt"));
+        std::fs::write(&key, "k").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        std::fs::write(&crt, "c").unwrap();
+        let text = SAMPLE
+            .replace("/root/.pem/agent12.key", &key.display().to_string())
+            .replace("/root/.pem/agent12.crt", &crt.display().to_string());
+        std::fs::write(&p, text).unwrap();
         let (_, id) = AgentIdentity::load(&p).unwrap();
         assert_eq!(
             (id.agent_id, id.agent_user.as_str(), id.pem_port),

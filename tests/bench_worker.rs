@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_PASSWORD, TestBed};
+use common::TestBed;
 use pemworker::agentcfg::AgentIdentity;
 use pemworker::connection::pool;
 use pemworker::registration::agent_settings;
@@ -35,38 +34,18 @@ async fn worker_footprint_and_heartbeat_round_trip() {
     let bed = TestBed::start();
     let (cfg, agent_id) = bed.register_agent("bench");
     let su = bed.connect(&bed.superuser()).await;
-    let port = i32::from(bed.pg_port);
-    let pgb = i32::from(bed.pgb_port);
-    pool::query(
+    // One monitored server and one pgBouncer, at the catalogue's default intervals.
+    pemworker::sandbox::bind_servers(&bed, agent_id, 60)
+        .await
+        .unwrap();
+    pool::execute(
         &su,
-        "bind",
-        "WITH r AS (SELECT 1), s AS (INSERT INTO pem.server (display_name, server_addr, port, database, username) \
-                 VALUES ('bench', '127.0.0.1', $2, 'postgres', 'monitor') RETURNING id), \
-              b AS (INSERT INTO pem.agent_server_binding (agent_id, server_id, sslmode) SELECT $1, id, 'require' FROM s) \
-         INSERT INTO pem.agent_pgbouncer_binding (agent_id, host, port, username, sslmode) VALUES ($1, '127.0.0.1', $3, 'pem_admin1', 'require')",
-        &[(&agent_id, Type::INT4), (&port, Type::INT4), (&pgb, Type::INT4)],
+        "defaults",
+        "DELETE FROM pem.probe_schedule WHERE agent_id = $1",
+        &[(&agent_id, Type::INT4)],
     )
     .await
     .unwrap();
-    pool::batch(
-        &su,
-        "monitor",
-        "CREATE ROLE monitor LOGIN PASSWORD 'monitor pw' IN ROLE pg_monitor",
-    )
-    .await
-    .unwrap();
-    let pgpass = bed.home.join(".pgpass");
-    std::fs::write(
-        &pgpass,
-        format!(
-            "127.0.0.1:{}:*:monitor:monitor pw\n127.0.0.1:{}:pgbouncer:pem_admin1:{}\n",
-            bed.pg_port,
-            bed.pgb_port,
-            ADMIN_PASSWORD.replace('\\', "\\\\").replace(':', "\\:")
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     let site = cfg.parent().unwrap().parent().unwrap().to_path_buf();
     let mut child = bed.start_worker(

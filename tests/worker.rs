@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
 
-use common::{ADMIN_PASSWORD, TestBed, outcome, wait_for};
+use common::{TestBed, outcome, wait_for};
 use pemworker::connection::pool;
 use pemworker::probes::{PROBES, Target};
 use pemworker::worker::stats::Snapshot;
@@ -87,13 +87,8 @@ impl Drop for Agent {
     }
 }
 
-fn pgpass_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace(':', "\\:")
-}
-
-/// Registers `n` agents through pgBouncer, gives them 1-second heartbeats and OS probes, binds
-/// the bed's PostgreSQL (as a pg_monitor user) and pgBouncer to the first, and writes the
-/// passwords those need into the agents' ~/.pgpass.
+/// Registers `n` agents through pgBouncer, gives them 1-second heartbeats and OS probes, and
+/// binds the bed's PostgreSQL and pgBouncer to the first (as the sandbox does).
 async fn fleet(bed: &TestBed, n: usize) -> (Vec<Agent>, i32) {
     let mut agents = Vec::new();
     for i in 0..n {
@@ -113,49 +108,13 @@ async fn fleet(bed: &TestBed, n: usize) -> (Vec<Agent>, i32) {
         "fleet",
         "UPDATE pem.agent SET heartbeat_interval = 1; \
          INSERT INTO pem.probe_schedule (agent_id, server_id, probe_id, interval, enabled) \
-           SELECT a.id, NULL, p.id, 1, true FROM pem.agent a, pem.probe p WHERE p.target_type = 'agent'; \
-         CREATE ROLE monitor LOGIN PASSWORD 'monitor pw' IN ROLE pg_monitor;",
+           SELECT a.id, NULL, p.id, 1, true FROM pem.agent a, pem.probe p WHERE p.target_type = 'agent';",
     )
     .await
     .unwrap();
-    let first = agents[0].id;
-    let port = i32::from(bed.pg_port);
-    let server_id: i32 = pool::query(
-        &su,
-        "server",
-        "INSERT INTO pem.server (display_name, server_addr, port, database, username) \
-         VALUES ('test bed', '127.0.0.1', $1, 'postgres', 'monitor') RETURNING id",
-        &[(&port, Type::INT4)],
-    )
-    .await
-    .unwrap()[0]
-        .get(0);
-    let pgb_port = i32::from(bed.pgb_port);
-    pool::query(
-        &su,
-        "bindings",
-        "WITH b AS (INSERT INTO pem.agent_server_binding (agent_id, server_id, sslmode) VALUES ($1, $2, 'require')), \
-              g AS (INSERT INTO pem.agent_pgbouncer_binding (agent_id, host, port, username, sslmode) \
-                    VALUES ($1, '127.0.0.1', $3, 'pem_admin1', 'require')) \
-         INSERT INTO pem.probe_schedule (agent_id, server_id, probe_id, interval, enabled) \
-         SELECT $1, CASE WHEN p.target_type = 'server' THEN $2 END, p.id, 2, true \
-           FROM pem.probe p WHERE p.target_type IN ('server', 'pgbouncer')",
-        &[(&first, Type::INT4), (&server_id, Type::INT4), (&pgb_port, Type::INT4)],
-    )
-    .await
-    .unwrap();
-    let pgpass = bed.home.join(".pgpass");
-    std::fs::write(
-        &pgpass,
-        format!(
-            "127.0.0.1:{}:*:monitor:monitor pw\n127.0.0.1:{}:pgbouncer:pem_admin1:{}\n",
-            bed.pg_port,
-            bed.pgb_port,
-            pgpass_escape(ADMIN_PASSWORD)
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server_id = pemworker::sandbox::bind_servers(bed, agents[0].id, 2)
+        .await
+        .unwrap();
     (agents, server_id)
 }
 

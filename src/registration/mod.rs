@@ -437,53 +437,29 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
             }
         }
         pool::batch(&client, "committing the registration", "COMMIT").await?;
-        Ok((
+        let registered = Registered {
             agent_id,
             agent_user,
-            created_role,
+            config_file: config_file.clone(),
+            key_file: key_path,
+            cert_file: crt_path,
+            backups,
             kept_id,
             deactivated,
-            staged,
-            backups,
-            key_path,
-            crt_path,
-        ))
+        };
+        Ok((registered, created_role, staged))
     };
-    let (
-        agent_id,
-        agent_user,
-        created_role,
-        kept_id,
-        deactivated,
-        staged,
-        backups,
-        key_path,
-        crt_path,
-    ) = in_transaction(&client, work).await?;
+    let (registered, created_role, staged) = in_transaction(&client, work).await?;
 
     for (_, s) in staged {
         if let Err(e) = s.commit() {
-            undo_registration(
-                &client,
-                agent_id,
-                kept_id,
-                created_role.then_some(agent_user.as_str()),
-            )
-            .await;
+            let role = created_role.then_some(registered.agent_user.as_str());
+            undo_registration(&client, registered.agent_id, registered.kept_id, role).await;
             return Err(e.into());
         }
     }
     dirs.keep();
-    Ok(Registered {
-        agent_id,
-        agent_user,
-        config_file,
-        key_file: key_path,
-        cert_file: crt_path,
-        backups,
-        kept_id,
-        deactivated,
-    })
+    Ok(registered)
 }
 
 /// Inserts the agent row, or with a previous id that the server knows, updates and reactivates

@@ -167,58 +167,18 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
         .and_then(|d| d.get("agent_id").and_then(|v| v.parse::<i32>().ok()))
         .ok_or_else(|| Error::Step(format!("no agent_id in {}", cfg.display())))?;
 
-    // Quick intervals so there is something to watch, and the sandbox's own PostgreSQL and
-    // pgBouncer bound to the agent, with a pg_monitor login whose password the agent keeps in
-    // its ~/.pgpass.
+    // Quick intervals so there is something to watch.
     let su = connection::connect(&servers.superuser()).await?;
-    let monitor_pw = format!("{:016x}", fastrand::u64(..));
-    let create = pool::query(
+    pool::execute(
         &su,
-        "creating the monitoring login",
-        "SELECT format('CREATE ROLE monitor LOGIN PASSWORD %L IN ROLE pg_monitor', $1::text)",
-        &[(&monitor_pw, Type::TEXT)],
-    )
-    .await?[0]
-        .get::<_, String>(0);
-    pool::batch(&su, "creating the monitoring login", &create).await?;
-    let (pg_port, pgb_port) = (i32::from(servers.pg_port), i32::from(servers.pgb_port));
-    pool::query(
-        &su,
-        "binding the sandbox servers",
-        "WITH a AS (UPDATE pem.agent SET heartbeat_interval = 5 WHERE id = $1), \
-              s AS (INSERT INTO pem.server (display_name, server_addr, port, database, username) \
-                    VALUES ('sandbox PostgreSQL', '127.0.0.1', $2, 'postgres', 'monitor') RETURNING id), \
-              b AS (INSERT INTO pem.agent_server_binding (agent_id, server_id, sslmode) SELECT $1, id, 'verify-full' FROM s), \
-              g AS (INSERT INTO pem.agent_pgbouncer_binding (agent_id, host, port, username, sslmode) \
-                    VALUES ($1, '127.0.0.1', $3, $4, 'verify-full')) \
+        "setting the agent's intervals",
+        "WITH a AS (UPDATE pem.agent SET heartbeat_interval = 5 WHERE id = $1) \
          INSERT INTO pem.probe_schedule (agent_id, server_id, probe_id, interval, enabled) \
-         SELECT $1, CASE WHEN p.target_type = 'server' THEN (SELECT id FROM s) END, p.id, 10, true FROM pem.probe p",
-        &[
-            (&id, Type::INT4),
-            (&pg_port, Type::INT4),
-            (&pgb_port, Type::INT4),
-            (&servers::ADMIN_USER, Type::TEXT),
-        ],
+         SELECT $1, NULL, p.id, 10, true FROM pem.probe p WHERE p.target_type = 'agent'",
+        &[(&id, Type::INT4)],
     )
     .await?;
-    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
-    let pgpass = servers.home.join(".pgpass");
-    crate::fsutil::Staged::write(
-        &pgpass,
-        format!(
-            "127.0.0.1:{}:*:monitor:{}\n127.0.0.1:{}:pgbouncer:{}:{}\n",
-            servers.pg_port,
-            esc(&monitor_pw),
-            servers.pgb_port,
-            servers::ADMIN_USER,
-            esc(servers.passwords.admin.expose())
-        )
-        .as_bytes(),
-        0o600,
-        None,
-    )
-    .and_then(|s| s.commit())
-    .map_err(|e| Error::Step(e.to_string()))?;
+    bind_servers(servers, id, 10).await?;
 
     let state = site.join("state");
     let stderr = std::fs::File::create(site.join("worker.stderr"))
@@ -247,6 +207,66 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
         state,
         child,
     })
+}
+
+/// Binds the sandbox's own PostgreSQL (through a `monitor` login in pg_monitor) and pgBouncer
+/// to agent `agent_id`, schedules their probes every `interval` seconds, and keeps the
+/// passwords those logins need in the agent's `<home>/.pgpass` (never on the PEM server).
+/// Returns the monitored server's id.
+pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Result<i32, Error> {
+    let su = connection::connect(&servers.superuser()).await?;
+    let monitor_pw = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let create = pool::query(
+        &su,
+        "creating the monitoring login",
+        "SELECT format('CREATE ROLE monitor LOGIN PASSWORD %L IN ROLE pg_monitor', $1::text)",
+        &[(&monitor_pw, Type::TEXT)],
+    )
+    .await?[0]
+        .get::<_, String>(0);
+    pool::batch(&su, "creating the monitoring login", &create).await?;
+    let (pg_port, pgb_port) = (i32::from(servers.pg_port), i32::from(servers.pgb_port));
+    let server_id: i32 = pool::query(
+        &su,
+        "binding the sandbox servers",
+        "WITH s AS (INSERT INTO pem.server (display_name, server_addr, port, database, username) \
+                    VALUES ('sandbox PostgreSQL', '127.0.0.1', $2, 'postgres', 'monitor') RETURNING id), \
+              b AS (INSERT INTO pem.agent_server_binding (agent_id, server_id, sslmode) SELECT $1, id, 'verify-full' FROM s), \
+              g AS (INSERT INTO pem.agent_pgbouncer_binding (agent_id, host, port, username, sslmode) \
+                    VALUES ($1, '127.0.0.1', $3, $4, 'verify-full')), \
+              p AS (INSERT INTO pem.probe_schedule (agent_id, server_id, probe_id, interval, enabled) \
+                    SELECT $1, CASE WHEN p.target_type = 'server' THEN (SELECT id FROM s) END, p.id, $5, true \
+                      FROM pem.probe p WHERE p.target_type IN ('server', 'pgbouncer')) \
+         SELECT id FROM s",
+        &[
+            (&agent_id, Type::INT4),
+            (&pg_port, Type::INT4),
+            (&pgb_port, Type::INT4),
+            (&servers::ADMIN_USER, Type::TEXT),
+            (&interval, Type::INT4),
+        ],
+    )
+    .await?[0]
+        .get(0);
+    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    let pgpass = servers.home.join(".pgpass");
+    crate::fsutil::Staged::write(
+        &pgpass,
+        format!(
+            "127.0.0.1:{}:*:monitor:{}\n127.0.0.1:{}:pgbouncer:{}:{}\n",
+            servers.pg_port,
+            esc(&monitor_pw),
+            servers.pgb_port,
+            servers::ADMIN_USER,
+            esc(servers.passwords.admin.expose())
+        )
+        .as_bytes(),
+        0o600,
+        None,
+    )
+    .and_then(|s| s.commit())
+    .map_err(|e| Error::Step(e.to_string()))?;
+    Ok(server_id)
 }
 
 async fn stop_worker(agent: &mut Agent) {

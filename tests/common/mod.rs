@@ -222,6 +222,7 @@ impl TestBed {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.home)
             .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &self.root_crt)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
