@@ -555,26 +555,8 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
 }
 
 pub fn resolve_unregister(a: &AgentArgs) -> Result<(ConnectSettings, PathBuf), Error> {
-    let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
-    let host = match &a.pem_server {
-        Some(h) => h.clone(),
-        None => {
-            crate::agentcfg::AgentIdentity::load(&file)
-                .map_err(registration::Error::from)?
-                .1
-                .pem_host
-        }
-    };
-    let port = match a.pem_port {
-        Some(p) => p,
-        None => {
-            crate::agentcfg::AgentIdentity::load(&file)
-                .map_err(registration::Error::from)?
-                .1
-                .pem_port
-        }
-    };
-    Ok((admin_settings(a, &host, port)?, file))
+    let (id, admin) = agent_and_admin(a)?;
+    Ok((admin, id.path))
 }
 
 pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {

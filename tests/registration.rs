@@ -223,6 +223,46 @@ async fn the_guides_flow_registers_through_pgbouncer() {
     assert_eq!(doc2.get("agent_user"), Some(user2.as_str()));
     assert!(site2.cert_path.join(format!("{user2}.key")).is_file());
     assert_eq!(login_as_agent(&site2.config_file()).await.unwrap(), user2);
+
+    // --unregister-agent: inactive on the server, agent.cfg set aside (a backup, not deleted).
+    let mut a = vec![
+        "--unregister-agent".to_string(),
+        "--pem-user".into(),
+        ADMIN_USER.into(),
+    ];
+    a.extend(site2.dir_args());
+    let (code, out, err) = run(&bed, &a, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let id2: i32 = id2.parse().unwrap();
+    assert!(
+        agent_rows(&bed)
+            .await
+            .contains(&(id2, false, bed_host_name())),
+        "{:?}",
+        agent_rows(&bed).await
+    );
+    assert!(!site2.config_file().exists());
+    let kept = std::fs::read_dir(&site2.config_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".bak")
+        })
+        .count();
+    assert_eq!(kept, 1);
+    assert_eq!(
+        verify(&bed, &site2).0,
+        1,
+        "no agent.cfg any more: a configuration problem"
+    );
+}
+
+/// The display name registration gives by default: this host's name.
+fn bed_host_name() -> String {
+    pemworker::cli::host_fqdn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
