@@ -251,46 +251,6 @@ impl std::fmt::Display for Problem {
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
 pub struct Problems(pub Vec<Problem>);
 
-/// What registration, verification and migration need from agent.cfg, checked.
-#[derive(Debug, Clone)]
-pub struct AgentIdentity {
-    pub path: PathBuf,
-    pub pem_host: String,
-    pub pem_port: u16,
-    pub agent_id: i32,
-    pub agent_user: String,
-    pub agent_ssl_key: PathBuf,
-    pub agent_ssl_crt: PathBuf,
-    pub ca_file: Option<PathBuf>,
-}
-
-impl AgentIdentity {
-    /// Reads `path` and checks it as the worker would ([`crate::config::AgentConfig`]),
-    /// reporting every problem with its line; returns the file too, for rewriting it.
-    pub fn load(path: &Path) -> Result<(Document, AgentIdentity), Problems> {
-        let doc = Document::read(path).map_err(|e| {
-            Problems(vec![Problem {
-                file: path.to_path_buf(),
-                line: None,
-                message: format!("cannot read the agent configuration: {e}; register the agent first (--register-agent)"),
-            }])
-        })?;
-        let (c, _) = crate::config::AgentConfig::from_document(path, &doc)?;
-        let identity = AgentIdentity {
-            path: path.to_path_buf(),
-            // Registration and verification talk to the first host; the worker fails over.
-            pem_host: c.pem_hosts.into_iter().next().unwrap_or_default(),
-            pem_port: c.pem_port,
-            agent_id: c.agent_id,
-            agent_user: c.agent_user,
-            agent_ssl_key: c.agent_ssl_key,
-            agent_ssl_crt: c.agent_ssl_crt,
-            ca_file: c.ca_file,
-        };
-        Ok((doc, identity))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,7 +298,7 @@ mod tests {
             .replace("/root/.pem/agent12.key", &key.display().to_string())
             .replace("/root/.pem/agent12.crt", &crt.display().to_string());
         std::fs::write(&p, text).unwrap();
-        let (_, id) = AgentIdentity::load(&p).unwrap();
+        let (_, id) = crate::config::AgentConfig::load_with_document(&p).unwrap();
         assert_eq!(
             (id.agent_id, id.agent_user.as_str(), id.pem_port),
             (12, "agent12", 5432)

@@ -580,12 +580,11 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
         (None, Some(_)) => {
             let host = match &a.pem_server {
                 Some(h) => h.clone(),
-                None => {
-                    crate::agentcfg::AgentIdentity::load(&file)
-                        .map_err(registration::Error::from)?
-                        .1
-                        .pem_host
-                }
+                None => crate::config::AgentConfig::load_with_document(&file)
+                    .map_err(registration::Error::from)?
+                    .1
+                    .pem_host()
+                    .to_string(),
             };
             Some(admin_settings(a, &host, port)?)
         }
@@ -631,9 +630,7 @@ pub fn resolve_worker(a: &AgentArgs) -> Result<(PathBuf, Vec<(String, String)>),
 
 /// This agent's identity (agent.cfg) and the PEM admin's session: host and port from agent.cfg
 /// unless --pem-server / --pem-port say otherwise.
-fn agent_and_admin(
-    a: &AgentArgs,
-) -> Result<(crate::agentcfg::AgentIdentity, ConnectSettings), Error> {
+fn agent_and_admin(a: &AgentArgs) -> Result<(crate::config::AgentConfig, ConnectSettings), Error> {
     if a.pem_user.is_none() {
         return Err(missing(
             "--pem-user",
@@ -641,8 +638,12 @@ fn agent_and_admin(
         ));
     }
     let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
-    let (_, id) = crate::agentcfg::AgentIdentity::load(&file).map_err(registration::Error::from)?;
-    let host = a.pem_server.clone().unwrap_or_else(|| id.pem_host.clone());
+    let (_, id) =
+        crate::config::AgentConfig::load_with_document(&file).map_err(registration::Error::from)?;
+    let host = a
+        .pem_server
+        .clone()
+        .unwrap_or_else(|| id.pem_host().to_string());
     let port = a.pem_port.unwrap_or(id.pem_port);
     let mut admin = admin_settings(a, &host, port)?;
     if admin.root_cert.is_none() {

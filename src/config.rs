@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agentcfg::{self, Document, Problem, Problems};
+use crate::connection::{self, ConnectSettings};
 
 /// PEM's log levels, and what each shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +132,47 @@ impl AgentConfig {
             doc.set(k, v, None);
         }
         Self::from_document(path, &doc)
+    }
+
+    /// Reads and checks `path` without overrides, returning the file too, for commands that
+    /// rewrite it (migration) or only need the agent's identity (verification, servers).
+    pub fn load_with_document(path: &Path) -> Result<(Document, AgentConfig), Problems> {
+        let doc = Document::read(path).map_err(|e| {
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                line: None,
+                message: format!(
+                    "cannot read the agent configuration: {e}; register the agent first (--register-agent)"
+                ),
+            }])
+        })?;
+        let (c, _) = Self::from_document(path, &doc)?;
+        Ok((doc, c))
+    }
+
+    /// The first configured PEM host (registration-time commands talk to it; the worker
+    /// fails over along the list).
+    pub fn pem_host(&self) -> &str {
+        self.pem_hosts.first().map_or("127.0.0.1", String::as_str)
+    }
+
+    /// Session settings for each configured PEM host: the agent user with its certificate,
+    /// the root CA from ca_file (else libpq's PGSSLROOTCERT or ~/.postgresql/root.crt),
+    /// libpq's sslmode from the environment.
+    pub fn pem_targets(&self) -> Result<Vec<ConnectSettings>, connection::Error> {
+        self.pem_hosts
+            .iter()
+            .map(|h| {
+                let mut s = ConnectSettings::from_env(h, self.pem_port, &self.agent_user, "pem")?;
+                if self.ca_file.is_some() {
+                    s.root_cert = self.ca_file.clone();
+                }
+                s.client_cert = Some((self.agent_ssl_crt.clone(), self.agent_ssl_key.clone()));
+                s.connect_timeout = self.connect_timeout;
+                s.application_name = format!("pemworker agent {}", self.agent_id);
+                Ok(s)
+            })
+            .collect()
     }
 
     pub fn from_document(

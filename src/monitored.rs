@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use tokio_postgres::types::Type;
 
-use crate::agentcfg::AgentIdentity;
+use crate::config::AgentConfig;
 use crate::connection::{self, ConnectSettings, SslMode, pool};
 use crate::error::ExitCode;
 use crate::fsutil::{self, Staged};
@@ -90,7 +90,7 @@ fn sslmode_name(m: SslMode) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub admin: ConnectSettings,
-    pub agent: AgentIdentity,
+    pub agent: AgentConfig,
     pub server_addr: String,
     pub server_port: u16,
     pub server_database: String,

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::TestBed;
-use pemworker::agentcfg::AgentIdentity;
+use pemworker::config::AgentConfig;
 use pemworker::connection::pool;
 use pemworker::registration::agent_settings;
 use tokio_postgres::types::Type;
@@ -94,7 +94,7 @@ async fn worker_footprint_and_heartbeat_round_trip() {
     );
 
     // Heartbeat round trip through pgBouncer, as the agent sends it.
-    let (_, id) = AgentIdentity::load(&cfg).unwrap();
+    let (_, id) = AgentConfig::load_with_document(&cfg).unwrap();
     let mut s = agent_settings(&id).unwrap();
     s.root_cert = Some(bed.root_crt.clone());
     let client = bed.connect(&s).await;

@@ -6,7 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{ADMIN_PASSWORD, ADMIN_USER, TestBed, outcome};
-use pemworker::agentcfg::{AgentIdentity, DEFAULTS, Document};
+use pemworker::agentcfg::{DEFAULTS, Document};
+use pemworker::config::AgentConfig;
 use pemworker::connection::{self, pool};
 use pemworker::registration::agent_settings;
 use tokio_postgres::types::Type;
@@ -105,7 +106,7 @@ async fn role_names(bed: &TestBed) -> Vec<String> {
 
 /// Logs in as the agent with exactly what agent.cfg says, and returns current_user.
 async fn login_as_agent(config_file: &Path) -> Result<String, String> {
-    let (_, id) = AgentIdentity::load(config_file).map_err(|e| e.to_string())?;
+    let (_, id) = AgentConfig::load_with_document(config_file).map_err(|e| e.to_string())?;
     let settings = agent_settings(&id).map_err(|e| e.to_string())?;
     let client = connection::connect(&settings)
         .await

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Error, agent_settings, check_active, check_agent_user, check_rights, refuse_existing};
-use crate::agentcfg::AgentIdentity;
+use crate::config::AgentConfig;
 use crate::connection::{self, ConnectSettings, pool};
 use crate::error::ExitCode;
 use crate::fsutil::{self, Staged};
@@ -40,8 +40,11 @@ pub struct Migrated {
 
 pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
     check_agent_user(&o.agent_user)?;
-    let (mut doc, old) = AgentIdentity::load(&o.config_file)?;
-    let host = o.pem_host.clone().unwrap_or_else(|| old.pem_host.clone());
+    let (mut doc, old) = AgentConfig::load_with_document(&o.config_file)?;
+    let host = o
+        .pem_host
+        .clone()
+        .unwrap_or_else(|| old.pem_host().to_string());
 
     // 1. The certificate for the common agent user.
     let (crt_path, key_path, staged) = match &o.reuse {
@@ -132,7 +135,7 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
 }
 
 async fn verify_login(config_file: &Path) -> Result<(), Error> {
-    let (_, id) = AgentIdentity::load(config_file)?;
+    let (_, id) = AgentConfig::load_with_document(config_file)?;
     let settings = agent_settings(&id)?;
     let client = connection::connect(&settings).await?;
     check_active(&client, &id, &settings.target()).await

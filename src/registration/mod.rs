@@ -16,8 +16,9 @@ use rcgen::KeyPair;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use crate::agentcfg::{self, AgentIdentity, Document};
+use crate::agentcfg::{self, Document};
 use crate::certs;
+use crate::config::AgentConfig;
 use crate::connection::{self, ConnectSettings, pool};
 use crate::error::{ExitCode, connection_exit_code, files_exit_code};
 use crate::fsutil::{self, Staged};
@@ -588,20 +589,14 @@ fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &
     d
 }
 
-/// Settings for the agent's own session: agent.cfg's server, user and certificate, with
-/// libpq's environment for sslmode and the root CA (agent.cfg's ca_file first).
-pub fn agent_settings(id: &AgentIdentity) -> Result<ConnectSettings, Error> {
-    let mut s = ConnectSettings::from_env(&id.pem_host, id.pem_port, &id.agent_user, "pem")?;
-    if id.ca_file.is_some() {
-        s.root_cert = id.ca_file.clone();
-    }
-    s.client_cert = Some((id.agent_ssl_crt.clone(), id.agent_ssl_key.clone()));
-    Ok(s)
+/// The agent's own session with the first configured PEM host, as the worker opens it.
+pub fn agent_settings(c: &AgentConfig) -> Result<ConnectSettings, Error> {
+    Ok(c.pem_targets()?.swap_remove(0))
 }
 
 /// Whether the agent of this agent.cfg can log in with its own certificate and is active.
 pub async fn verify(config_file: &Path) -> Result<i32, Error> {
-    let (_, id) = AgentIdentity::load(config_file)?;
+    let (_, id) = AgentConfig::load_with_document(config_file)?;
     let settings = agent_settings(&id)?;
     let client = connection::connect(&settings).await?;
     check_active(&client, &id, &settings.target()).await?;
@@ -610,7 +605,7 @@ pub async fn verify(config_file: &Path) -> Result<i32, Error> {
 
 pub(crate) async fn check_active(
     client: &Client,
-    id: &AgentIdentity,
+    id: &AgentConfig,
     target: &str,
 ) -> Result<(), Error> {
     let row = pool::query_opt(
@@ -639,7 +634,7 @@ pub async fn unregister(
     server: &ConnectSettings,
     config_file: &Path,
 ) -> Result<(i32, PathBuf), Error> {
-    let (_, id) = AgentIdentity::load(config_file)?;
+    let (_, id) = AgentConfig::load_with_document(config_file)?;
     let client = connection::connect(server).await?;
     check_rights(&client, server).await?;
     let n = pool::execute(

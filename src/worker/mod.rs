@@ -28,8 +28,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::agentcfg::Problems;
 use crate::config::AgentConfig;
+use crate::connection;
 use crate::connection::manager::Manager;
-use crate::connection::{self, ConnectSettings};
 use crate::logging::Logging;
 use crate::spool::{self, Spool};
 use stats::Stats;
@@ -95,27 +95,8 @@ impl Shared {
     }
 }
 
-/// Session settings for each configured PEM host: the agent user with its certificate, the
-/// root CA from ca_file (else libpq's PGSSLROOTCERT or ~/.postgresql/root.crt), libpq's
-/// sslmode from the environment.
-pub fn pem_targets(c: &AgentConfig) -> Result<Vec<ConnectSettings>, connection::Error> {
-    c.pem_hosts
-        .iter()
-        .map(|h| {
-            let mut s = ConnectSettings::from_env(h, c.pem_port, &c.agent_user, "pem")?;
-            if c.ca_file.is_some() {
-                s.root_cert = c.ca_file.clone();
-            }
-            s.client_cert = Some((c.agent_ssl_crt.clone(), c.agent_ssl_key.clone()));
-            s.connect_timeout = c.connect_timeout;
-            s.application_name = format!("pemworker agent {}", c.agent_id);
-            Ok(s)
-        })
-        .collect()
-}
-
 fn managers(c: &AgentConfig) -> Result<(Arc<Manager>, Option<Arc<Manager>>), connection::Error> {
-    let targets = pem_targets(c)?;
+    let targets = c.pem_targets()?;
     let pem = Arc::new(Manager::new(
         "PEM server",
         targets.clone(),
