@@ -86,13 +86,7 @@ async fn proxy_user_logs_in_through_pgbouncer_with_a_signed_certificate() {
     assert_eq!(agent_pool.get("pool_mode"), Some("transaction"));
 
     // libpq, an independent client, logs in with the same files.
-    let conninfo = format!(
-        "host=127.0.0.1 port={} dbname=pem user=pem_agent_user1 sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
-        bed.pgb_port,
-        bed.root_crt.display(),
-        crt.display(),
-        key.display()
-    );
+    let conninfo = bed.agent_conninfo("pem_agent_user1", &crt, &key);
     let (code, out, err) = outcome(&bed.psql(&conninfo, "SELECT current_user"));
     assert_eq!((code, out.trim()), (0, "pem_agent_user1"), "psql: {err}");
 
@@ -222,29 +216,16 @@ async fn signing_function_refuses_bad_requests() {
 async fn hostile_proxy_user_names_create_exactly_that_role() {
     let bed = TestBed::start();
     let su = bed.connect(&bed.superuser()).await;
-    let roles = async || -> Vec<String> {
-        pool::query(
-            &su,
-            "roles",
-            "SELECT rolname::text FROM pg_roles ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    };
     for name in [
         "Evil\"; DROP ROLE pem_admin1; --",
         "Mixed Case Agent",
         "semi;colon'quote",
         "x'); DROP ROLE pgbouncer; --",
     ] {
-        let before = roles().await;
+        let before = bed.role_names().await;
         let (code, out, err) = create_proxy_user(&bed, name);
         assert_eq!(code, 0, "create-proxy-user {name:?}: {out}{err}");
-        let after = roles().await;
+        let after = bed.role_names().await;
         let added: Vec<_> = after.iter().filter(|r| !before.contains(r)).collect();
         assert_eq!(
             added,

@@ -89,21 +89,6 @@ async fn agent_rows(bed: &TestBed) -> Vec<(i32, bool, String)> {
     .collect()
 }
 
-async fn role_names(bed: &TestBed) -> Vec<String> {
-    let su = bed.connect(&bed.superuser()).await;
-    pool::query(
-        &su,
-        "roles",
-        "SELECT rolname::text FROM pg_roles ORDER BY 1",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 /// Logs in as the agent with exactly what agent.cfg says, and returns current_user.
 async fn login_as_agent(config_file: &Path) -> Result<String, String> {
     let (_, id) = AgentConfig::load_with_document(config_file).map_err(|e| e.to_string())?;
@@ -188,13 +173,7 @@ async fn the_guides_flow_registers_through_pgbouncer() {
         "pem_agent_user1"
     );
     // ... and so does libpq with the same files.
-    let conninfo = format!(
-        "host=127.0.0.1 port={} dbname=pem user=pem_agent_user1 sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
-        bed.pgb_port,
-        bed.root_crt.display(),
-        crt.display(),
-        key.display()
-    );
+    let conninfo = bed.agent_conninfo("pem_agent_user1", &crt, &key);
     let (code, out, err) = outcome(&bed.psql(&conninfo, "SELECT current_user"));
     assert_eq!((code, out.trim()), (0, "pem_agent_user1"), "{err}");
 
@@ -537,7 +516,7 @@ async fn bad_input_fails_in_one_line_with_its_exit_code_and_leaves_nothing() {
     std::fs::write(existing.config_file(), "[PEM/agent]\nagent_id=7\n").unwrap();
 
     let agent_rows_before = agent_rows(&bed).await;
-    let roles_before = role_names(&bed).await;
+    let roles_before = bed.role_names().await;
     let agent = ["--pem-agent-user", "pem_agent_user1"];
     struct Case {
         name: &'static str,
@@ -691,7 +670,7 @@ async fn bad_input_fails_in_one_line_with_its_exit_code_and_leaves_nothing() {
             "{}: agent rows",
             c.name
         );
-        assert_eq!(role_names(&bed).await, roles_before, "{}: roles", c.name);
+        assert_eq!(bed.role_names().await, roles_before, "{}: roles", c.name);
     }
     assert_eq!(
         std::fs::read_to_string(existing.config_file()).unwrap(),

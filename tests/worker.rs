@@ -375,6 +375,16 @@ async fn sighup_changes_the_log_level_and_sigterm_saves_the_spool() {
     let mut bed = TestBed::start();
     let (mut agents, _) = fleet(&bed, 1).await;
     let a = &mut agents[0];
+    // A pem_host list whose first host does not resolve: the agent fails over to the second.
+    // And SMTP notifications asked for behind a transaction pooler: a start-up warning.
+    let mut cfg = std::fs::read_to_string(&a.cfg).unwrap();
+    cfg = cfg.replace(
+        "pem_host=127.0.0.1",
+        "pem_host=no-such-host.invalid,127.0.0.1",
+    );
+    assert!(cfg.contains("no-such-host.invalid"), "{cfg}");
+    cfg.push_str("enable_smtp=true\n");
+    std::fs::write(&a.cfg, cfg).unwrap();
     a.start(&bed);
     let su = bed.connect(&bed.superuser()).await;
     wait_for("first samples", Duration::from_secs(30), || async {
@@ -383,6 +393,10 @@ async fn sighup_changes_the_log_level_and_sigterm_saves_the_spool() {
     .await;
     let log = || std::fs::read_to_string(&a.log).unwrap_or_default();
     assert!(!log().contains("DEBUG"), "debug lines at log_level=warning");
+    wait_for("the LISTEN/NOTIFY warning", Duration::from_secs(10), || async {
+        log().contains("enable_smtp is set, but this agent reaches the PEM server through a transaction pooler")
+    })
+    .await;
 
     // SIGHUP: the new level applies without a restart.
     let mut cfg = std::fs::read_to_string(&a.cfg).unwrap();

@@ -109,6 +109,33 @@ impl TestBed {
             .unwrap_or_else(|e| panic!("connect {}@{}: {e}", s.user, s.target()))
     }
 
+    /// Every role on the server, sorted.
+    pub async fn role_names(&self) -> Vec<String> {
+        let su = self.connect(&self.servers.superuser()).await;
+        pool::query(
+            &su,
+            "roles",
+            "SELECT rolname::text FROM pg_roles ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    /// A libpq connection string for `user` through pgBouncer with a client certificate.
+    pub fn agent_conninfo(&self, user: &str, crt: &Path, key: &Path) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname=pem user={user} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            self.pgb_port,
+            self.root_crt.display(),
+            crt.display(),
+            key.display()
+        )
+    }
+
     /// Runs SQL on pgBouncer's admin console as the admin user (PAUSE, RESUME, KILL ...).
     pub async fn console(&self, sql: &str) {
         let c = self.connect(&self.servers.console()).await;
