@@ -418,3 +418,44 @@ async fn prepare_server_refuses_a_database_without_the_schema_and_says_how_to_fi
         "{err}"
     );
 }
+
+/// Debian ships no pgBouncer older than 1.9, so an old one is stood in for by a script that
+/// answers `--version` as pgBouncer 1.8.1 did; what is tested is our refusal, not pgBouncer.
+#[test]
+fn configure_refuses_a_pgbouncer_without_certificate_auth_and_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("pgbouncer-1.8");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\necho 'PgBouncer 1.8.1'\necho 'libevent 2.1.8-stable'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = dir.path().join("conf");
+    for (bin, code, says) in [
+        (old.display().to_string(), 1, "pgBouncer 1.8.1 is too old"),
+        (
+            "/nonexistent/pgbouncer".to_string(),
+            1,
+            "apt-get install pgbouncer",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pemworker"))
+            .args(["pooler", "configure", "--config-dir"])
+            .arg(&conf)
+            .args(["--owner", &pemworker::fsutil::Owner::current().name])
+            .args(["--client-tls-ca-file", "/etc/ssl/certs/ca.crt"])
+            .args(["--client-tls-key-file", "/etc/ssl/private/server.key"])
+            .args(["--client-tls-cert-file", "/etc/ssl/certs/server.crt"])
+            .args(["--pgbouncer-bin", &bin])
+            .env("PEMWORKER_AUTH_USER_PASSWORD", "a")
+            .env("PEMWORKER_ADMIN_USER_PASSWORD", "b")
+            .output()
+            .unwrap();
+        let (got, _, err) = outcome(&out);
+        assert_eq!(got, code, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!conf.exists(), "files written despite the refusal");
+    }
+}
