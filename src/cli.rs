@@ -359,6 +359,9 @@ pub struct ConfigureArgs {
     pub server_idle_timeout: u32,
     #[arg(long, default_value = "DISCARD ALL")]
     pub server_reset_query: String,
+    /// Seconds before pgBouncer retries a failed server login (pgBouncer's default: 15).
+    #[arg(long, default_value_t = 15, value_name = "SECONDS")]
+    pub server_login_retry: u32,
     #[arg(
         long,
         default_value = "/var/log/postgresql/pgbouncer.log",
@@ -443,6 +446,7 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         max_client_conn: a.max_client_conn,
         server_idle_timeout: a.server_idle_timeout,
         server_reset_query: a.server_reset_query.clone(),
+        server_login_retry: a.server_login_retry,
         logfile: a.logfile.clone(),
         pidfile: a.pidfile.clone(),
         agent_users: a.agent_users.clone(),

@@ -34,6 +34,9 @@ pub struct Settings {
     pub max_client_conn: u32,
     pub server_idle_timeout: u32,
     pub server_reset_query: String,
+    /// Seconds pgBouncer waits after a failed server login before trying again; while it
+    /// waits, agents cannot log in, so it bounds how soon they are back after a server restart.
+    pub server_login_retry: u32,
     pub logfile: PathBuf,
     pub pidfile: PathBuf,
     /// Agent users allowed to log in by certificate; empty means every user (`all`), leaving
@@ -239,6 +242,8 @@ pub fn render(
          max_client_conn = {max_client_conn}\n\
          ; Close server connections idle this long, so the pool shrinks after a peak.\n\
          server_idle_timeout = {idle}\n\
+         ; After a failed server login (the PEM server restarting) wait this long before the next.\n\
+         server_login_retry = {login_retry}\n\
          ; Sent by some drivers; meaningless to the pool.\n\
          ignore_startup_parameters = extra_float_digits\n",
         sslmode = s.client_tls_sslmode,
@@ -251,6 +256,7 @@ pub fn render(
         reset = ini_value("server_reset_query", &s.server_reset_query)?,
         max_client_conn = s.max_client_conn,
         idle = s.server_idle_timeout,
+        login_retry = s.server_login_retry,
     ));
 
     let agents = if s.agent_users.is_empty() {
@@ -377,6 +383,7 @@ mod tests {
             max_client_conn: 500,
             server_idle_timeout: 60,
             server_reset_query: "DISCARD ALL".into(),
+            server_login_retry: 15,
             logfile: "/var/log/postgresql/pgbouncer.log".into(),
             pidfile: "/var/run/postgresql/pgbouncer.pid".into(),
             agent_users: vec![],
@@ -404,6 +411,7 @@ mod tests {
             "server_reset_query = DISCARD ALL",
             "max_client_conn = 500",
             "server_idle_timeout = 60",
+            "server_login_retry = 15",
             "client_tls_sslmode = require",
             "auth_file = /etc/pgbouncer/userlist.txt",
         ] {

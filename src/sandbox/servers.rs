@@ -421,6 +421,8 @@ impl Servers {
             ("--pgbouncer-bin", d(&self.pgbouncer_bin)),
             ("--agent-network", "127.0.0.0/8".into()),
             ("--admin-network", "127.0.0.0/8".into()),
+            // Back within seconds after a PostgreSQL restart, not pgBouncer's default 15.
+            ("--server-login-retry", "2".into()),
         ];
         for (k, v) in pairs {
             a.push(k.into());
