@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_PASSWORD, ADMIN_USER, TestBed};
+use common::{ADMIN_PASSWORD, TestBed};
 
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
@@ -16,22 +16,7 @@ fn registration_wall_time() {
     let runs = 40;
     let mut times: Vec<Duration> = Vec::new();
     for i in 0..=runs {
-        let site = bed.home.join(format!("bench{i}"));
-        let args = [
-            "--register-agent".to_string(),
-            "--pem-server".into(),
-            "127.0.0.1".into(),
-            "--pem-port".into(),
-            bed.pgb_port.to_string(),
-            "--pem-user".into(),
-            ADMIN_USER.into(),
-            "--pem-agent-user".into(),
-            "pem_agent_user1".into(),
-            "--cert-path".into(),
-            site.join(".pem").display().to_string(),
-            "--config-dir".into(),
-            site.join("etc").display().to_string(),
-        ];
+        let args = bed.register_args(&format!("bench{i}"));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let start = Instant::now();
         let out = bed.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", ADMIN_PASSWORD)]);

@@ -354,17 +354,17 @@ fn render(
         Some(age) => format!("{} (last {:.0} s ago)", st.heartbeats, age.max(0.0)),
         None => format!("{} (none on the server yet)", st.heartbeats),
     };
+    let link = if st.worker.connected {
+        "connected"
+    } else {
+        "not connected"
+    };
     if !interactive {
         return format!(
-            "[{:>4} s] agent {} via pgBouncer 127.0.0.1:{}: {} | heartbeats {hb} | stored rows {rows} | spool {}",
+            "[{:>4} s] agent {} via pgBouncer 127.0.0.1:{}: {link} | heartbeats {hb} | stored rows {rows} | spool {}",
             elapsed.as_secs(),
             agent.id,
             servers.pgb_port,
-            if st.worker.connected {
-                "connected"
-            } else {
-                "not connected"
-            },
             st.worker.spooled_samples
         );
     }
@@ -374,14 +374,8 @@ fn render(
         elapsed.as_secs()
     ));
     s.push_str(&format!(
-        "agent {} as {AGENT_USER} via pgBouncer 127.0.0.1:{}: {}\n",
-        agent.id,
-        servers.pgb_port,
-        if st.worker.connected {
-            "connected"
-        } else {
-            "not connected"
-        }
+        "agent {} as {AGENT_USER} via pgBouncer 127.0.0.1:{}: {link}\n",
+        agent.id, servers.pgb_port
     ));
     s.push_str(&format!("heartbeats: {hb}\n"));
     s.push_str(&format!(

@@ -200,11 +200,11 @@ pub fn outcome(o: &Output) -> (i32, String, String) {
 }
 
 impl TestBed {
-    /// Registers an agent through pgBouncer as pem_agent_user1 with its files under
-    /// `<home>/<name>`; returns its agent.cfg and agent id.
-    pub fn register_agent(&self, name: &str) -> (PathBuf, i32) {
+    /// `--register-agent` through pgBouncer as pem_agent_user1, with the agent's files under
+    /// `<home>/<name>`.
+    pub fn register_args(&self, name: &str) -> Vec<String> {
         let site = self.home.join(name);
-        let args = [
+        [
             "--register-agent".to_string(),
             "--pem-server".into(),
             "127.0.0.1".into(),
@@ -220,13 +220,19 @@ impl TestBed {
             site.join(".pem").display().to_string(),
             "--config-dir".into(),
             site.join("etc").display().to_string(),
-        ];
+        ]
+        .to_vec()
+    }
+
+    /// Registers an agent (see [`TestBed::register_args`]); returns its agent.cfg and id.
+    pub fn register_agent(&self, name: &str) -> (PathBuf, i32) {
+        let site = self.home.join(name);
+        let args = self.register_args(name);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = check(
+        check(
             "register",
             self.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", ADMIN_PASSWORD)]),
         );
-        let _ = out;
         let cfg = site.join("etc/agent.cfg");
         let text = std::fs::read_to_string(&cfg).unwrap();
         let id = text
