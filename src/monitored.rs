@@ -133,7 +133,7 @@ fn binding_settings(o: &ServerOptions) -> Result<ConnectSettings, Error> {
 /// `pgpass` with a line for the binding's host, port and user set to `password`, replacing any
 /// line for exactly those (other lines stay as they were).
 fn pgpass_with(existing: &str, b: &Binding, password: &Secret) -> String {
-    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    let esc = crate::secret::pgpass_escape;
     let prefix = format!("{}:{}:*:{}:", esc(&b.host), b.port, esc(&b.user));
     let mut out: String = existing
         .lines()
@@ -194,16 +194,12 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
 
     let client = connection::connect(&o.admin).await?;
     check_rights(&client, &o.admin).await?;
-    pool::batch(&client, "registering the server", "BEGIN").await?;
-    let result = record_server(&client, o).await;
-    let (server_id, updated) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = pool::batch(&client, "rolling back", "ROLLBACK").await;
-            return Err(e);
-        }
-    };
-    pool::batch(&client, "committing the server registration", "COMMIT").await?;
+    let (server_id, updated) = pool::transaction(
+        &client,
+        "the server registration",
+        record_server(&client, o),
+    )
+    .await?;
     let password_saved_in = match staged_pgpass {
         Some(s) => {
             s.commit()?;
@@ -328,7 +324,6 @@ pub async fn unregister_server(
 ) -> Result<i32, Error> {
     let client = connection::connect(admin).await?;
     check_rights(&client, admin).await?;
-    pool::batch(&client, "unregistering the server", "BEGIN").await?;
     let work = async {
         let server_id = bound_server(&client, agent_id, host, port).await?;
         pool::execute(
@@ -347,14 +342,9 @@ pub async fn unregister_server(
             &[(&server_id, Type::INT4)],
         )
         .await?;
-        pool::batch(&client, "committing", "COMMIT").await?;
         Ok::<_, Error>(server_id)
-    }
-    .await;
-    if work.is_err() {
-        let _ = pool::batch(&client, "rolling back", "ROLLBACK").await;
-    }
-    work
+    };
+    pool::transaction(&client, "unregistering the server", work).await
 }
 
 /// Which probe `--enable-probe` / `--disable-probe` mean.

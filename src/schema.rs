@@ -74,19 +74,12 @@ pub async fn installed_version(client: &Client) -> Result<Option<i32>, Error> {
 
 /// Applies every missing migration; returns the versions applied (empty when up to date).
 pub async fn apply(client: &Client) -> Result<Vec<i32>, Error> {
-    let what = "installing the PEM schema";
-    pool::batch(client, what, "BEGIN").await?;
-    let result = apply_in_transaction(client).await;
-    match result {
-        Ok(applied) => {
-            pool::batch(client, what, "COMMIT").await?;
-            Ok(applied)
-        }
-        Err(e) => {
-            let _ = pool::batch(client, what, "ROLLBACK").await;
-            Err(e)
-        }
-    }
+    pool::transaction(
+        client,
+        "the schema installation",
+        apply_in_transaction(client),
+    )
+    .await
 }
 
 async fn apply_in_transaction(client: &Client) -> Result<Vec<i32>, Error> {

@@ -88,6 +88,12 @@ pub fn from_pgpass(
     lookup_pgpass(&text, [host, &port, database, user])
 }
 
+/// A field as a password file line holds it (`:` and `\\` escaped), the inverse of the
+/// parsing below.
+pub fn pgpass_escape(field: &str) -> String {
+    field.replace('\\', "\\\\").replace(':', "\\:")
+}
+
 fn lookup_pgpass(text: &str, wanted: [&str; 4]) -> Option<Secret> {
     for line in text.lines() {
         if line.trim_start().starts_with('#') || line.trim().is_empty() {
@@ -143,6 +149,18 @@ mod tests {
         let got = lookup_pgpass(text, ["db.example", "6432", "pem", "pem_admin1"]);
         assert_eq!(got.unwrap().expose(), "pa:ss\\word");
         assert!(lookup_pgpass(text, ["db.example", "5432", "pem", "pem_admin1"]).is_none());
+    }
+
+    #[test]
+    fn escaping_is_the_inverse_of_parsing() {
+        let pw = "a:b\\c";
+        let line = format!("h:1:*:{}:{}\n", pgpass_escape("u:x"), pgpass_escape(pw));
+        assert_eq!(
+            lookup_pgpass(&line, ["h", "1", "d", "u:x"])
+                .unwrap()
+                .expose(),
+            pw
+        );
     }
 
     #[test]

@@ -71,6 +71,28 @@ pub async fn batch(client: &Client, what: &str, sql: &str) -> Result<(), Error> 
     bounded(what, client.batch_execute(sql)).await
 }
 
+/// Runs `work` inside BEGIN ... COMMIT (one server connection even behind a transaction
+/// pool); on any error the transaction is rolled back and the error returned. `what` names the
+/// transaction in messages.
+pub async fn transaction<T, E: From<Error>>(
+    client: &Client,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    batch(client, &format!("starting {what}"), "BEGIN").await?;
+    let result = match work.await {
+        Ok(v) => batch(client, &format!("committing {what}"), "COMMIT")
+            .await
+            .map(|()| v)
+            .map_err(E::from),
+        Err(e) => Err(e),
+    };
+    if result.is_err() && !client.is_closed() {
+        let _ = batch(client, &format!("rolling back {what}"), "ROLLBACK").await;
+    }
+    result
+}
+
 /// Simple-protocol query returning text rows (the only kind pgBouncer's console answers).
 pub async fn simple_rows(
     client: &Client,

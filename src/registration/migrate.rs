@@ -60,23 +60,11 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
             fsutil::ensure_dir(&o.cert_path, 0o700, None)?;
             let client = connection::connect(admin).await?;
             check_rights(&client, admin).await?;
-            pool::batch(&client, "starting the migration", "BEGIN").await?;
-            let signed = async {
+            let sign = async {
                 super::ensure_agent_user(&client, &o.agent_user).await?;
-                let pair =
-                    super::obtain_certificate(&client, &o.agent_user, admin.root_cert.as_deref())
-                        .await?;
-                pool::batch(&client, "committing", "COMMIT").await?;
-                Ok::<_, Error>(pair)
-            }
-            .await;
-            let (k, c) = match signed {
-                Ok(pair) => pair,
-                Err(e) => {
-                    let _ = pool::batch(&client, "rolling back", "ROLLBACK").await;
-                    return Err(e);
-                }
+                super::obtain_certificate(&client, &o.agent_user, admin.root_cert.as_deref()).await
             };
+            let (k, c) = pool::transaction(&client, "the migration", sign).await?;
             let staged = vec![
                 Staged::write(&key, k.serialize_pem().as_bytes(), 0o600, None)?,
                 Staged::write(&crt, c.as_bytes(), 0o600, None)?,

@@ -338,20 +338,6 @@ pub(crate) async fn obtain_certificate(
     Ok((key, cert))
 }
 
-async fn in_transaction<T>(
-    client: &Client,
-    work: impl std::future::Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    pool::batch(client, "starting the registration", "BEGIN").await?;
-    match work.await {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let _ = pool::batch(client, "rolling back", "ROLLBACK").await;
-            Err(e)
-        }
-    }
-}
-
 /// Registers the agent; see the module documentation for the all-or-nothing order.
 pub async fn register(opts: &Options) -> Result<Registered, Error> {
     if let Some(u) = &opts.agent_user {
@@ -437,7 +423,6 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
                 backups.push(fsutil::backup(path)?);
             }
         }
-        pool::batch(&client, "committing the registration", "COMMIT").await?;
         let registered = Registered {
             agent_id,
             agent_user,
@@ -448,9 +433,10 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
             kept_id,
             deactivated,
         };
-        Ok((registered, created_role, staged))
+        Ok::<_, Error>((registered, created_role, staged))
     };
-    let (registered, created_role, staged) = in_transaction(&client, work).await?;
+    let (registered, created_role, staged) =
+        pool::transaction(&client, "the registration", work).await?;
 
     for (_, s) in staged {
         if let Err(e) = s.commit() {

@@ -248,7 +248,7 @@ pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Re
     )
     .await?[0]
         .get(0);
-    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    let esc = crate::secret::pgpass_escape;
     let pgpass = servers.home.join(".pgpass");
     crate::fsutil::Staged::write(
         &pgpass,

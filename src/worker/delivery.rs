@@ -115,8 +115,7 @@ fn rows_json(spec: &ProbeSpec, s: &Sample) -> String {
 /// Stores one batch in one transaction. Samples of unknown probes are skipped with a warning
 /// (a newer agent's spool read by an older one).
 pub async fn deliver(client: &Client, agent_id: i32, samples: &[Sample]) -> Result<(), Error> {
-    pool::batch(client, "starting a delivery", "BEGIN").await?;
-    let result = async {
+    let work = async {
         for s in samples {
             let (Some(spec), Some(st)) = (
                 crate::probes::spec(&s.probe),
@@ -139,13 +138,9 @@ pub async fn deliver(client: &Client, agent_id: i32, samples: &[Sample]) -> Resu
             pool::execute(client, &what, &st.store, &params).await?;
             pool::execute(client, &what, &st.prune, &params).await?;
         }
-        pool::batch(client, "committing a delivery", "COMMIT").await
-    }
-    .await;
-    if result.is_err() && !client.is_closed() {
-        let _ = pool::batch(client, "rolling back a delivery", "ROLLBACK").await;
-    }
-    result
+        Ok(())
+    };
+    pool::transaction(client, "a delivery", work).await
 }
 
 #[cfg(test)]
