@@ -58,6 +58,10 @@ pub enum Error {
     Tls(String),
     #[error("invalid sslmode {0:?}: use disable, allow, prefer, require, verify-ca or verify-full")]
     SslMode(String),
+    /// The server answered, but not in the shape the statement promises (no row, a NULL or a
+    /// wrong type where a value was expected): a broken or hostile server, never a panic.
+    #[error("{what}: unexpected reply from the server: {why}")]
+    Reply { what: String, why: String },
 }
 
 impl Error {

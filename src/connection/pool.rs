@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Client, Row, SimpleQueryMessage};
 
 use super::Error;
@@ -45,6 +45,33 @@ pub async fn query(
     bounded(what, client.query_typed(sql, params)).await
 }
 
+/// The first row of a statement that always returns one (`SELECT f(...)`); no row is a
+/// [`Error::Reply`], not a panic.
+pub async fn query_one(
+    client: &Client,
+    what: &str,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Row, Error> {
+    query(client, what, sql, params)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Reply {
+            what: what.to_string(),
+            why: "no row".into(),
+        })
+}
+
+/// Column `idx` of `row` as `T`; a missing column, a NULL for a non-`Option` or another type is
+/// an [`Error::Reply`] naming the step, never a panic.
+pub fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize, what: &str) -> Result<T, Error> {
+    row.try_get(idx).map_err(|e| Error::Reply {
+        what: what.to_string(),
+        why: format!("column {idx}: {e}"),
+    })
+}
+
 /// At most one row.
 pub async fn query_opt(
     client: &Client,
@@ -71,6 +98,17 @@ pub async fn batch(client: &Client, what: &str, sql: &str) -> Result<(), Error> 
     bounded(what, client.batch_execute(sql)).await
 }
 
+/// How every transaction starts. Behind a transaction pool the server session is shared, and
+/// any login may set its own role defaults (`ALTER ROLE CURRENT_USER SET ...`), so nothing a
+/// transaction depends on is left to the session: it asks for READ WRITE and pins, for itself
+/// only, the settings another client could have poisoned. One simple-protocol message, so no
+/// idle gap exists before the timeouts below apply.
+pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE; \
+    SET LOCAL search_path = pg_catalog, pg_temp; \
+    SET LOCAL statement_timeout = '30s'; \
+    SET LOCAL lock_timeout = '10s'; \
+    SET LOCAL idle_in_transaction_session_timeout = '60s'";
+
 /// Runs `work` inside BEGIN ... COMMIT (one server connection even behind a transaction
 /// pool); on any error the transaction is rolled back and the error returned. `what` names the
 /// transaction in messages.
@@ -79,7 +117,7 @@ pub async fn transaction<T, E: From<Error>>(
     what: &str,
     work: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
-    batch(client, &format!("starting {what}"), "BEGIN").await?;
+    batch(client, &format!("starting {what}"), BEGIN).await?;
     let result = match work.await {
         Ok(v) => batch(client, &format!("committing {what}"), "COMMIT")
             .await
