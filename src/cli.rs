@@ -236,6 +236,41 @@ pub enum Command {
     Pooler(PoolerCommand),
     /// A throwaway PEM server + pgBouncer + registered agent on this machine, with a live view.
     Sandbox(SandboxArgs),
+    /// The worker's spool: samples waiting for delivery and samples the PEM server refused.
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// Show the samples waiting for delivery and the samples the PEM server refused.
+    Status(SpoolArgs),
+    /// Send refused samples to the PEM server again, now (all, or the numbers given).
+    Replay(SpoolSelectArgs),
+    /// Delete refused samples for good (--all, or the numbers given).
+    Discard(SpoolSelectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpoolArgs {
+    /// The agent's agent.cfg [default: agent.cfg in the config directory].
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// agent.cfg setting for this run (repeatable), as for the worker.
+    #[arg(short = 'o', value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SpoolSelectArgs {
+    #[command(flatten)]
+    pub spool: SpoolArgs,
+    /// Every refused sample.
+    #[arg(long, conflicts_with = "numbers")]
+    pub all: bool,
+    /// Numbers of refused samples, as `pemworker spool status` lists them.
+    #[arg(value_name = "NUMBER")]
+    pub numbers: Vec<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -463,12 +498,15 @@ fn missing(flag: &str, why: &str) -> Error {
 
 /// agent.cfg's directory: `--config-dir`, else `<binary directory>/../etc` as PEM installs it.
 pub fn config_dir(a: &AgentArgs) -> PathBuf {
-    a.config_dir.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(|d| d.join("etc")))
-            .unwrap_or_else(|| PathBuf::from("/usr/edb/pem/agent/etc"))
-    })
+    a.config_dir.clone().unwrap_or_else(default_config_dir)
+}
+
+/// `<binary directory>/../etc`, PEM's place for agent.cfg.
+fn default_config_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().and_then(|d| d.parent()).map(|d| d.join("etc")))
+        .unwrap_or_else(|| PathBuf::from("/usr/edb/pem/agent/etc"))
 }
 
 fn cert_path(a: &AgentArgs) -> PathBuf {
@@ -617,8 +655,20 @@ pub fn resolve_worker(a: &AgentArgs) -> Result<(PathBuf, Vec<(String, String)>),
         .config
         .clone()
         .unwrap_or_else(|| config_dir(a).join(crate::agentcfg::FILE_NAME));
-    let overrides = a
-        .options
+    Ok((path, overrides(&a.options)?))
+}
+
+/// agent.cfg and its `-o` overrides for `pemworker spool ...`.
+pub fn resolve_spool(a: &SpoolArgs) -> Result<(PathBuf, Vec<(String, String)>), Error> {
+    let path = a
+        .config
+        .clone()
+        .unwrap_or_else(|| default_config_dir().join(crate::agentcfg::FILE_NAME));
+    Ok((path, overrides(&a.options)?))
+}
+
+fn overrides(options: &[String]) -> Result<Vec<(String, String)>, Error> {
+    options
         .iter()
         .map(|o| match o.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => {
@@ -628,8 +678,7 @@ pub fn resolve_worker(a: &AgentArgs) -> Result<(PathBuf, Vec<(String, String)>),
                 "invalid -o option {o:?}: expected key=value, for example -o log_level=info"
             ))),
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((path, overrides))
+        .collect()
 }
 
 /// This agent's identity (agent.cfg) and the PEM admin's session: host and port from agent.cfg

@@ -70,6 +70,9 @@ pub struct AgentConfig {
     pub enable_snmp: bool,
     pub enable_webhook: bool,
     pub state_dir: PathBuf,
+    /// The directory the default state_dir lies in (`state_dir` not set): where earlier
+    /// versions kept one spool for every agent of the host.
+    pub shared_state_dir: Option<PathBuf>,
     pub spool_limit: u64,
 }
 
@@ -78,7 +81,22 @@ pub struct AgentConfig {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SPOOL_LIMIT: u64 = 64 * 1024 * 1024;
 
-fn default_state_dir() -> PathBuf {
+/// Where agents keep their state by default, each in `agent<ID>` below it: systemd's
+/// `$STATE_DIRECTORY` (the unit's `StateDirectory=`) when set, else `/var/lib/pem/agent` as root
+/// and `~/.pem/state` for other users.
+fn default_state_base() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd lists several directories separated by colons; ours is the first.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if first.starts_with('/') {
+            return PathBuf::from(first);
+        }
+    }
     if nix::unistd::Uid::effective().is_root() {
         PathBuf::from("/var/lib/pem/agent")
     } else {
@@ -377,8 +395,8 @@ impl AgentConfig {
             "a size of at least 4kB (e.g. 64MB)"
         );
         let state_dir = find("state_dir")
-            .map(|(_, v)| PathBuf::from(v))
-            .unwrap_or_else(default_state_dir);
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v));
         let log_location = find("log_location")
             .filter(|(_, v)| !v.is_empty())
             .map(|(_, v)| PathBuf::from(v));
@@ -411,7 +429,10 @@ impl AgentConfig {
                         enable_smtp,
                         enable_snmp,
                         enable_webhook,
-                        state_dir,
+                        shared_state_dir: state_dir.is_none().then(default_state_base),
+                        state_dir: state_dir.unwrap_or_else(|| {
+                            default_state_base().join(format!("agent{agent_id}"))
+                        }),
                         spool_limit,
                     },
                     warnings,

@@ -9,7 +9,7 @@
 //! | 4 | the PEM server refused: missing rights, missing schema, a rejected statement |
 //! | 5 | a local file system operation failed |
 
-use crate::{connection, fsutil, monitored, pooler, registration, sandbox};
+use crate::{connection, fsutil, monitored, pooler, registration, sandbox, spool};
 
 /// What the process exits with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub enum Error {
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
     Monitored(#[from] monitored::Error),
+    #[error(transparent)]
+    Spool(#[from] spool::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -53,6 +55,7 @@ impl Error {
             })) => ExitCode::Config,
             Error::Sandbox(_) => ExitCode::Local,
             Error::Monitored(e) => e.exit_code(),
+            Error::Spool(e) => e.exit_code(),
             Error::Usage(_) => ExitCode::Config,
         }
     }

@@ -14,8 +14,10 @@
 //! - [`certs`]: key pairs, certificate signing requests and the private files they live in.
 //! - [`logging`]: the worker's log file and stderr, at PEM's levels, reloadable.
 //! - [`fsutil`]: atomic writes, backups, ownership and modes of the files we manage.
-//! - [`spool`]: the on-disk queue every sample passes through on its way to the server.
+//! - [`spool`]: the on-disk queue every sample passes through on its way to the server, the
+//!   samples the server refused, the state directory's lock, and `pemworker spool`.
 //! - [`worker`]: the running agent: heartbeat, collector and delivery loops, reload, shutdown.
+//! - [`testhooks`]: faults the integration tests inject (feature `test-hooks`; empty otherwise).
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
 //! - [`monitored`]: monitored servers and probe settings (`--register-server`, `--enable-probe` ...).
 //! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
@@ -39,6 +41,7 @@ pub mod sandbox;
 pub mod schema;
 pub mod secret;
 pub mod spool;
+pub mod testhooks;
 pub mod worker;
 
 pub use error::{Error, ExitCode};

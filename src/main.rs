@@ -88,6 +88,7 @@ async fn run(cli: Cli) -> Result<(), pemworker::Error> {
             };
             pemworker::sandbox::run(&settings).await?;
         }
+        Command::Spool(c) => pemworker::spool::command::run(&c).await?,
         Command::Pooler(PoolerCommand::Configure(a)) => {
             let settings = cli::resolve_configure(&a)?;
             let outcome = bouncer::configure(&settings)?;
@@ -222,6 +223,11 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
         println!("config valid");
         return ExitCode::SUCCESS;
     }
+    // One worker per state directory: refused here, on the terminal, before detaching.
+    let mut lock = match pemworker::spool::StateLock::acquire(&config.state_dir) {
+        Ok(l) => l,
+        Err(e) => return fail(e.exit_code(), e),
+    };
     if !a.foreground {
         // Classic daemon: detach from the terminal. systemd runs the worker with -f instead.
         if let Err(e) = nix::unistd::daemon(false, false) {
@@ -230,6 +236,8 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
                 format!("cannot run in the background: {e}"),
             );
         }
+        // The lock is inherited; the pid in it is now the child's.
+        lock.record_pid();
     }
     let logging = match pemworker::logging::init_worker(
         config.log_level,
@@ -242,8 +250,12 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
     for w in &warnings {
         tracing::warn!("{w}");
     }
+    // Blocking threads (spool and stats files, OS probes) are kept for ten minutes once
+    // started, so a quiet agent does not start a thread for every batch.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(8)
+        .thread_keep_alive(std::time::Duration::from_secs(600))
         .build()
     {
         Ok(r) => r,
@@ -258,7 +270,7 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let reload = std::sync::Arc::new(tokio::sync::Notify::new());
         let signals = watch_signals(shutdown.clone(), reload.clone())?;
-        let r = pemworker::worker::run(config, Some(&logging), shutdown, reload, || {
+        let r = pemworker::worker::run(config, lock, Some(&logging), shutdown, reload, || {
             load().map(|(c, _)| c)
         })
         .await;

@@ -177,7 +177,7 @@ async fn every_server_probe_answers_a_pg_monitor_role_with_plausible_rows() {
 
     let server_probes: Vec<&str> = PROBES
         .iter()
-        .filter(|p| p.target == Target::Server)
+        .filter(|p| p.target() == Target::Server)
         .map(|p| p.name)
         .collect();
     for probe in &server_probes {

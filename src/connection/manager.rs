@@ -1,20 +1,30 @@
-//! The connection manager: the one owner of a session with the PEM server.
+//! The connection manager: sessions with the PEM server, each checked out by one owner.
 //!
-//! Callers ask for the client, use it, and report a failure that means the connection is gone;
-//! the next request reconnects. Reconnection tries each configured host in order and, when all
-//! fail, waits a jittered exponential backoff capped at long_wait; while waiting, requests fail
-//! at once instead of piling up. A session older than connection_lifetime is replaced.
+//! [`Manager::checkout`] hands out an idle session or opens a new one, so a loop never waits
+//! behind another loop's statement or transaction: a heartbeat issued while a delivery holds
+//! a session gets a second session (a session to pgBouncer costs no server backend). Sessions
+//! come back when their [`Session`] is dropped, unless they are broken, still in a transaction,
+//! older than connection_lifetime, or the manager was reset meanwhile; those are closed.
+//!
+//! Connecting happens without any lock held, so a slow host stalls only the loop that asked.
+//! Hosts are tried in order, starting with the one that served last; when all fail, checkouts
+//! fail at once until a jittered exponential backoff (capped at long_wait) has passed. The
+//! outage is logged once, and its end once.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
+use super::session::Session;
 use super::{ConnectSettings, Error, connect};
 use crate::backoff::Backoff;
 
-/// Why no client is available right now.
+/// Idle sessions kept for reuse; more are closed when given back. Three loops talk to the PEM
+/// server (heartbeat, schedule, delivery), so more than that are never needed at once.
+const MAX_IDLE: usize = 3;
+
+/// Why no session is available right now.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
     #[error("waiting {} s before reconnecting to the PEM server (last error: {last})", .wait.as_secs())]
@@ -24,19 +34,64 @@ pub enum Unavailable {
 }
 
 struct State {
-    client: Option<(Arc<Client>, Instant)>,
+    idle: Vec<(Client, Instant)>,
     backoff: Backoff,
     retry_at: Option<Instant>,
     last_error: String,
     /// Which host served last; reconnection starts with it.
     preferred: usize,
+    /// Bumped by `reset`: sessions checked out before are closed when given back.
+    generation: u64,
+    /// An outage was logged and its end was not yet.
+    down: bool,
 }
 
-pub struct Manager {
+struct Inner {
     name: &'static str,
     targets: Vec<ConnectSettings>,
     lifetime: Option<Duration>,
     state: Mutex<State>,
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across an await or a panic-prone call; a poisoned one still
+        // holds consistent data.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn expired(&self, opened: Instant) -> bool {
+        self.lifetime.is_some_and(|l| opened.elapsed() >= l)
+    }
+}
+
+/// Where a checked-out session returns.
+pub(super) struct Home {
+    inner: Arc<Inner>,
+    generation: u64,
+}
+
+impl Home {
+    pub(super) fn give_back(self, client: Client, opened: Instant, reusable: bool) {
+        let mut st = self.inner.state();
+        if reusable
+            && self.generation == st.generation
+            && !self.inner.expired(opened)
+            && st.idle.len() < MAX_IDLE
+        {
+            st.idle.push((client, opened));
+        } else {
+            drop(st);
+            tracing::debug!("{}: closing a session", self.inner.name);
+            drop(client);
+        }
+    }
+}
+
+/// Sessions with the PEM server. Cloning gives another handle to the same sessions.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
 }
 
 impl Manager {
@@ -50,109 +105,136 @@ impl Manager {
         let min = Duration::from_secs(1).min(max_wait.max(Duration::from_millis(100)));
         let backoff = Backoff::new(min, max_wait.max(min)).expect("bounds checked above");
         Manager {
-            name,
-            targets,
-            lifetime,
-            state: Mutex::new(State {
-                client: None,
-                backoff,
-                retry_at: None,
-                last_error: String::new(),
-                preferred: 0,
+            inner: Arc::new(Inner {
+                name,
+                targets,
+                lifetime,
+                state: Mutex::new(State {
+                    idle: Vec::new(),
+                    backoff,
+                    retry_at: None,
+                    last_error: String::new(),
+                    preferred: 0,
+                    generation: 0,
+                    down: false,
+                }),
             }),
         }
     }
 
-    /// A live client, connecting if needed.
-    pub async fn client(&self) -> Result<Arc<Client>, Unavailable> {
-        let mut st = self.state.lock().await;
-        if let Some((c, since)) = &st.client {
-            let expired = self.lifetime.is_some_and(|l| since.elapsed() >= l);
-            if !c.is_closed() && !expired {
-                return Ok(c.clone());
-            }
-            tracing::debug!(
-                "{}: replacing the connection ({})",
-                self.name,
-                if expired {
-                    "lifetime reached"
-                } else {
-                    "closed"
+    fn session(&self, client: Client, opened: Instant, generation: u64) -> Session {
+        let mut s = Session::with_opened(client, opened);
+        s.home = Some(Home {
+            inner: self.inner.clone(),
+            generation,
+        });
+        s
+    }
+
+    /// A session for the caller alone: an idle one, or a new connection.
+    pub async fn checkout(&self) -> Result<Session, Unavailable> {
+        let (preferred, generation) = {
+            let mut st = self.inner.state();
+            while let Some((client, opened)) = st.idle.pop() {
+                if client.is_closed() || self.inner.expired(opened) {
+                    tracing::debug!(
+                        "{}: replacing an idle session ({})",
+                        self.inner.name,
+                        if client.is_closed() {
+                            "closed"
+                        } else {
+                            "lifetime reached"
+                        }
+                    );
+                    continue;
                 }
-            );
-            st.client = None;
-        }
-        if let Some(at) = st.retry_at {
-            let now = Instant::now();
-            if at > now {
-                return Err(Unavailable::Backoff {
-                    wait: at - now,
-                    last: st.last_error.clone(),
-                });
+                let generation = st.generation;
+                drop(st);
+                return Ok(self.session(client, opened, generation));
             }
-        }
-        let n = self.targets.len();
+            if let Some(at) = st.retry_at {
+                let now = Instant::now();
+                if at > now {
+                    return Err(Unavailable::Backoff {
+                        wait: at - now,
+                        last: st.last_error.clone(),
+                    });
+                }
+            }
+            (st.preferred, st.generation)
+        };
+
+        // No lock from here to the end of the attempts: other loops go on meanwhile.
+        let n = self.inner.targets.len();
         let mut last = None;
         for i in 0..n {
-            let idx = (st.preferred + i) % n;
-            let t = &self.targets[idx];
+            let idx = (preferred + i) % n;
+            let t = &self.inner.targets[idx];
             match connect(t).await {
-                Ok(c) => {
-                    if st.retry_at.is_some() {
-                        tracing::info!("{}: connected to {} again", self.name, t.target());
+                Ok(client) => {
+                    let mut st = self.inner.state();
+                    if st.down {
+                        tracing::info!("{}: connected to {} again", self.inner.name, t.target());
                     } else {
-                        tracing::debug!("{}: connected to {}", self.name, t.target());
+                        tracing::debug!("{}: connected to {}", self.inner.name, t.target());
                     }
-                    let c = Arc::new(c);
-                    st.client = Some((c.clone(), Instant::now()));
+                    st.down = false;
                     st.retry_at = None;
                     st.preferred = idx;
                     st.backoff.reset();
-                    return Ok(c);
+                    drop(st);
+                    return Ok(self.session(client, Instant::now(), generation));
                 }
                 Err(e) => {
+                    let st = self.inner.state();
                     // Warn once per outage; the retries that follow are routine.
-                    if st.retry_at.is_none() {
-                        tracing::warn!("{}: {e}", self.name);
+                    if st.down {
+                        tracing::debug!("{}: {e}", self.inner.name);
                     } else {
-                        tracing::debug!("{}: {e}", self.name);
+                        tracing::warn!("{}: {e}", self.inner.name);
                     }
                     last = Some(e);
                 }
             }
         }
         let e = last.expect("at least one target");
-        let wait = st.backoff.next_delay();
-        st.retry_at = Some(Instant::now() + wait);
+        let mut st = self.inner.state();
+        st.down = true;
+        // Two loops failing at once move the backoff on once.
+        if st.retry_at.is_none_or(|at| at <= Instant::now()) {
+            let wait = st.backoff.next_delay();
+            st.retry_at = Some(Instant::now() + wait);
+        }
         st.last_error = e.to_string();
         Err(Unavailable::Connect(e))
     }
 
-    /// Reports that a statement failed. A failure that means the session is unusable drops it,
-    /// so the next request reconnects.
-    pub async fn failed(&self, client: &Arc<Client>, e: &Error) {
-        if e.is_closed() || e.is_connect() || client.is_closed() {
-            let mut st = self.state.lock().await;
-            if st
-                .client
-                .as_ref()
-                .is_some_and(|(c, _)| Arc::ptr_eq(c, client))
-            {
-                tracing::info!("{}: connection lost: {e}", self.name);
-                st.client = None;
-            }
-        }
+    /// How long until the next connection attempt is allowed (zero when it is now).
+    pub fn retry_in(&self) -> Duration {
+        self.inner.state().retry_at.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(Instant::now())
+        })
     }
 
-    /// Drops the session (after a reload changed the settings, or at shutdown).
-    pub async fn reset(&self) {
-        let mut st = self.state.lock().await;
-        st.client = None;
-        st.retry_at = None;
-        st.backoff.reset();
+    /// Closes the idle sessions; sessions checked out now are closed when given back (after a
+    /// reload changed the settings, or at shutdown).
+    pub fn reset(&self) {
+        let idle = {
+            let mut st = self.inner.state();
+            st.generation += 1;
+            st.retry_at = None;
+            st.backoff.reset();
+            std::mem::take(&mut st.idle)
+        };
+        drop(idle);
+    }
+
+    /// Sessions waiting for their next owner.
+    pub fn idle_sessions(&self) -> usize {
+        self.inner.state().idle.len()
     }
 
     pub fn targets(&self) -> &[ConnectSettings] {
-        &self.targets
+        &self.inner.targets
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod manager;
 pub mod pool;
+pub mod session;
 mod settings;
 mod tls;
 
@@ -62,6 +63,12 @@ pub enum Error {
     /// wrong type where a value was expected): a broken or hostile server, never a panic.
     #[error("{what}: unexpected reply from the server: {why}")]
     Reply { what: String, why: String },
+    /// A statement of the transaction failed earlier; it was rolled back, not committed.
+    #[error("{what}: an earlier statement failed, so the transaction was rolled back")]
+    Aborted { what: String },
+    /// The session was given up after an earlier failure; its owner must check out another.
+    #[error("the session with the server was closed after an earlier failure")]
+    Unusable,
 }
 
 impl Error {
@@ -107,9 +114,58 @@ impl Error {
     pub fn is_closed(&self) -> bool {
         match self {
             Error::Query { source, .. } => source.is_closed(),
-            Error::QueryTimeout { .. } => true,
+            Error::QueryTimeout { .. } | Error::Unusable => true,
             _ => false,
         }
+    }
+
+    /// True when the server refused the data itself (SQLSTATE class 22, data exception, or 23,
+    /// integrity constraint violation): sending the same values again cannot succeed, but other
+    /// values can.
+    pub fn is_data(&self) -> bool {
+        self.code()
+            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+    }
+
+    /// True when the server refused for a reason an administrator must fix on the server or in
+    /// the agent's setup (a privilege, a read-only server, authentication, a missing database,
+    /// function, table or column): retrying helps only once that is fixed.
+    pub fn is_refused(&self) -> bool {
+        self.code().is_some_and(|c| {
+            let c = c.code();
+            c.starts_with("28")
+                || c.starts_with("42")
+                || c.starts_with("3D")
+                || c.starts_with("3F")
+                || c == "25006"
+        })
+    }
+
+    /// What an administrator can do about a refusal ([`Error::is_refused`]), if we know.
+    pub fn advice(&self) -> Option<&'static str> {
+        let code = self.code()?.code();
+        Some(match code {
+            "42501" => {
+                "a privilege the agent needs on the PEM server is missing (revoked, or not granted \
+                 after an upgrade); grant it back on the PEM server"
+            }
+            "25006" => {
+                "the PEM server session is read-only (a standby, or default_transaction_read_only); \
+                 point pem_host at the primary"
+            }
+            "3D000" => {
+                "the PEM database does not exist on the server pem_host names; check pem_host and pem_port"
+            }
+            "42883" | "42P01" | "42703" | "3F000" => {
+                "the PEM server's schema lacks what this agent uses; upgrade the PEM server's schema \
+                 to this agent's version"
+            }
+            c if c.starts_with("28") => {
+                "the PEM server refused the agent's login; check agent_user, the certificate and \
+                 pg_hba.conf / pgBouncer's hba file"
+            }
+            _ => return None,
+        })
     }
 }
 

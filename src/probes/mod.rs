@@ -1,8 +1,10 @@
 //! Probes: what the agent measures, and the shape of what it stores.
 //!
-//! Every probe has a [`ProbeSpec`]: its internal name (as in `pem.probe`), what it runs
-//! against, and its typed columns, which match `pemdata.<name>` / `pemhistory.<name>` in the
-//! reference schema. Collectors return rows of [`Value`]s in column order:
+//! Every probe is declared once, in [`PROBES`]: its internal name (as in `pem.probe`, and the
+//! name of its tables `pemdata.<name>` / `pemhistory.<name>`), how it is collected (which also
+//! says what it runs against), and its typed columns and key. Everything else (scheduling,
+//! dispatch, the delivery statements) is derived from that table. Collectors return rows of
+//! [`Value`]s in column order:
 //!
 //! - [`os`]: agent-level probes read from the local operating system;
 //! - [`postgres`]: server-level probes, SQL on a monitored PostgreSQL server;
@@ -57,15 +59,52 @@ impl Target {
     }
 }
 
-/// A probe's storage shape: `columns` are (name, SQL type) after the common columns
-/// (agent_id, server_id, pgbouncer, collected_at); `key` names the columns that identify a row
-/// among one sample's rows (empty for single-row probes).
+/// How a probe is collected; the kind says what it runs against.
+#[derive(Clone, Copy)]
+pub enum Collector {
+    /// Read from the local operating system (blocking: run it on a blocking thread).
+    Os(fn(&mut os::OsProbes) -> Result<Vec<Row>, Error>),
+    /// A query on a monitored PostgreSQL server selecting the probe's columns in order.
+    Sql(&'static str),
+    /// A command on a pgBouncer admin console.
+    Console(&'static str),
+}
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Collector::Os(_) => f.write_str("Os"),
+            Collector::Sql(_) => f.write_str("Sql"),
+            Collector::Console(c) => write!(f, "Console({c:?})"),
+        }
+    }
+}
+
+/// A probe: its name, its collector, and its storage shape. `columns` are (name, SQL type) after
+/// the common columns (agent_id, server_id, pgbouncer, collected_at); `key` names the columns
+/// that identify a row among one sample's rows (empty for single-row probes).
 #[derive(Debug)]
 pub struct ProbeSpec {
     pub name: &'static str,
-    pub target: Target,
+    pub collector: Collector,
     pub columns: &'static [(&'static str, &'static str)],
     pub key: &'static [&'static str],
+}
+
+impl ProbeSpec {
+    /// What the probe runs against, from how it is collected.
+    pub const fn target(&self) -> Target {
+        match self.collector {
+            Collector::Os(_) => Target::Agent,
+            Collector::Sql(_) => Target::Server,
+            Collector::Console(_) => Target::Pgbouncer,
+        }
+    }
+
+    /// The table in `pemdata` and `pemhistory`: PEM's catalogue names it after the probe.
+    pub const fn table(&self) -> &'static str {
+        self.name
+    }
 }
 
 const F: &str = "double precision";
@@ -77,7 +116,7 @@ const T: &str = "text";
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "cpu_usage",
-        target: Target::Agent,
+        collector: Collector::Os(os::OsProbes::cpu_usage),
         columns: &[
             ("user_percent", F),
             ("system_percent", F),
@@ -89,7 +128,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "memory_usage",
-        target: Target::Agent,
+        collector: Collector::Os(os::OsProbes::memory_usage),
         columns: &[
             ("total_bytes", B),
             ("used_bytes", B),
@@ -102,13 +141,13 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "load_average",
-        target: Target::Agent,
+        collector: Collector::Os(os::OsProbes::load_average),
         columns: &[("one", F), ("five", F), ("fifteen", F)],
         key: &[],
     },
     ProbeSpec {
         name: "disk_space",
-        target: Target::Agent,
+        collector: Collector::Os(os::OsProbes::disk_space),
         columns: &[
             ("mount_point", T),
             ("file_system", T),
@@ -120,7 +159,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "network_statistics",
-        target: Target::Agent,
+        collector: Collector::Os(os::OsProbes::network_statistics),
         columns: &[
             ("interface_name", T),
             ("rx_bytes", B),
@@ -134,13 +173,13 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "process_count",
-        target: Target::Agent,
+        collector: Collector::Os(os::OsProbes::process_count),
         columns: &[("total", I), ("running", I), ("sleeping", I), ("zombie", I)],
         key: &[],
     },
     ProbeSpec {
         name: "server_info",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::SERVER_INFO),
         columns: &[
             ("version", T),
             ("server_start", "timestamptz"),
@@ -152,19 +191,19 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "database_size",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::DATABASE_SIZE),
         columns: &[("database_name", T), ("size_bytes", B)],
         key: &["database_name"],
     },
     ProbeSpec {
         name: "session_info",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::SESSION_INFO),
         columns: &[("database_name", T), ("state", T), ("count", I)],
         key: &["database_name", "state"],
     },
     ProbeSpec {
         name: "blocked_sessions",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::BLOCKED_SESSIONS),
         columns: &[
             ("blocked_pid", I),
             ("blocking_pid", I),
@@ -175,7 +214,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "streaming_replication",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::STREAMING_REPLICATION),
         columns: &[
             ("application_name", T),
             ("client_addr", "inet"),
@@ -188,7 +227,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "bgwriter_statistics",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::BGWRITER_STATISTICS),
         columns: &[
             ("checkpoints_timed", B),
             ("checkpoints_req", B),
@@ -201,7 +240,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "xid_age",
-        target: Target::Server,
+        collector: Collector::Sql(postgres::XID_AGE),
         columns: &[
             ("database_name", T),
             ("datfrozenxid_age", B),
@@ -211,7 +250,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "pgbouncer_pools",
-        target: Target::Pgbouncer,
+        collector: Collector::Console("SHOW POOLS"),
         columns: &[
             ("database", T),
             ("user_name", T),
@@ -227,7 +266,7 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "pgbouncer_stats",
-        target: Target::Pgbouncer,
+        collector: Collector::Console("SHOW STATS"),
         columns: &[
             ("database", T),
             ("total_xact_count", B),
@@ -312,7 +351,7 @@ mod tests {
                     p.name
                 );
             }
-            let target = match p.target {
+            let target = match p.target() {
                 Target::Agent => "'agent'",
                 Target::Server => "'server'",
                 Target::Pgbouncer => "'pgbouncer'",

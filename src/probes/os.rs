@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use procfs::process::all_processes;
 use procfs::{Current, CurrentSI, KernelStats, LoadAverage, Meminfo, ProcError};
 
-use super::{Error, Row, Value};
+use super::{Collector, Error, Row, Value};
 
 /// File system types that describe no storage (kernel interfaces, memory-backed or
 /// auto-mount placeholders). `tmpfs` is left out on purpose: it is memory, not disk.
@@ -106,18 +106,13 @@ impl OsProbes {
 
     /// Rows of one agent-level probe, in the columns of its [`super::ProbeSpec`].
     pub fn collect(&mut self, probe: &str) -> Result<Vec<Row>, Error> {
-        match probe {
-            "cpu_usage" => self.cpu_usage(),
-            "memory_usage" => memory_usage(),
-            "load_average" => load_average(),
-            "disk_space" => disk_space(),
-            "network_statistics" => network_statistics(),
-            "process_count" => process_count(),
-            other => Err(Error::Unknown(other.to_string())),
+        match super::spec(probe).map(|s| s.collector) {
+            Some(Collector::Os(collect)) => collect(self),
+            _ => Err(Error::Unknown(probe.to_string())),
         }
     }
 
-    fn cpu_usage(&mut self) -> Result<Vec<Row>, Error> {
+    pub(super) fn cpu_usage(&mut self) -> Result<Vec<Row>, Error> {
         let stats = KernelStats::current().map_err(|e| failed("cpu_usage", "/proc/stat", e))?;
         let now = CpuTicks::from_kernel(&stats.total);
         let mut elapsed = match &self.previous_cpu {
@@ -131,6 +126,25 @@ impl OsProbes {
         }
         self.previous_cpu = Some(now);
         Ok(vec![elapsed.percentages()])
+    }
+}
+
+// The probes below keep no state between calls; these give them the collectors' signature.
+impl OsProbes {
+    pub(super) fn memory_usage(&mut self) -> Result<Vec<Row>, Error> {
+        memory_usage()
+    }
+    pub(super) fn load_average(&mut self) -> Result<Vec<Row>, Error> {
+        load_average()
+    }
+    pub(super) fn disk_space(&mut self) -> Result<Vec<Row>, Error> {
+        disk_space()
+    }
+    pub(super) fn network_statistics(&mut self) -> Result<Vec<Row>, Error> {
+        network_statistics()
+    }
+    pub(super) fn process_count(&mut self) -> Result<Vec<Row>, Error> {
+        process_count()
     }
 }
 
@@ -315,7 +329,7 @@ mod tests {
         let mut os = OsProbes::new();
         let agent_probes: Vec<_> = PROBES
             .iter()
-            .filter(|p| p.target == Target::Agent)
+            .filter(|p| p.target() == Target::Agent)
             .collect();
         assert_eq!(agent_probes.len(), 6);
         for p in agent_probes {

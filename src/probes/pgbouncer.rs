@@ -7,17 +7,16 @@
 
 use tokio_postgres::Client;
 
-use super::{Error, ProbeSpec, Row, Target, Value, spec};
+use super::{Collector, Error, ProbeSpec, Row, Value, spec};
 use crate::connection::pool;
 
 /// Names the console in errors; the caller knows its address, this module does not.
 const TARGET: &str = "the pgbouncer console";
 
-/// The console command of each probe.
+/// The console command of a probe, if it is a pgBouncer probe.
 fn command(probe: &str) -> Option<&'static str> {
-    match probe {
-        "pgbouncer_pools" => Some("SHOW POOLS"),
-        "pgbouncer_stats" => Some("SHOW STATS"),
+    match spec(probe)?.collector {
+        Collector::Console(command) => Some(command),
         _ => None,
     }
 }
@@ -50,7 +49,7 @@ fn to_row(positions: &[Option<usize>], values: &[Option<&str>]) -> Row {
 /// Rows of one pgBouncer probe, in the columns of its [`ProbeSpec`].
 pub async fn collect(console: &Client, probe: &str) -> Result<Vec<Row>, Error> {
     let (spec, command) = match (spec(probe), command(probe)) {
-        (Some(s), Some(c)) if s.target == Target::Pgbouncer => (s, c),
+        (Some(s), Some(c)) => (s, c),
         _ => return Err(Error::Unknown(probe.to_string())),
     };
     let rows = pool::simple_rows(console, command, command)
@@ -78,7 +77,7 @@ pub async fn collect(console: &Client, probe: &str) -> Result<Vec<Row>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probes::PROBES;
+    use crate::probes::{PROBES, Target};
 
     /// Column names of pgBouncer 1.18 (see the shared facts).
     const POOLS_1_18: &[&str] = &[
@@ -126,7 +125,7 @@ mod tests {
     fn every_pgbouncer_probe_maps_1_18_answers_to_its_columns_by_name() {
         let probes: Vec<_> = PROBES
             .iter()
-            .filter(|p| p.target == Target::Pgbouncer)
+            .filter(|p| p.target() == Target::Pgbouncer)
             .collect();
         assert_eq!(probes.len(), 2);
         for p in probes {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{Error, ProbeSpec, Row, Target, Value, spec};
+use super::{Collector, Error, ProbeSpec, Row, Value, spec};
 use crate::connection::pool;
 
 /// Names the monitored server in errors; the caller knows its address, this module does not.
@@ -25,7 +25,7 @@ const TARGET: &str = "the monitored server";
 const TRANSACTION_SETTINGS: &str =
     "SET LOCAL search_path = pg_catalog, pg_temp; SET LOCAL DateStyle = 'ISO, YMD'";
 
-const SERVER_INFO: &str = "
+pub(super) const SERVER_INFO: &str = "
 SELECT version()::text AS version,
        pg_postmaster_start_time()::text AS server_start,
        extract(epoch FROM now() - pg_postmaster_start_time())::text AS uptime_seconds,
@@ -34,7 +34,7 @@ SELECT version()::text AS version,
 
 /// Databases that cannot be connected to (template0) have no size worth showing; datconnlimit
 /// -2 marks a database whose DROP was interrupted (15.4 and later), which cannot be sized.
-const DATABASE_SIZE: &str = "
+pub(super) const DATABASE_SIZE: &str = "
 SELECT d.datname::text AS database_name,
        pg_database_size(d.oid)::text AS size_bytes
   FROM pg_database AS d
@@ -43,7 +43,7 @@ SELECT d.datname::text AS database_name,
 
 /// All backends, background processes included (NULL database and state): GROUP BY treats
 /// NULLs as equal, so each (database_name, state) pair occurs once.
-const SESSION_INFO: &str = "
+pub(super) const SESSION_INFO: &str = "
 SELECT a.datname::text AS database_name,
        a.state::text AS state,
        count(*)::text AS count
@@ -53,7 +53,7 @@ SELECT a.datname::text AS database_name,
 
 /// pg_blocking_pids() is costly (it locks the lock manager), so it runs only for sessions that
 /// wait on a lock. It may list a pid twice (parallel query), hence DISTINCT ON.
-const BLOCKED_SESSIONS: &str = "
+pub(super) const BLOCKED_SESSIONS: &str = "
 SELECT DISTINCT ON (a.pid, b.pid)
        a.pid::text AS blocked_pid,
        b.pid::text AS blocking_pid,
@@ -67,7 +67,7 @@ SELECT DISTINCT ON (a.pid, b.pid)
 
 /// One row per (application_name, client_addr), the newest connection winning; host() prints
 /// the address without the /32 that a text cast of inet would add.
-const STREAMING_REPLICATION: &str = "
+pub(super) const STREAMING_REPLICATION: &str = "
 SELECT DISTINCT ON (r.application_name, r.client_addr)
        r.application_name::text AS application_name,
        host(r.client_addr) AS client_addr,
@@ -80,7 +80,7 @@ SELECT DISTINCT ON (r.application_name, r.client_addr)
 
 /// PostgreSQL 17 moved the checkpoint counters to pg_stat_checkpointer and dropped
 /// buffers_backend; this query covers 12 to 16.
-const BGWRITER_STATISTICS: &str = "
+pub(super) const BGWRITER_STATISTICS: &str = "
 SELECT b.checkpoints_timed::text AS checkpoints_timed,
        b.checkpoints_req::text AS checkpoints_req,
        b.buffers_checkpoint::text AS buffers_checkpoint,
@@ -91,7 +91,7 @@ SELECT b.checkpoints_timed::text AS checkpoints_timed,
 
 /// Every database, template0 included: wraparound concerns them all. The probe's own
 /// transaction is not counted as the oldest one.
-const XID_AGE: &str = "
+pub(super) const XID_AGE: &str = "
 SELECT d.datname::text AS database_name,
        age(d.datfrozenxid)::text AS datfrozenxid_age,
        (SELECT extract(epoch FROM clock_timestamp() - min(a.xact_start))
@@ -102,18 +102,13 @@ SELECT d.datname::text AS database_name,
 
 /// The probe's spec and query, or `Unknown` for anything that is not a server-level probe.
 fn probe_query(probe: &str) -> Result<(&'static ProbeSpec, &'static str), Error> {
-    let sql = match probe {
-        "server_info" => SERVER_INFO,
-        "database_size" => DATABASE_SIZE,
-        "session_info" => SESSION_INFO,
-        "blocked_sessions" => BLOCKED_SESSIONS,
-        "streaming_replication" => STREAMING_REPLICATION,
-        "bgwriter_statistics" => BGWRITER_STATISTICS,
-        "xid_age" => XID_AGE,
-        _ => return Err(Error::Unknown(probe.to_string())),
-    };
     match spec(probe) {
-        Some(s) if s.target == Target::Server => Ok((s, sql)),
+        Some(
+            s @ ProbeSpec {
+                collector: Collector::Sql(sql),
+                ..
+            },
+        ) => Ok((s, sql)),
         _ => Err(Error::Unknown(probe.to_string())),
     }
 }
@@ -186,10 +181,10 @@ pub async fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probes::PROBES;
+    use crate::probes::{PROBES, Target};
 
     fn server_probes() -> impl Iterator<Item = &'static ProbeSpec> {
-        PROBES.iter().filter(|p| p.target == Target::Server)
+        PROBES.iter().filter(|p| p.target() == Target::Server)
     }
 
     #[test]

@@ -1,27 +1,39 @@
-//! The collector loop: once a second, runs the probes that are due and spools their samples.
+//! The collector loop: sleeps until the next probe is due or the schedule is to be checked,
+//! runs the probes that are due and spools their samples.
 //!
 //! The schedule (`pem.agent_schedule`) and the servers and pgBouncers bound to this agent are
-//! re-read every short_wait, so changes on the server take effect within that time. Until the
-//! first read succeeds (the server may be down when the agent starts), the agent-level probes
-//! run every minute. Agent-level probes run in the loop itself (they only read /proc); probes of
-//! monitored servers and pgBouncers run in their own tasks, one per target, at most
-//! max_connections at a time, each with its own connection closed after the round.
+//! read at start, then checked again after short_wait; each check that finds nothing changed
+//! doubles the wait, up to a minute ([`SCHEDULE_CHECK_MAX`]), and a change brings it back to
+//! short_wait. So a change on the server takes effect within a minute, and an idle agent wakes
+//! only for its probes, its heartbeat and these checks. Until the first read succeeds (the
+//! server may be down when the agent starts), the agent-level probes run every minute.
+//!
+//! Every round of probes on one target (this host, a monitored server, a pgBouncer) runs in its
+//! own named task, at most max_connections remote ones at a time, each with its own
+//! connection closed after the round; a target whose previous round is still running (a hung
+//! server) is skipped, and never delays the others. A probe that fails or panics is logged with
+//! its name, and the other probes go on.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::tasks::panic_message;
 use crate::connection::{self, ConnectSettings, SslMode, pool};
-use crate::probes::{self, PROBES, ProbeSpec, Sample, Target, os::OsProbes};
+use crate::probes::{self, Collector, PROBES, ProbeSpec, Sample, Target, os::OsProbes};
 
 /// Longest a statement on a monitored server may run.
 pub const PROBE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two checks of an unchanged schedule.
+pub const SCHEDULE_CHECK_MAX: Duration = Duration::from_secs(60);
 const FALLBACK_INTERVAL: Duration = Duration::from_secs(60);
 
 const SCHEDULE: &str = "SELECT probe, target_type, server_id, pgbouncer, interval_seconds, enabled \
@@ -42,17 +54,28 @@ enum Place {
     Pgbouncer(String),
 }
 
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Agent => f.write_str("this host"),
+            Place::Server(id) => write!(f, "server {id}"),
+            Place::Pgbouncer(b) => write!(f, "pgBouncer {b}"),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Job {
     spec: &'static ProbeSpec,
     place: Place,
     interval: Duration,
     next_due: Instant,
+    last_run: Option<Instant>,
 }
 
 type Key = (&'static str, Place);
 
-/// The loop's state between ticks.
+/// The loop's state between wakeups.
 struct Schedule {
     jobs: HashMap<Key, Job>,
     servers: HashMap<i32, ConnectSettings>,
@@ -65,13 +88,14 @@ impl Schedule {
         let now = Instant::now();
         let jobs = PROBES
             .iter()
-            .filter(|p| p.target == Target::Agent)
+            .filter(|p| p.target() == Target::Agent)
             .map(|p| {
                 let job = Job {
                     spec: p,
                     place: Place::Agent,
                     interval: FALLBACK_INTERVAL,
                     next_due: now,
+                    last_run: None,
                 };
                 ((p.name, Place::Agent), job)
             })
@@ -84,8 +108,8 @@ impl Schedule {
         }
     }
 
-    /// Replaces the jobs with the server's schedule, keeping each existing job's due time
-    /// (brought forward if its interval shrank).
+    /// Replaces the jobs with the server's schedule. A job that keeps its interval keeps its
+    /// due time; one whose interval changed is next due one new interval after its last run.
     fn merge(&mut self, rows: Vec<(String, Place, Duration, bool)>) {
         let now = Instant::now();
         let mut jobs = HashMap::new();
@@ -100,9 +124,10 @@ impl Schedule {
                 continue;
             }
             let key = (spec.name, place.clone());
-            let next_due = match self.jobs.get(&key) {
-                Some(old) => old.next_due.min(now + interval),
-                None => now,
+            let (next_due, last_run) = match self.jobs.get(&key) {
+                Some(old) if old.interval == interval => (old.next_due, old.last_run),
+                Some(old) => (old.last_run.map_or(now, |t| t + interval), old.last_run),
+                None => (now, None),
             };
             jobs.insert(
                 key,
@@ -111,11 +136,33 @@ impl Schedule {
                     place,
                     interval,
                     next_due,
+                    last_run,
                 },
             );
         }
         self.jobs = jobs;
         self.loaded = true;
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.jobs.values().map(|j| j.next_due).min()
+    }
+
+    /// The jobs due at `now`, by place; each is rescheduled one interval on (or one interval
+    /// after now, if it fell further behind).
+    fn take_due(&mut self, now: Instant) -> HashMap<Place, Vec<&'static ProbeSpec>> {
+        let mut due: HashMap<Place, Vec<&'static ProbeSpec>> = HashMap::new();
+        for job in self.jobs.values_mut() {
+            if job.next_due <= now {
+                due.entry(job.place.clone()).or_default().push(job.spec);
+                job.last_run = Some(now);
+                job.next_due += job.interval;
+                if job.next_due <= now {
+                    job.next_due = now + job.interval;
+                }
+            }
+        }
+        due
     }
 }
 
@@ -124,14 +171,15 @@ struct Fetched {
     jobs: Vec<(String, Place, Duration, bool)>,
     servers: HashMap<i32, ConnectSettings>,
     bouncers: HashMap<String, ConnectSettings>,
+    /// Everything read, as text, to tell whether anything changed.
+    fingerprint: String,
 }
 
-/// Reads the schedule and bindings. Runs in its own task so that a slow or paused server
-/// never holds up collection.
+/// Reads the schedule and bindings, on a session of its own, the three statements pipelined.
 async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     let manager = shared.pem();
-    let client = match manager.client().await {
-        Ok(c) => c,
+    let mut session = match manager.checkout().await {
+        Ok(s) => s,
         Err(e) => {
             tracing::debug!("schedule not refreshed: {e}");
             return Ok(None);
@@ -142,59 +190,78 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
         &agent_id as &(dyn tokio_postgres::types::ToSql + Sync),
         Type::INT4,
     )];
-    let result = async {
-        let rows = pool::query(&client, "reading the probe schedule", SCHEDULE, &id).await?;
-        let servers = pool::query(&client, "reading monitored servers", SERVERS, &id).await?;
-        let bouncers = pool::query(&client, "reading bound pgBouncers", PGBOUNCERS, &id).await?;
-        Ok::<_, connection::Error>((rows, servers, bouncers))
-    }
-    .await;
-    let (rows, servers, bouncers) = match result {
+    let client = session.client().await?;
+    let read = tokio::try_join!(
+        pool::query(client, "reading the probe schedule", SCHEDULE, &id),
+        pool::query(client, "reading monitored servers", SERVERS, &id),
+        pool::query(client, "reading bound pgBouncers", PGBOUNCERS, &id),
+    );
+    let (rows, servers, bouncers) = match read {
         Ok(r) => r,
         Err(e) => {
-            manager.failed(&client, &e).await;
+            session.failed(&e);
             return Err(e);
         }
     };
+    drop(session);
+    let mut fingerprint = String::new();
     let mut jobs = Vec::new();
-    for r in rows {
-        let name: String = r.get(0);
-        let target: String = r.get(1);
-        let place = match Target::parse(&target) {
-            Some(Target::Agent) => Place::Agent,
-            Some(Target::Server) => match r.get::<_, Option<i32>>(2) {
-                Some(id) => Place::Server(id),
-                None => continue,
-            },
-            Some(Target::Pgbouncer) => match r.get::<_, Option<String>>(3) {
-                Some(b) => Place::Pgbouncer(b),
-                None => continue,
-            },
-            None => continue,
+    for r in &rows {
+        let what = "reading the probe schedule";
+        let name: String = pool::get(r, 0, what)?;
+        let target: String = pool::get(r, 1, what)?;
+        let server: Option<i32> = pool::get(r, 2, what)?;
+        let bouncer: Option<String> = pool::get(r, 3, what)?;
+        let secs: i32 = pool::get(r, 4, what)?;
+        let enabled: bool = pool::get(r, 5, what)?;
+        fingerprint.push_str(&format!(
+            "{name}|{target}|{server:?}|{bouncer:?}|{secs}|{enabled}\n"
+        ));
+        let place = match (Target::parse(&target), server, bouncer) {
+            (Some(Target::Agent), _, _) => Place::Agent,
+            (Some(Target::Server), Some(id), _) => Place::Server(id),
+            (Some(Target::Pgbouncer), _, Some(b)) => Place::Pgbouncer(b),
+            _ => continue,
         };
-        let interval = Duration::from_secs(r.get::<_, i32>(4).max(1) as u64);
-        jobs.push((name, place, interval, r.get::<_, bool>(5)));
+        let interval = Duration::from_secs(secs.max(1) as u64);
+        jobs.push((name, place, interval, enabled));
     }
-    let servers = servers
-        .iter()
-        .filter_map(|r| {
-            let s = monitored(r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))?;
-            Some((r.get::<_, i32>(0), s))
-        })
-        .collect();
-    let bouncers = bouncers
-        .iter()
-        .filter_map(|r| {
-            Some((
-                r.get::<_, String>(0),
-                monitored(r.get(1), r.get(2), "pgbouncer", r.get(3), r.get(4))?,
-            ))
-        })
-        .collect();
+    let mut server_map = HashMap::new();
+    for r in &servers {
+        let what = "reading monitored servers";
+        let id: i32 = pool::get(r, 0, what)?;
+        let (host, port, db, user, ssl): (String, i32, String, String, String) = (
+            pool::get(r, 1, what)?,
+            pool::get(r, 2, what)?,
+            pool::get(r, 3, what)?,
+            pool::get(r, 4, what)?,
+            pool::get(r, 5, what)?,
+        );
+        fingerprint.push_str(&format!("s{id}|{host}|{port}|{db}|{user}|{ssl}\n"));
+        if let Some(s) = monitored(host, port, &db, user, ssl) {
+            server_map.insert(id, s);
+        }
+    }
+    let mut bouncer_map = HashMap::new();
+    for r in &bouncers {
+        let what = "reading bound pgBouncers";
+        let (key, host, port, user, ssl): (String, String, i32, String, String) = (
+            pool::get(r, 0, what)?,
+            pool::get(r, 1, what)?,
+            pool::get(r, 2, what)?,
+            pool::get(r, 3, what)?,
+            pool::get(r, 4, what)?,
+        );
+        fingerprint.push_str(&format!("b{key}|{user}|{ssl}\n"));
+        if let Some(s) = monitored(host, port, "pgbouncer", user, ssl) {
+            bouncer_map.insert(key, s);
+        }
+    }
     Ok(Some(Fetched {
         jobs,
-        servers,
-        bouncers,
+        servers: server_map,
+        bouncers: bouncer_map,
+        fingerprint,
     }))
 }
 
@@ -215,105 +282,174 @@ fn monitored(
     Some(s)
 }
 
+/// When to check the schedule next.
+struct Check {
+    at: Instant,
+    wait: Duration,
+    fingerprint: Option<String>,
+}
+
+type FetchTask = tokio::task::JoinHandle<Option<Result<Option<Fetched>, connection::Error>>>;
+
+/// Removes a place from the busy set when its round ends, however it ends.
+struct Busy {
+    set: Arc<Mutex<HashSet<Place>>>,
+    place: Place,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.place);
+    }
+}
+
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut sched = Schedule::fallback();
-    let mut os = Some(OsProbes::new());
-    let mut refresh_at = Instant::now();
+    let os = Arc::new(Mutex::new(OsProbes::new()));
+    let short_wait = shared.config().short_wait;
+    let mut check = Check {
+        at: Instant::now(),
+        wait: short_wait,
+        fingerprint: None,
+    };
     let limit = shared
         .config()
         .max_connections
         .unwrap_or(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(limit));
     let busy: Arc<Mutex<HashSet<Place>>> = Arc::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::channel(1);
-    let mut fetching = false;
+    let mut fetching: Option<FetchTask> = None;
     loop {
+        let wake = match &fetching {
+            Some(_) => sched.next_due(),
+            None => Some(sched.next_due().map_or(check.at, |d| d.min(check.at))),
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            joined = async { fetching.as_mut().expect("guarded").await }, if fetching.is_some() => {
+                fetching = None;
+                let short_wait = shared.config().short_wait;
+                match joined {
+                    Ok(Some(Ok(Some(f)))) => {
+                        if check.fingerprint.as_ref() == Some(&f.fingerprint) {
+                            check.wait = (check.wait * 2).min(SCHEDULE_CHECK_MAX.max(short_wait));
+                        } else {
+                            if check.fingerprint.is_some() {
+                                tracing::info!("the probe schedule changed on the PEM server");
+                            }
+                            sched.merge(f.jobs);
+                            sched.servers = f.servers;
+                            sched.bouncers = f.bouncers;
+                            check.fingerprint = Some(f.fingerprint);
+                            check.wait = short_wait;
+                        }
+                    }
+                    Ok(Some(Ok(None))) => check.wait = short_wait,
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(
+                            "{e}; keeping the {} schedule",
+                            if sched.loaded { "current" } else { "default" }
+                        );
+                        check.wait = short_wait;
+                    }
+                    // A panic, already logged with the task's name.
+                    Ok(None) | Err(_) => check.wait = short_wait,
+                }
+                check.at = Instant::now() + check.wait;
+            }
         }
         let now = Instant::now();
-        if now >= refresh_at && !fetching {
-            fetching = true;
-            let (sh, tx) = (shared.clone(), fetched_tx.clone());
-            tokio::spawn(async move {
-                let _ = tx.send(fetch(&sh).await).await;
-            });
-            refresh_at = now + shared.config().short_wait;
+        if fetching.is_none() && now >= check.at {
+            let sh = shared.clone();
+            fetching = Some(
+                shared
+                    .tasks
+                    .spawn("schedule read", async move { fetch(&sh).await }),
+            );
         }
-        while let Ok(result) = fetched_rx.try_recv() {
-            fetching = false;
-            match result {
-                Ok(Some(f)) => {
-                    sched.merge(f.jobs);
-                    sched.servers = f.servers;
-                    sched.bouncers = f.bouncers;
+
+        for (place, specs) in sched.take_due(now) {
+            if !busy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(place.clone())
+            {
+                tracing::warn!("{place}: the previous round is still running; skipping this one");
+                continue;
+            }
+            let guard = Busy {
+                set: busy.clone(),
+                place: place.clone(),
+            };
+            let name = format!("probes of {place}");
+            let sh = shared.clone();
+            match &place {
+                Place::Agent => {
+                    let os = os.clone();
+                    shared.tasks.spawn(name, async move {
+                        let _guard = guard;
+                        let samples = collect_os(os, specs).await;
+                        sh.spool_samples(samples).await;
+                    });
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(
-                    "{e}; keeping the {} schedule",
-                    if sched.loaded { "current" } else { "default" }
+                Place::Server(_) | Place::Pgbouncer(_) => {
+                    let settings = match &place {
+                        Place::Server(id) => sched.servers.get(id).cloned(),
+                        Place::Pgbouncer(b) => sched.bouncers.get(b).cloned(),
+                        Place::Agent => None,
+                    };
+                    let Some(settings) = settings else { continue };
+                    let permits = permits.clone();
+                    shared.tasks.spawn(name, async move {
+                        let _guard = guard;
+                        if let Ok(_permit) = permits.acquire().await {
+                            let samples = collect_remote(&place, &settings, &specs).await;
+                            sh.spool_samples(samples).await;
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// One round of agent-level probes, on a blocking thread (statvfs on a hung network mount
+/// blocks).
+async fn collect_os(os: Arc<Mutex<OsProbes>>, specs: Vec<&'static ProbeSpec>) -> Vec<Sample> {
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut os = os.lock().unwrap_or_else(|p| p.into_inner());
+        let mut samples = Vec::new();
+        for spec in specs {
+            let Collector::Os(collect) = spec.collector else {
+                continue;
+            };
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                crate::testhooks::probe(spec.name);
+                collect(&mut os)
+            }));
+            match run {
+                Ok(Ok(rows)) => samples.push(Sample::new(spec.name, None, None, rows)),
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(p) => tracing::error!(
+                    "probe {} panicked: {}; the other probes go on",
+                    spec.name,
+                    panic_message(&*p)
                 ),
             }
         }
-
-        let mut due: HashMap<Place, Vec<&'static ProbeSpec>> = HashMap::new();
-        for job in sched.jobs.values_mut() {
-            if job.next_due <= now {
-                due.entry(job.place.clone()).or_default().push(job.spec);
-                job.next_due += job.interval;
-                if job.next_due <= now {
-                    job.next_due = now + job.interval;
-                }
-            }
-        }
-
-        if let Some(specs) = due.remove(&Place::Agent) {
-            // statvfs on a hung network mount blocks: keep it off the runtime's threads.
-            let mut probes = os.take().unwrap_or_default();
-            let joined = tokio::task::spawn_blocking(move || {
-                let samples: Vec<Sample> = specs
-                    .iter()
-                    .filter_map(|spec| match probes.collect(spec.name) {
-                        Ok(rows) => Some(Sample::new(spec.name, None, None, rows)),
-                        Err(e) => {
-                            tracing::warn!("{e}");
-                            None
-                        }
-                    })
-                    .collect();
-                (probes, samples)
-            })
-            .await;
-            if let Ok((probes, samples)) = joined {
-                os = Some(probes);
-                shared.spool_samples(&samples);
-            }
-        }
-
-        for (place, specs) in due {
-            let settings = match &place {
-                Place::Server(id) => sched.servers.get(id).cloned(),
-                Place::Pgbouncer(b) => sched.bouncers.get(b).cloned(),
-                Place::Agent => None,
-            };
-            let Some(settings) = settings else { continue };
-            if !busy.lock().expect("busy lock").insert(place.clone()) {
-                tracing::warn!("{place:?}: the previous round is still running; skipping this one");
-                continue;
-            }
-            let (shared, permits, busy) = (shared.clone(), permits.clone(), busy.clone());
-            tokio::spawn(async move {
-                if let Ok(_permit) = permits.acquire().await {
-                    let samples = collect_remote(&place, &settings, &specs).await;
-                    shared.spool_samples(&samples);
-                }
-                busy.lock().expect("busy lock").remove(&place);
-            });
-        }
-    }
+        samples
+    })
+    .await;
+    joined.unwrap_or_default()
 }
 
 /// One round of probes against one monitored server or pgBouncer, on one connection.
@@ -325,29 +461,37 @@ async fn collect_remote(
     let client = match connection::connect(settings).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("probes of {}: {e}", settings.target());
+            tracing::warn!("probes of {place} ({}): {e}", settings.target());
             return Vec::new();
         }
     };
+    let (server_id, bouncer) = match place {
+        Place::Server(id) => (Some(*id), None),
+        Place::Pgbouncer(b) => (None, Some(b.clone())),
+        Place::Agent => (None, None),
+    };
     let mut samples = Vec::new();
     for spec in specs {
-        let result = match place {
-            Place::Server(_) => {
-                probes::postgres::collect(&client, spec.name, PROBE_STATEMENT_TIMEOUT).await
+        let run = AssertUnwindSafe(async {
+            crate::testhooks::probe(spec.name);
+            match spec.collector {
+                Collector::Sql(_) => {
+                    probes::postgres::collect(&client, spec.name, PROBE_STATEMENT_TIMEOUT).await
+                }
+                Collector::Console(_) => probes::pgbouncer::collect(&client, spec.name).await,
+                Collector::Os(_) => Err(probes::Error::Unknown(spec.name.to_string())),
             }
-            Place::Pgbouncer(_) => probes::pgbouncer::collect(&client, spec.name).await,
-            Place::Agent => continue,
-        };
-        match result {
-            Ok(rows) => {
-                let (server_id, bouncer) = match place {
-                    Place::Server(id) => (Some(*id), None),
-                    Place::Pgbouncer(b) => (None, Some(b.clone())),
-                    Place::Agent => (None, None),
-                };
-                samples.push(Sample::new(spec.name, server_id, bouncer, rows));
-            }
-            Err(e) => tracing::warn!("{e}"),
+        })
+        .catch_unwind()
+        .await;
+        match run {
+            Ok(Ok(rows)) => samples.push(Sample::new(spec.name, server_id, bouncer.clone(), rows)),
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(p) => tracing::error!(
+                "probe {} on {place} panicked: {}; the other probes go on",
+                spec.name,
+                panic_message(&*p)
+            ),
         }
     }
     samples

@@ -6,13 +6,24 @@
 //! rows this sample no longer has (a vanished mount point) are deleted. Rows travel as one
 //! JSON parameter expanded by `jsonb_to_recordset`, so every statement is a single unnamed
 //! statement with text parameters: safe behind pgBouncer in transaction pooling.
+//!
+//! [`store`] is the one entry point. When the server refuses a batch as data (SQLSTATE class
+//! 22 or 23), the batch is stored again with a savepoint per sample, so only the samples the
+//! server refuses are left out, and returned as [`Rejection`]s: the shape the PEM server's
+//! `pem.store_samples` answers with, so moving to it changes this module only.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
-use tokio_postgres::Client;
 use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
 
+use super::Shared;
+use crate::backoff::Backoff;
+use crate::spool::RejectedSample;
+
+use crate::connection::session::{Session, Transaction};
 use crate::connection::{Error, pool};
 use crate::probes::{PROBES, ProbeSpec, Sample, Target, Value};
 
@@ -23,9 +34,19 @@ pub struct Statements {
     pub prune: String,
 }
 
+/// A sample the server refused as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Its position in the batch.
+    pub index: usize,
+    /// The server's SQLSTATE; `None` when this agent could not even send it.
+    pub sqlstate: Option<String>,
+    pub message: String,
+}
+
 fn build(p: &ProbeSpec) -> Statements {
-    let t = p.name;
-    let (ctx_cols, ctx_vals, ctx_match): (&[&str], &[&str], &str) = match p.target {
+    let t = p.table();
+    let (ctx_cols, ctx_vals, ctx_match): (&[&str], &[&str], &str) = match p.target() {
         Target::Agent => (&[], &[], ""),
         Target::Server => (
             &["server_id"],
@@ -112,35 +133,252 @@ fn rows_json(spec: &ProbeSpec, s: &Sample) -> String {
     serde_json::Value::Array(rows).to_string()
 }
 
-/// Stores one batch in one transaction. Samples of unknown probes are skipped with a warning
-/// (a newer agent's spool read by an older one).
-pub async fn deliver(client: &Client, agent_id: i32, samples: &[Sample]) -> Result<(), Error> {
-    let work = async {
-        for s in samples {
-            let (Some(spec), Some(st)) = (
-                crate::probes::spec(&s.probe),
-                STATEMENTS.get(s.probe.as_str()),
-            ) else {
-                tracing::warn!("skipping a spooled sample of unknown probe {}", s.probe);
-                continue;
-            };
-            let json = rows_json(spec, s);
-            let at = s.collected_at.to_rfc3339();
-            let params: [pool::Param<'_>; 5] = [
-                (&json, Type::TEXT),
-                (&agent_id, Type::INT4),
-                (&s.server_id, Type::INT4),
-                (&s.pgbouncer, Type::TEXT),
-                (&at, Type::TEXT),
-            ];
-            let what = format!("storing a {} sample", s.probe);
-            // Every parameter's type is declared, so a statement may leave some unused.
-            pool::execute(client, &what, &st.store, &params).await?;
-            pool::execute(client, &what, &st.prune, &params).await?;
+/// Stores one batch; returns the samples the server refused as data (all others are stored,
+/// in one transaction). Any other failure stores nothing and is returned as the error.
+pub async fn store(
+    session: &mut Session,
+    agent_id: i32,
+    samples: &[Sample],
+) -> Result<Vec<Rejection>, Error> {
+    // Samples this agent cannot send at all (a newer agent's spool read by an older one) are
+    // refused here, never skipped silently.
+    let mut rejected: Vec<Rejection> = samples
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| crate::probes::spec(&s.probe).is_none())
+        .map(|(index, s)| Rejection {
+            index,
+            sqlstate: None,
+            message: format!("this agent does not know probe {}", s.probe),
+        })
+        .collect();
+    let known: Vec<(usize, &Sample)> = samples
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| crate::probes::spec(&s.probe).is_some())
+        .collect();
+    if known.is_empty() {
+        return Ok(rejected);
+    }
+    let mut tx = session.begin("a delivery").await?;
+    let whole = async {
+        for (_, s) in &known {
+            store_sample(&mut tx, agent_id, s).await?;
         }
-        Ok(())
+        Ok::<_, Error>(())
+    }
+    .await;
+    match whole {
+        Ok(()) => {
+            tx.commit().await?;
+            return Ok(rejected);
+        }
+        Err(e) if e.is_data() => {
+            tracing::debug!("a batch was refused as data ({e}); storing its samples one by one");
+            tx.rollback().await?;
+        }
+        Err(e) => {
+            // An open transaction is rolled back by the session before its next use.
+            return Err(e);
+        }
+    }
+    let mut tx = session.begin("a delivery, sample by sample").await?;
+    for (index, s) in known {
+        tx.savepoint("sample").await?;
+        match store_sample(&mut tx, agent_id, s).await {
+            Ok(()) => tx.release("sample").await?,
+            Err(e) if e.is_data() => {
+                tx.rollback_to("sample").await?;
+                rejected.push(Rejection {
+                    index,
+                    sqlstate: e.code().map(|c| c.code().to_string()),
+                    message: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    rejected.sort_by_key(|r| r.index);
+    Ok(rejected)
+}
+
+/// The statements of one sample of a known probe.
+async fn store_sample(tx: &mut Transaction<'_>, agent_id: i32, s: &Sample) -> Result<(), Error> {
+    let (Some(spec), Some(st)) = (
+        crate::probes::spec(&s.probe),
+        STATEMENTS.get(s.probe.as_str()),
+    ) else {
+        return Ok(());
     };
-    pool::transaction(client, "a delivery", work).await
+    let json = rows_json(spec, s);
+    let at = s.collected_at.to_rfc3339();
+    let params: [pool::Param<'_>; 5] = [
+        (&json, Type::TEXT),
+        (&agent_id, Type::INT4),
+        (&s.server_id, Type::INT4),
+        (&s.pgbouncer, Type::TEXT),
+        (&at, Type::TEXT),
+    ];
+    let what = format!("storing a {} sample", s.probe);
+    // Every parameter's type is declared, so a statement may leave some unused.
+    tx.execute(&what, &st.store, &params).await?;
+    tx.execute(&what, &st.prune, &params).await?;
+    Ok(())
+}
+
+/// What the delivery loop does next.
+enum Next {
+    /// The spool is empty: wait for a batch.
+    Idle,
+    /// Delivery failed: try again after this long.
+    RetryIn(Duration),
+}
+
+/// A delivery problem that was logged, so that it is logged once until it ends.
+#[derive(Debug, Default)]
+struct Outage {
+    /// What kind of failure was logged (its SQLSTATE, or "connection").
+    logged: Option<String>,
+    since: Option<std::time::Instant>,
+}
+
+impl Outage {
+    fn failed(&mut self, e: &Error, waiting: u64, retry: Duration) -> String {
+        let kind = e
+            .code()
+            .map_or_else(|| "connection".to_string(), |c| c.code().to_string());
+        let problem = if e.is_transient() {
+            format!("delivery postponed: {e}")
+        } else {
+            let advice = e.advice().map(|a| format!("; {a}")).unwrap_or_default();
+            format!("the PEM server refuses to store samples: {e}{advice}")
+        };
+        if self.logged.as_deref() != Some(kind.as_str()) {
+            let line = format!(
+                "{problem}; {waiting} samples stay in the spool and are sent again (every {} s at most) until it works",
+                retry.as_secs().max(1)
+            );
+            if e.is_transient() {
+                tracing::warn!("{line}");
+            } else {
+                tracing::error!("{line}");
+            }
+            self.logged = Some(kind);
+            self.since.get_or_insert_with(std::time::Instant::now);
+        } else {
+            tracing::debug!("{problem}");
+        }
+        problem
+    }
+
+    fn ended(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::warn!("delivery works again after {} s", since.elapsed().as_secs());
+        }
+        self.logged = None;
+    }
+}
+
+/// Delivers spooled batches whenever some arrive, retrying with backoff after a failure, until
+/// stopped. Stopped in the middle of a delivery, the transaction is dropped uncommitted and its
+/// session closed; the batch stays in the spool.
+pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let stats_file = shared.config().state_dir.join("stats.json");
+    let long_wait = shared.config().long_wait;
+    let min = Duration::from_secs(1).min(long_wait);
+    let mut backoff = Backoff::new(min, long_wait.max(min)).expect("bounds checked above");
+    let mut outage = Outage::default();
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = drain(&shared, &mut backoff, &mut outage) => next,
+        };
+        shared.stats.set_spool(&shared.spool.figures());
+        shared.stats.write_if_changed(&stats_file).await;
+        match next {
+            Next::Idle => tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.spooled.notified() => {}
+            },
+            // New batches do not cut a backoff short: the server is not asked more often
+            // because the agent collects often.
+            Next::RetryIn(wait) => tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            },
+        }
+    }
+}
+
+/// Delivers until the spool is empty or a delivery fails.
+async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> Next {
+    loop {
+        let entry = match shared.spool.oldest().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Next::Idle,
+            Err(e) => {
+                tracing::error!("cannot read the spool: {e}");
+                return Next::RetryIn(backoff.next_delay());
+            }
+        };
+        let manager = shared.pem();
+        let mut session = match manager.checkout().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("delivery waits: {e}");
+                shared.stats.set_connected(false);
+                return Next::RetryIn(manager.retry_in().max(Duration::from_secs(1)));
+            }
+        };
+        shared.stats.set_connected(true);
+        let agent_id = shared.config().agent_id;
+        match store(&mut session, agent_id, &entry.samples).await {
+            Ok(refusals) => {
+                drop(session);
+                outage.ended();
+                backoff.reset();
+                shared.stats.set_delivery_problem(None);
+                let refused: Vec<RejectedSample> = refusals
+                    .into_iter()
+                    .filter_map(|r| {
+                        let sample = entry.samples.get(r.index)?.clone();
+                        tracing::error!(
+                            "the PEM server refused a {} sample collected at {} as data: {}; it is kept in the spool (pemworker spool status, then spool replay once the cause is fixed)",
+                            sample.probe,
+                            sample.collected_at.to_rfc3339(),
+                            r.message
+                        );
+                        Some(RejectedSample {
+                            sample,
+                            sqlstate: r.sqlstate,
+                            message: r.message,
+                            rejected_at: chrono::Utc::now(),
+                            attempts: 1,
+                        })
+                    })
+                    .collect();
+                let (n, r) = (entry.samples.len(), refused.len());
+                tracing::debug!("delivered spool batch {} ({} samples)", entry.seq, n - r);
+                if let Err(e) = shared.spool.complete(entry.seq, refused).await {
+                    tracing::error!("cannot update the spool after a delivery: {e}");
+                }
+                shared.stats.delivered(n - r);
+            }
+            Err(e) => {
+                if !e.is_closed() {
+                    // The session answered but its state after the failure is not known to
+                    // be clean: it is closed rather than given to anyone else.
+                    session.discard();
+                }
+                drop(session);
+                let wait = backoff.next_delay();
+                let problem = outage.failed(&e, shared.spool.figures().samples, wait);
+                shared.stats.set_delivery_problem(Some(problem));
+                return Next::RetryIn(wait);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! The heartbeat loop: records `pem.record_heartbeat(agent_id)` at the interval the server
 //! holds for this agent (`pem.agent.heartbeat_interval`, re-read with every beat). A failed beat
 //! is logged and the loop goes on; heartbeats are liveness, so none is ever spooled.
+//!
+//! Each beat checks a session out for itself: it never waits behind a delivery or a schedule
+//! read, and never runs inside someone else's transaction.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,23 +27,30 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let config = shared.config();
         let manager = shared.heartbeat_manager();
-        match manager.client().await {
+        match manager.checkout().await {
             Err(e) => {
                 shared.stats.heartbeat(false);
                 // The manager already warned about the outage itself.
                 tracing::debug!("heartbeat skipped: {e}");
             }
-            Ok(client) => {
-                let r = pool::query(
-                    &client,
-                    "recording a heartbeat",
-                    BEAT,
-                    &[(&config.agent_id, Type::INT4), (&version, Type::TEXT)],
-                )
-                .await;
+            Ok(mut session) => {
+                let what = "recording a heartbeat";
+                let r = session
+                    .query_one(
+                        what,
+                        BEAT,
+                        &[(&config.agent_id, Type::INT4), (&version, Type::TEXT)],
+                    )
+                    .await
+                    .and_then(|row| {
+                        Ok((
+                            pool::get::<bool>(&row, 0, what)?,
+                            pool::get::<Option<i32>>(&row, 1, what)?,
+                            pool::get::<Option<i32>>(&row, 2, what)?,
+                        ))
+                    });
                 match r {
-                    Ok(rows) => {
-                        let active: bool = rows[0].get(0);
+                    Ok((active, secs, server_port)) => {
                         shared.stats.heartbeat(active);
                         if !active {
                             tracing::error!(
@@ -48,13 +58,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                                 config.agent_id
                             );
                         }
-                        if let Some(secs) = rows[0].get::<_, Option<i32>>(1) {
+                        if let Some(secs) = secs {
                             interval = Duration::from_secs(secs.max(1) as u64);
                         }
                         if !warned_start {
                             warned_start = true;
                             // Through pgBouncer the backend's port is not the one we dialled.
-                            let server_port: Option<i32> = rows[0].get(2);
                             let tcp = !config.pem_hosts.iter().all(|h| h.starts_with('/'));
                             let pooled = tcp && server_port != Some(i32::from(config.pem_port));
                             if pooled {
@@ -70,7 +79,6 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     Err(e) => {
                         shared.stats.heartbeat(false);
                         tracing::warn!("heartbeat failed: {e}");
-                        manager.failed(&client, &e).await;
                     }
                 }
             }

@@ -1,13 +1,15 @@
 //! The worker (`pemworker -c agent.cfg`): runs until stopped.
 //!
-//! Three loops share one connection manager (and a second one for heartbeats when
-//! heartbeat_connection is set), each spawned by name on one tracker and stopped by one token:
+//! Three loops, each a supervised task on one tracker ([`tasks`]), stopped by one token:
 //!
 //! - [`heartbeat`]: records a heartbeat at the agent's interval (from `pem.agent`);
-//! - [`collector`]: every second runs the probes that are due, by the schedule it re-reads from
-//!   the server every short_wait, and writes each batch of samples to the spool;
-//! - [`delivery`] (driven from here): sends spooled batches to the server, oldest first.
+//! - [`collector`]: sleeps until the next probe is due (or the schedule is to be checked), runs
+//!   the probes that are due, each target in its own named task, and spools their samples;
+//! - [`delivery`]: sleeps until a batch is spooled, then sends the spool to the server, oldest
+//!   first; after a failure it retries with backoff.
 //!
+//! Each loop checks its own session out of the connection manager, so none waits behind
+//! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
 //! SIGHUP re-reads agent.cfg (log level and intervals at once, connection settings by
 //! reconnecting); SIGTERM and SIGINT stop collecting, deliver what they can within the grace
 //! period and leave the rest in the spool for the next start.
@@ -16,23 +18,24 @@ pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
 pub mod stats;
+pub mod tasks;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::agentcfg::Problems;
 use crate::config::AgentConfig;
 use crate::connection;
 use crate::connection::manager::Manager;
 use crate::logging::Logging;
-use crate::spool::{self, Spool};
+use crate::probes::Sample;
+use crate::spool::{self, Spool, SpoolHandle, StateLock};
 use stats::Stats;
+use tasks::Tasks;
 
 /// How long shutdown waits for pending deliveries before leaving them in the spool.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -55,11 +58,13 @@ pub enum Error {
 /// changed, the managers.
 pub struct Shared {
     config: RwLock<Arc<AgentConfig>>,
-    pem: RwLock<Arc<Manager>>,
-    heartbeat: RwLock<Option<Arc<Manager>>>,
-    pub spool: Mutex<Spool>,
+    pem: RwLock<Manager>,
+    heartbeat: RwLock<Option<Manager>>,
+    pub spool: SpoolHandle,
+    /// Notified when a batch was spooled.
     pub spooled: Notify,
     pub stats: Stats,
+    pub tasks: Tasks,
 }
 
 impl Shared {
@@ -67,12 +72,13 @@ impl Shared {
         self.config.read().expect("config lock").clone()
     }
 
-    pub fn pem(&self) -> Arc<Manager> {
+    pub fn pem(&self) -> Manager {
         self.pem.read().expect("manager lock").clone()
     }
 
-    /// The heartbeat's manager: its own with heartbeat_connection, else the shared one.
-    pub fn heartbeat_manager(&self) -> Arc<Manager> {
+    /// The heartbeat's manager: its own with heartbeat_connection, else the shared one (which
+    /// opens another session when the first is busy).
+    pub fn heartbeat_manager(&self) -> Manager {
         self.heartbeat
             .read()
             .expect("manager lock")
@@ -81,36 +87,33 @@ impl Shared {
     }
 
     /// Writes a batch to the spool and wakes the delivery loop.
-    pub fn spool_samples(&self, samples: &[crate::probes::Sample]) {
+    pub async fn spool_samples(&self, mut samples: Vec<Sample>) {
         if samples.is_empty() {
             return;
         }
-        for s in samples {
+        for s in &mut samples {
+            crate::testhooks::sample(s);
             self.stats.collected(&s.probe, s.rows.len());
         }
-        match self.spool.lock().expect("spool lock").push(samples) {
+        let n = samples.len();
+        match self.spool.push(samples).await {
             Ok(_) => self.spooled.notify_one(),
-            Err(e) => tracing::error!("cannot spool {} samples: {e}", samples.len()),
+            Err(e) => tracing::error!("cannot spool {n} samples: {e}"),
         }
     }
 }
 
-fn managers(c: &AgentConfig) -> Result<(Arc<Manager>, Option<Arc<Manager>>), connection::Error> {
+fn managers(c: &AgentConfig) -> Result<(Manager, Option<Manager>), connection::Error> {
     let targets = c.pem_targets()?;
-    let pem = Arc::new(Manager::new(
+    let pem = Manager::new(
         "PEM server",
         targets.clone(),
         c.connection_lifetime,
         c.long_wait,
-    ));
-    let hb = c.heartbeat_connection.then(|| {
-        Arc::new(Manager::new(
-            "heartbeat",
-            targets,
-            c.connection_lifetime,
-            c.long_wait,
-        ))
-    });
+    );
+    let hb = c
+        .heartbeat_connection
+        .then(|| Manager::new("heartbeat", targets, c.connection_lifetime, c.long_wait));
     Ok((pem, hb))
 }
 
@@ -157,77 +160,103 @@ pub fn startup_warnings(c: &AgentConfig, behind_pooler: bool) -> Vec<String> {
     w
 }
 
-/// Runs the worker until `shutdown` is cancelled. `reload` is notified on SIGHUP and
-/// `read_config` re-reads agent.cfg.
+/// Opens the spool (after taking over a spool an earlier version kept in the shared default
+/// directory), on a blocking thread.
+async fn open_spool(config: &AgentConfig) -> Result<Spool, Error> {
+    let (base, dir, limit) = (
+        config.shared_state_dir.clone(),
+        config.state_dir.clone(),
+        config.spool_limit,
+    );
+    let spool_dir = dir.join("spool");
+    let opened = tokio::task::spawn_blocking(move || {
+        if let Some(base) = base {
+            match spool::lock::adopt_shared_spool(&base, &dir) {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    "moved {n} spooled batches from the shared state directory {} into this agent's {}",
+                    base.display(),
+                    dir.display()
+                ),
+                Err(e) => tracing::error!(
+                    "cannot move the spool of the shared state directory {} into {}: {e}",
+                    base.display(),
+                    dir.display()
+                ),
+            }
+        }
+        Spool::open(&dir.join("spool"), limit)
+    })
+    .await
+    .map_err(|e| spool::Error::Interrupted(e.to_string()));
+    opened.and_then(|r| r).map_err(|source| Error::Spool {
+        dir: spool_dir,
+        source,
+    })
+}
+
+/// Runs the worker until `shutdown` is cancelled. `lock` is the state directory's lock (held
+/// until this returns); `reload` is notified on SIGHUP and `read_config` re-reads agent.cfg.
 pub async fn run(
     config: AgentConfig,
+    lock: StateLock,
     logging: Option<&Logging>,
     shutdown: CancellationToken,
     reload: Arc<Notify>,
     read_config: impl Fn() -> Result<AgentConfig, Problems>,
-) -> Result<Stats, Error> {
-    let spool_dir = config.state_dir.join("spool");
-    let spool = Spool::open(&spool_dir, config.spool_limit).map_err(|source| Error::Spool {
-        dir: spool_dir.clone(),
-        source,
-    })?;
+) -> Result<stats::Snapshot, Error> {
+    tasks::log_panics();
+    let spool = open_spool(&config).await?;
     let (pem, hb) = managers(&config)?;
     let stats_file = config.state_dir.join("stats.json");
     let shared = Arc::new(Shared {
         config: RwLock::new(Arc::new(config)),
         pem: RwLock::new(pem),
         heartbeat: RwLock::new(hb),
-        spool: Mutex::new(spool),
+        spool: SpoolHandle::new(spool),
         spooled: Notify::new(),
         stats: Stats::default(),
+        tasks: Tasks::new(),
     });
     let c = shared.config();
     tracing::info!(
-        "agent {} starting: PEM server {} port {} as {}",
+        "agent {} starting: PEM server {} port {} as {}; state in {}",
         c.agent_id,
         c.pem_hosts.join(","),
         c.pem_port,
-        c.agent_user
+        c.agent_user,
+        lock.dir().display()
     );
 
-    let tracker = TaskTracker::new();
+    let tasks = shared.tasks.clone();
     let collect_stop = shutdown.child_token();
-    let names = Arc::new(Mutex::new(BTreeSet::new()));
-    let spawn =
-        |name: &'static str,
-         fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
-            names.lock().expect("names").insert(name);
-            let names = names.clone();
-            tracker.spawn(async move {
-                fut.await;
-                names.lock().expect("names").remove(name);
-            });
-        };
-    spawn(
-        "heartbeat",
-        Box::pin(heartbeat::run(shared.clone(), collect_stop.clone())),
-    );
-    spawn(
-        "collector",
-        Box::pin(collector::run(shared.clone(), collect_stop.clone())),
-    );
     let delivery_stop = CancellationToken::new();
-    spawn(
-        "delivery",
-        Box::pin(delivery_loop(
-            shared.clone(),
-            delivery_stop.clone(),
-            stats_file.clone(),
-        )),
-    );
-    tracker.close();
+    {
+        let (sh, stop) = (shared.clone(), collect_stop.clone());
+        tasks.supervise("heartbeat", stop.clone(), move || {
+            heartbeat::run(sh.clone(), stop.clone())
+        });
+    }
+    {
+        let (sh, stop) = (shared.clone(), collect_stop.clone());
+        tasks.supervise("collector", stop.clone(), move || {
+            collector::run(sh.clone(), stop.clone())
+        });
+    }
+    {
+        let (sh, stop) = (shared.clone(), delivery_stop.clone());
+        tasks.supervise("delivery", stop.clone(), move || {
+            delivery::run(sh.clone(), stop.clone())
+        });
+    }
+    tasks.close();
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = reload.notified() => {
                 match read_config() {
-                    Ok(new) => apply_reload(&shared, new, logging).await,
+                    Ok(new) => apply_reload(&shared, new, logging),
                     Err(problems) => tracing::error!("reload refused, keeping the running configuration: {problems}"),
                 }
             }
@@ -242,35 +271,36 @@ pub async fn run(
     collect_stop.cancel();
     shared.spooled.notify_one();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    loop {
-        let empty = shared.spool.lock().expect("spool lock").is_empty();
-        if empty || tokio::time::Instant::now() >= deadline {
-            break;
-        }
+    while shared.spool.figures().batches > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A delivery still running is cancelled: its transaction is never committed, and its
+    // session is closed, so the server rolls it back; the batch stays in the spool.
     delivery_stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
         .await
         .is_err()
     {
-        let left: Vec<_> = names.lock().expect("names").iter().copied().collect();
-        tracing::warn!("tasks still running at exit: {}", left.join(", "));
+        tracing::warn!(
+            "tasks still running at exit: {}",
+            tasks.running().join(", ")
+        );
     }
-    let (pending, dropped) = {
-        let s = shared.spool.lock().expect("spool lock");
-        (s.samples(), s.dropped)
-    };
-    shared.stats.set_spool(pending as u64, dropped);
-    if pending > 0 {
-        tracing::warn!("{pending} samples stay in the spool and are delivered at the next start");
+    let figures = shared.spool.figures();
+    shared.stats.set_spool(&figures);
+    if figures.samples > 0 {
+        tracing::warn!(
+            "{} samples stay in the spool and are delivered at the next start",
+            figures.samples
+        );
     }
-    shared.stats.write(&stats_file);
+    shared.stats.write_if_changed(&stats_file).await;
     tracing::info!("stopped: {}", shared.stats.summary());
-    Ok(Arc::try_unwrap(shared).map(|s| s.stats).unwrap_or_default())
+    drop(lock);
+    Ok(shared.stats.snapshot())
 }
 
-async fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Logging>) {
+fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Logging>) {
     let old = shared.config();
     if let Some(l) = logging {
         l.set_level(new.log_level);
@@ -279,8 +309,14 @@ async fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Loggin
     if reconnect {
         match managers(&new) {
             Ok((pem, hb)) => {
-                *shared.pem.write().expect("manager lock") = pem;
-                *shared.heartbeat.write().expect("manager lock") = hb;
+                let old_pem =
+                    std::mem::replace(&mut *shared.pem.write().expect("manager lock"), pem);
+                let old_hb =
+                    std::mem::replace(&mut *shared.heartbeat.write().expect("manager lock"), hb);
+                old_pem.reset();
+                if let Some(h) = old_hb {
+                    h.reset();
+                }
             }
             Err(e) => {
                 tracing::error!("reload refused, keeping the running configuration: {e}");
@@ -299,74 +335,4 @@ async fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Loggin
         }
     );
     *shared.config.write().expect("config lock") = Arc::new(new);
-}
-
-/// Delivers spooled batches whenever some arrive (and every short_wait, to retry after an
-/// outage) until stopped.
-async fn delivery_loop(shared: Arc<Shared>, stop: CancellationToken, stats_file: PathBuf) {
-    loop {
-        drain(&shared, &stop).await;
-        {
-            let s = shared.spool.lock().expect("spool lock");
-            shared.stats.set_spool(s.samples() as u64, s.dropped);
-        }
-        shared.stats.write(&stats_file);
-        let wait = shared.config().short_wait.min(Duration::from_secs(2));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = shared.spooled.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-/// Delivers until the spool is empty or the server is unreachable.
-async fn drain(shared: &Shared, stop: &CancellationToken) {
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        let Some(entry) = shared.spool.lock().expect("spool lock").oldest() else {
-            return;
-        };
-        let manager = shared.pem();
-        let client = match manager.client().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!("delivery waits: {e}");
-                shared.stats.set_connected(false);
-                return;
-            }
-        };
-        shared.stats.set_connected(true);
-        let agent_id = shared.config().agent_id;
-        match delivery::deliver(&client, agent_id, &entry.samples).await {
-            Ok(()) => {
-                tracing::debug!(
-                    "delivered spool batch {} ({} samples)",
-                    entry.seq,
-                    entry.samples.len()
-                );
-                shared.spool.lock().expect("spool lock").remove(entry.seq);
-                shared.stats.delivered(entry.samples.len());
-            }
-            Err(e) if e.is_transient() => {
-                tracing::warn!("delivery of {} samples postponed: {e}", entry.samples.len());
-                manager.failed(&client, &e).await;
-                if !client.is_closed() {
-                    // A server-side interruption (restart, pause) may leave the session usable
-                    // but in an unknown state: start afresh.
-                    manager.reset().await;
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::error!(
-                    "the PEM server refused a batch of {} samples; it is kept aside in the spool as .rejected: {e}",
-                    entry.samples.len()
-                );
-                shared.spool.lock().expect("spool lock").reject(entry.seq);
-            }
-        }
-    }
 }

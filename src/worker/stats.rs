@@ -1,5 +1,7 @@
-//! What the worker has done since it started, written to `<state_dir>/stats.json` after every
-//! delivery round and at exit, for operators (and the sandbox's status view) to read.
+//! What the worker has done since it started, written to `<state_dir>/stats.json` for operators
+//! (and the sandbox's status view) to read: after a delivery round when something changed, and
+//! at exit. Never between batches, so an idle agent does not touch the disk; not synced,
+//! because it is rebuilt from scratch at every start anyway.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +29,12 @@ pub struct Snapshot {
     pub connected: bool,
     pub spooled_samples: u64,
     pub dropped_samples: u64,
+    /// Samples the PEM server refused as data, kept in the spool (`pemworker spool status`).
+    #[serde(default)]
+    pub refused_samples: u64,
+    /// Why delivery is held back right now (a refusal by the PEM server and how to fix it).
+    #[serde(default)]
+    pub delivery_problem: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +47,10 @@ pub struct Stats {
     connected: AtomicBool,
     spooled: AtomicU64,
     dropped: AtomicU64,
+    refused: AtomicU64,
+    delivery_problem: Mutex<Option<String>>,
+    /// What was written last, so an unchanged snapshot is not written again.
+    written: Mutex<Vec<u8>>,
 }
 
 impl Stats {
@@ -66,9 +78,14 @@ impl Stats {
         self.connected.store(up, Ordering::Relaxed);
     }
 
-    pub fn set_spool(&self, pending: u64, dropped: u64) {
-        self.spooled.store(pending, Ordering::Relaxed);
-        self.dropped.store(dropped, Ordering::Relaxed);
+    pub fn set_spool(&self, f: &crate::spool::SpoolFigures) {
+        self.spooled.store(f.samples, Ordering::Relaxed);
+        self.dropped.store(f.dropped, Ordering::Relaxed);
+        self.refused.store(f.refused, Ordering::Relaxed);
+    }
+
+    pub fn set_delivery_problem(&self, problem: Option<String>) {
+        *self.delivery_problem.lock().expect("stats lock") = problem;
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -81,19 +98,40 @@ impl Stats {
             connected: self.connected.load(Ordering::Relaxed),
             spooled_samples: self.spooled.load(Ordering::Relaxed),
             dropped_samples: self.dropped.load(Ordering::Relaxed),
+            refused_samples: self.refused.load(Ordering::Relaxed),
+            delivery_problem: self.delivery_problem.lock().expect("stats lock").clone(),
         }
     }
 
-    /// Replaces the stats file atomically; a failure is logged, never fatal.
-    pub fn write(&self, path: &Path) {
+    /// The snapshot's bytes if they differ from what was written last.
+    fn changed(&self) -> Option<Vec<u8>> {
         let data = match serde_json::to_vec_pretty(&self.snapshot()) {
             Ok(d) => d,
-            Err(e) => return tracing::warn!("cannot encode stats: {e}"),
+            Err(e) => {
+                tracing::warn!("cannot encode stats: {e}");
+                return None;
+            }
         };
-        if let Err(e) =
-            crate::fsutil::Staged::write(path, &data, 0o644, None).and_then(|s| s.commit())
-        {
-            tracing::warn!("cannot write {}: {e}", path.display());
+        let mut written = self.written.lock().expect("stats lock");
+        if *written == data {
+            return None;
+        }
+        written.clone_from(&data);
+        Some(data)
+    }
+
+    /// Replaces the stats file if the figures changed since the last write, on a blocking
+    /// thread; a failure is logged, never fatal.
+    pub async fn write_if_changed(&self, path: &Path) {
+        let Some(data) = self.changed() else { return };
+        let path = path.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || write(&path, &data)).await;
+    }
+
+    /// Replaces the stats file now (at exit, when no runtime may be left).
+    pub fn write(&self, path: &Path) {
+        if let Some(data) = self.changed() {
+            write(path, &data);
         }
     }
 
@@ -101,12 +139,24 @@ impl Stats {
         let s = self.snapshot();
         let collected: u64 = s.collected.values().map(|c| c.samples).sum();
         format!(
-            "{collected} samples collected, {} delivered, {} in the spool, {} dropped; {} heartbeats ({} failed)",
+            "{collected} samples collected, {} delivered, {} in the spool, {} refused, {} dropped; {} heartbeats ({} failed)",
             s.delivered_samples,
             s.spooled_samples,
+            s.refused_samples,
             s.dropped_samples,
             s.heartbeats,
             s.heartbeat_failures
         )
+    }
+}
+
+/// Writes `data` under a temporary name and renames it into place: readers see the old or the
+/// new file, never a partial one.
+fn write(path: &Path, data: &[u8]) {
+    let tmp = path.with_extension("json.tmp");
+    let r = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!("cannot write {}: {e}", path.display());
     }
 }

@@ -245,22 +245,49 @@ impl TestBed {
 
     /// Starts `pemworker -c <cfg> -f` with the bed's environment and extra `-o` settings.
     pub fn start_worker(&self, cfg: &Path, overrides: &[(&str, String)]) -> Child {
+        self.start_worker_env(cfg, overrides, &[])
+    }
+
+    /// [`TestBed::start_worker`] with extra environment variables; stdout and stderr go to
+    /// `<cfg>.stderr`.
+    pub fn start_worker_env(
+        &self,
+        cfg: &Path,
+        overrides: &[(&str, String)],
+        env: &[(&str, String)],
+    ) -> Child {
+        let log = std::fs::File::create(cfg.with_extension("stderr")).unwrap();
+        self.agent_command(cfg, &["-f"], overrides, env)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start pemworker")
+    }
+
+    /// `pemworker <args> -c <cfg> [-o k=v ...]` with the agent's environment (the bed's HOME,
+    /// PGSSLMODE=verify-full and the bed's root certificate) and `env`.
+    pub fn agent_command(
+        &self,
+        cfg: &Path,
+        args: &[&str],
+        overrides: &[(&str, String)],
+        env: &[(&str, String)],
+    ) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_pemworker"));
-        c.arg("-c").arg(cfg).arg("-f");
+        c.args(args).arg("-c").arg(cfg);
         for (k, v) in overrides {
             c.arg("-o").arg(format!("{k}={v}"));
         }
-        let log = std::fs::File::create(cfg.with_extension("stderr")).unwrap();
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.home)
             .env("PGSSLMODE", "verify-full")
             .env("PGSSLROOTCERT", &self.root_crt)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start pemworker")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
     }
 }
 
