@@ -5,8 +5,8 @@
 //!
 //! With the feature, `PEMWORKER_TEST_HOOKS` holds comma-separated directives:
 //! `panic-probe=NAME` (the probe panics each time it runs), `panic-task=NAME` (the named task
-//! panics once, at its start) and `bad-value=PROBE` (the probe's first sample gets a value out of
-//! its first column's range, once).
+//! panics once, at its start) and `bad-value=PROBE:VALUE` (the first value of the probe's first
+//! sample becomes VALUE, once: a value the server refuses).
 
 use crate::probes::Sample;
 
@@ -33,6 +33,13 @@ mod on {
         directives().iter().any(|(k, v)| k == kind && v == name)
     }
 
+    fn bad_value(probe: &str) -> Option<&'static str> {
+        directives().iter().find_map(|(k, v)| {
+            let (p, value) = v.split_once(':')?;
+            (k == "bad-value" && p == probe).then_some(value)
+        })
+    }
+
     pub fn probe(name: &str) {
         if wants("panic-probe", name) {
             panic!("injected panic in probe {name}");
@@ -48,10 +55,11 @@ mod on {
 
     pub fn sample(s: &mut Sample) {
         static DONE: AtomicBool = AtomicBool::new(false);
-        if wants("bad-value", &s.probe) && !DONE.swap(true, Ordering::SeqCst) {
-            if let Some(v) = s.rows.first_mut().and_then(|(_, r)| r.first_mut()) {
-                // Beyond every integer column's range (the first column of process_count is one).
-                *v = Value::Text("99999999999999999999".into());
+        if let Some(value) = bad_value(&s.probe) {
+            if !DONE.swap(true, Ordering::SeqCst) {
+                if let Some(v) = s.rows.first_mut().and_then(|(_, r)| r.first_mut()) {
+                    *v = Value::Text(value.into());
+                }
             }
         }
     }

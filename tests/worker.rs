@@ -753,9 +753,19 @@ async fn a_sample_refused_as_data_is_kept_shown_and_replayed() {
     let bed = TestBed::start();
     let (mut agents, _) = fleet(&bed, 1).await;
     let a = &mut agents[0];
-    a.env
-        .push(("PEMWORKER_TEST_HOOKS", "bad-value=process_count".into()));
+    // The server accepts process counts below a billion; one sample claims two billion.
+    a.env.push((
+        "PEMWORKER_TEST_HOOKS",
+        "bad-value=process_count:2000000000".into(),
+    ));
     let su = bed.connect(&bed.superuser()).await;
+    pool::batch(
+        &su,
+        "range",
+        "ALTER TABLE pemhistory.process_count ADD CONSTRAINT total_range CHECK (total < 1000000000)",
+    )
+    .await
+    .unwrap();
     a.start(&bed);
     wait_for(
         "one refused sample and later ones stored",
@@ -778,7 +788,9 @@ async fn a_sample_refused_as_data_is_kept_shown_and_replayed() {
         "{out}"
     );
     assert!(
-        out.contains("process_count") && out.contains("22003") && out.contains("out of range"),
+        out.contains("process_count")
+            && out.contains("23514")
+            && out.contains("violates check constraint \"total_range\""),
         "{out}"
     );
     assert!(out.contains("worker running"), "{out}");
@@ -791,12 +803,11 @@ async fn a_sample_refused_as_data_is_kept_shown_and_replayed() {
     // The refused sample is the only one not stored.
     stored_exactly_once(&su, a, &[("process_count", 1)]).await;
 
-    // The administrator widens the column; the replay stores the sample.
+    // The administrator widens the range; the replay stores the sample.
     pool::batch(
         &su,
         "widen",
-        "ALTER TABLE pemhistory.process_count ALTER total TYPE numeric; \
-         ALTER TABLE pemdata.process_count ALTER total TYPE numeric",
+        "ALTER TABLE pemhistory.process_count DROP CONSTRAINT total_range",
     )
     .await
     .unwrap();
@@ -812,7 +823,7 @@ async fn a_sample_refused_as_data_is_kept_shown_and_replayed() {
     let big: i64 = pool::query_one(
         &su,
         "big",
-        "SELECT count(*) FROM pemhistory.process_count WHERE agent_id = $1 AND total > 2147483647",
+        "SELECT count(*) FROM pemhistory.process_count WHERE agent_id = $1 AND total = 2000000000",
         &[(&a.id, Type::INT4)],
     )
     .await
