@@ -485,4 +485,111 @@ mod tests {
         assert_ne!(s.oldest().unwrap().seq, a);
         assert!(s.path(a).with_extension("corrupt").exists());
     }
+
+    /// What the spool must do, as plain collections.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A batch of samples with these values.
+        Push(Vec<i64>),
+        /// The oldest batch delivered; the samples at these positions refused.
+        Deliver(Vec<usize>),
+        /// The worker restarts.
+        Reopen,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => proptest::collection::vec(0i64..1000, 1..4).prop_map(Op::Push),
+            2 => proptest::collection::vec(0usize..4, 0..2).prop_map(Op::Deliver),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn values(samples: &[Sample]) -> Vec<i64> {
+        samples
+            .iter()
+            .map(|s| match s.rows[0].1[0] {
+                Value::Int(i) => i,
+                ref v => panic!("{v:?}"),
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Random push / deliver (with refusals) / reopen sequences against an in-memory model:
+        /// batches come out oldest first, as pushed; refused samples are kept, in order, across
+        /// restarts; nothing is lost or duplicated.
+        #[test]
+        fn the_spool_behaves_like_its_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let d = tempfile::tempdir().unwrap();
+            let mut s = Spool::open(d.path(), 1 << 30).unwrap();
+            let mut pending: std::collections::VecDeque<Vec<i64>> = Default::default();
+            let mut refused: Vec<i64> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Push(v) => {
+                        let batch: Vec<Sample> = v.iter().map(|&n| sample(n)).collect();
+                        s.push(&batch).unwrap();
+                        pending.push_back(v);
+                    }
+                    Op::Deliver(positions) => {
+                        let got = s.oldest();
+                        let want = pending.pop_front();
+                        proptest::prop_assert_eq!(got.as_ref().map(|e| values(&e.samples)), want.clone());
+                        if let (Some(e), Some(want)) = (got, want) {
+                            let mut positions: Vec<usize> =
+                                positions.into_iter().filter(|&p| p < want.len()).collect();
+                            positions.sort();
+                            positions.dedup();
+                            let kept: Vec<RejectedSample> = positions
+                                .iter()
+                                .map(|&p| RejectedSample { sample: e.samples[p].clone(), ..refused_record() })
+                                .collect();
+                            refused.extend(positions.iter().map(|&p| want[p]));
+                            s.complete(e.seq, kept).unwrap();
+                        }
+                    }
+                    Op::Reopen => {
+                        drop(s);
+                        s = Spool::open(d.path(), 1 << 30).unwrap();
+                    }
+                }
+                proptest::prop_assert_eq!(s.len(), pending.len());
+                proptest::prop_assert_eq!(s.samples(), pending.iter().map(Vec::len).sum::<usize>());
+                proptest::prop_assert_eq!(s.refused as usize, refused.len());
+                let on_disk: Vec<i64> = s
+                    .rejected()
+                    .read_all()
+                    .iter()
+                    .map(|(_, r)| values(std::slice::from_ref(&r.sample))[0])
+                    .collect();
+                proptest::prop_assert_eq!(&on_disk, &refused);
+            }
+        }
+
+        /// Under a small limit the spool never exceeds it (but for the newest batch), and every
+        /// pushed sample is either still there or counted as dropped.
+        #[test]
+        fn past_its_limit_the_spool_drops_and_counts(sizes in proptest::collection::vec(1usize..4, 1..30)) {
+            let d = tempfile::tempdir().unwrap();
+            let one = serde_json::to_vec(&[sample(1)]).unwrap().len() as u64;
+            let limit = one * 5;
+            let mut s = Spool::open(d.path(), limit).unwrap();
+            let mut pushed = 0u64;
+            for n in sizes {
+                let batch: Vec<Sample> = (0..n as i64).map(sample).collect();
+                s.push(&batch).unwrap();
+                pushed += n as u64;
+                proptest::prop_assert!(s.bytes() <= limit || s.len() == 1);
+                proptest::prop_assert_eq!(s.samples() as u64 + s.dropped, pushed);
+            }
+        }
+    }
+
+    fn refused_record() -> RejectedSample {
+        refused(0)
+    }
 }
