@@ -487,6 +487,17 @@ mod tests {
         assert_eq!(c.connection_lifetime, Some(Duration::from_secs(300)));
         assert!(c.heartbeat_connection);
         assert_eq!(c.spool_limit, 8 << 20);
+        // No state_dir: one of its own, named after the agent, under the shared base.
+        let base = c
+            .shared_state_dir
+            .as_ref()
+            .expect("default state directory");
+        assert_eq!(c.state_dir, base.join("agent12"));
+        let (c, _) = AgentConfig::load(&cfg, &[("state_dir".into(), "/srv/pem".into())]).unwrap();
+        assert_eq!(
+            (c.state_dir.as_path(), c.shared_state_dir),
+            (Path::new("/srv/pem"), None)
+        );
         assert_eq!(warnings.len(), 1);
         assert!(
             warnings[0].contains(":14: unknown key mystery"),

@@ -305,6 +305,11 @@ fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Logging>) {
     if let Some(l) = logging {
         l.set_level(new.log_level);
     }
+    if (&old.state_dir, old.spool_limit) != (&new.state_dir, new.spool_limit) {
+        tracing::warn!(
+            "state_dir and spool_limit changes take effect at the next start of the worker"
+        );
+    }
     let reconnect = connection_changed(&old, &new);
     if reconnect {
         match managers(&new) {

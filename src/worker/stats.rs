@@ -128,13 +128,6 @@ impl Stats {
         let _ = tokio::task::spawn_blocking(move || write(&path, &data)).await;
     }
 
-    /// Replaces the stats file now (at exit, when no runtime may be left).
-    pub fn write(&self, path: &Path) {
-        if let Some(data) = self.changed() {
-            write(path, &data);
-        }
-    }
-
     pub fn summary(&self) -> String {
         let s = self.snapshot();
         let collected: u64 = s.collected.values().map(|c| c.samples).sum();
