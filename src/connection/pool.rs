@@ -112,6 +112,10 @@ pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE; \
 /// Runs `work` inside BEGIN ... COMMIT (one server connection even behind a transaction
 /// pool); on any error the transaction is rolled back and the error returned. `what` names the
 /// transaction in messages.
+///
+/// Only for a client its caller owns alone and drops when done (one-shot commands): nothing
+/// stops another task's statement from landing inside the transaction, and a dropped future
+/// leaves it open. Long-lived sessions use [`super::session::Transaction`].
 pub async fn transaction<T, E: From<Error>>(
     client: &Client,
     what: &str,

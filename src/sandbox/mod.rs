@@ -383,9 +383,13 @@ fn render(
         st.pool.as_deref().unwrap_or("no pool yet")
     ));
     s.push_str(&format!(
-        "spool: {} samples waiting, {} dropped\n\nrows stored per probe ({} in all):\n",
-        st.worker.spooled_samples, st.worker.dropped_samples, rows
+        "spool: {} samples waiting, {} refused by the server, {} dropped\n",
+        st.worker.spooled_samples, st.worker.refused_samples, st.worker.dropped_samples
     ));
+    if let Some(p) = &st.worker.delivery_problem {
+        s.push_str(&format!("delivery: {p}\n"));
+    }
+    s.push_str(&format!("\nrows stored per probe ({rows} in all):\n"));
     for (name, n) in &st.stored {
         s.push_str(&format!("  {name:<24}{n:>8}\n"));
     }

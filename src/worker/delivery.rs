@@ -244,7 +244,7 @@ struct Outage {
 }
 
 impl Outage {
-    fn failed(&mut self, e: &Error, waiting: u64, retry: Duration) -> String {
+    fn failed(&mut self, e: &Error, waiting: u64, max_wait: Duration) -> String {
         let kind = e
             .code()
             .map_or_else(|| "connection".to_string(), |c| c.code().to_string());
@@ -256,8 +256,8 @@ impl Outage {
         };
         if self.logged.as_deref() != Some(kind.as_str()) {
             let line = format!(
-                "{problem}; {waiting} samples stay in the spool and are sent again (every {} s at most) until it works",
-                retry.as_secs().max(1)
+                "{problem}; {waiting} samples stay in the spool and are sent again (at most {} s apart) until it works",
+                max_wait.as_secs().max(1)
             );
             if e.is_transient() {
                 tracing::warn!("{line}");
@@ -373,7 +373,8 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                 }
                 drop(session);
                 let wait = backoff.next_delay();
-                let problem = outage.failed(&e, shared.spool.figures().samples, wait);
+                let long_wait = shared.config().long_wait;
+                let problem = outage.failed(&e, shared.spool.figures().samples, long_wait);
                 shared.stats.set_delivery_problem(Some(problem));
                 return Next::RetryIn(wait);
             }
