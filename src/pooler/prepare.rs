@@ -339,20 +339,24 @@ async fn edit_pg_hba(
     )
     .await?[0]
         .get(0);
-    let same = match (
+    let real = match (
         std::fs::canonicalize(file),
         std::fs::canonicalize(&server_file),
     ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+        (Ok(a), Ok(b)) if a == b => a,
+        _ => {
+            return Err(Error::WrongHbaFile {
+                given: file.to_path_buf(),
+                server_file,
+            });
+        }
     };
-    if !same {
-        return Err(Error::WrongHbaFile {
-            given: file.to_path_buf(),
-            server_file,
-        });
-    }
-    let existing = std::fs::read_to_string(file).map_err(fsutil::Error::io("read", file))?;
+    // The real file is edited (a link pointing to it stays a link), read without following
+    // links, and written as its owner would (see fsutil).
+    let file = real.as_path();
+    let existing = String::from_utf8(fsutil::read_regular(file)?).map_err(|e| {
+        fsutil::Error::io("read", file)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    })?;
     let Some(updated) = hba::place_block(&existing, block) else {
         report.unchanged(format!(
             "{} starts with the pemworker lines",

@@ -58,6 +58,7 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
             refuse_existing(&crt, o.force)?;
             refuse_existing(&key, o.force)?;
             fsutil::ensure_dir(&o.cert_path, 0o700, None)?;
+            super::check_key_dir(&o.cert_path)?;
             let client = connection::connect(admin).await?;
             check_rights(&client, admin).await?;
             let sign = async {

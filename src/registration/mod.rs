@@ -183,30 +183,38 @@ pub fn cert_file(cert_path: &Path, agent_user: &str) -> PathBuf {
 struct CreatedDirs(Vec<PathBuf>);
 
 impl CreatedDirs {
-    fn ensure(&mut self, dir: &Path, mode: Option<u32>) -> Result<(), fsutil::Error> {
-        let mut missing = Vec::new();
-        let mut d = Some(dir);
-        while let Some(p) = d {
-            if p.exists() {
-                break;
-            }
-            missing.push(p.to_path_buf());
-            d = p.parent();
-        }
-        std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
-        missing.reverse();
-        self.0.extend(missing);
-        if let Some(m) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(m))
-                .map_err(fsutil::Error::io("set the mode of", dir))?;
-        }
+    /// Makes sure `dir` exists (created with `mode` if missing; an existing one is left as it
+    /// is) and remembers what was created.
+    fn ensure(&mut self, dir: &Path, mode: u32) -> Result<(), fsutil::Error> {
+        self.0.extend(fsutil::ensure_dir(dir, mode, None)?);
         Ok(())
     }
 
     fn keep(mut self) {
         self.0.clear();
     }
+}
+
+/// The agent's key will live in `dir`: a directory that others may add files to or rename
+/// files in could swap the key or certificate under the agent, so it is refused (root gets the
+/// same answer, with the owner checked too, from fsutil).
+fn check_key_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)
+        .map_err(fsutil::Error::io("read", dir))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(Error::Invalid {
+            what: "--cert-path",
+            value: dir.display().to_string(),
+            why: format!(
+                "the directory is writable by group or others (mode {:04o}), who could replace the agent's key; use a directory only you can write to (a new one is created 0700)",
+                mode & 0o7777
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Drop for CreatedDirs {
@@ -358,8 +366,9 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
         refuse_existing(&cert_file(&opts.cert_path, u), opts.force)?;
     }
     let mut dirs = CreatedDirs(Vec::new());
-    dirs.ensure(&opts.cert_path, Some(0o700))?;
-    dirs.ensure(&opts.config_dir, None)?;
+    dirs.ensure(&opts.cert_path, 0o700)?;
+    check_key_dir(&opts.cert_path)?;
+    dirs.ensure(&opts.config_dir, 0o755)?;
     // Prove both directories writable before the server is touched.
     drop(Staged::write(
         &key_file(&opts.cert_path, "probe"),
