@@ -422,6 +422,27 @@ pub fn backup(path: &Path) -> Result<PathBuf, Error> {
     Ok(target)
 }
 
+/// Backs up every file of `paths` ([`backup`]), or none: each is checked to be a regular file
+/// first, and the backups made are removed again if a later one fails.
+pub fn backup_all<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>, Error> {
+    for p in paths {
+        open_regular(p.as_ref())?;
+    }
+    let mut made = Vec::new();
+    for p in paths {
+        match backup(p.as_ref()) {
+            Ok(b) => made.push(b),
+            Err(e) => {
+                for b in &made {
+                    let _ = fs::remove_file(b);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(made)
+}
+
 /// Reads a file that must be a regular file (never through a link), as [`backup`] does.
 pub fn read_regular(path: &Path) -> Result<Vec<u8>, Error> {
     let (mut f, _) = open_regular(path)?;

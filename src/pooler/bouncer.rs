@@ -346,8 +346,7 @@ pub fn configure(s: &Settings) -> Result<Outcome, Error> {
         .zip(contents)
         .map(|(t, c)| Staged::write(t, c.as_bytes(), 0o600, Some(&s.owner)))
         .collect::<Result<Vec<_>, _>>()?;
-    for p in &existing {
-        let b = fsutil::backup(p)?;
+    for (p, b) in existing.iter().zip(fsutil::backup_all(&existing)?) {
         report.changed(format!("backed up {} to {}", p.display(), b.display()));
     }
     for (t, st) in targets.iter().zip(staged) {

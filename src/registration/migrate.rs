@@ -75,12 +75,11 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
     };
 
     // 2. Backups of everything the guide says to keep, then the new files.
-    let mut backups = Vec::new();
-    for p in [&o.config_file, &old.agent_ssl_key, &old.agent_ssl_crt] {
-        if p.exists() {
-            backups.push(fsutil::backup(p)?);
-        }
-    }
+    let existing: Vec<&PathBuf> = [&o.config_file, &old.agent_ssl_key, &old.agent_ssl_crt]
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .collect();
+    let backups = fsutil::backup_all(&existing)?;
     let config_backup = backups[0].clone();
     let created: Vec<PathBuf> = if staged.is_empty() {
         Vec::new()

@@ -426,12 +426,12 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
                 Staged::write(&config_file, cfg.render().as_bytes(), 0o644, None)?,
             ),
         ];
-        let mut backups = Vec::new();
-        for (path, _) in &staged {
-            if path.exists() {
-                backups.push(fsutil::backup(path)?);
-            }
-        }
+        let existing: Vec<&PathBuf> = staged
+            .iter()
+            .map(|(p, _)| p)
+            .filter(|p| std::fs::symlink_metadata(p).is_ok())
+            .collect();
+        let backups = fsutil::backup_all(&existing)?;
         let registered = Registered {
             agent_id,
             agent_user,
