@@ -38,6 +38,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 
 /// Keys agent.cfg may hold besides [`DEFAULTS`].
 pub const OTHER_KEYS: &[&str] = &[
+    "pem_ssl_mode",
+    "pem_ssl_root_cert",
     "enable_webhook",
     "batch_script_dir",
     "batch_script_user",

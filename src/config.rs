@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agentcfg::{self, Document, Problem, Problems};
-use crate::connection::{self, ConnectSettings};
+use crate::connection::{self, ConnectSettings, SslMode, TlsChoice};
 
 /// PEM's log levels, and what each shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,11 @@ pub struct AgentConfig {
     pub agent_user: String,
     pub agent_ssl_key: PathBuf,
     pub agent_ssl_crt: PathBuf,
+    /// sslmode towards the PEM server (PEM's key); `None`: PGSSLMODE, else verify-full.
+    pub pem_ssl_mode: Option<SslMode>,
+    /// The root certificate the PEM server's (or pgBouncer's) certificate must chain to.
+    pub pem_ssl_root_cert: Option<PathBuf>,
+    /// The older name of the root certificate, read when pem_ssl_root_cert is not set.
     pub ca_file: Option<PathBuf>,
     pub log_level: LogLevel,
     pub log_location: Option<PathBuf>,
@@ -156,17 +161,27 @@ impl AgentConfig {
         self.pem_hosts.first().map_or("127.0.0.1", String::as_str)
     }
 
+    /// sslmode and root certificate as this agent.cfg sets them (pem_ssl_root_cert, else the
+    /// older ca_file).
+    pub fn tls_choice(&self) -> TlsChoice {
+        TlsChoice {
+            mode: self.pem_ssl_mode,
+            root_cert: self
+                .pem_ssl_root_cert
+                .clone()
+                .or_else(|| self.ca_file.clone()),
+        }
+    }
+
     /// Session settings for each configured PEM host: the agent user with its certificate,
-    /// the root CA from ca_file (else libpq's PGSSLROOTCERT or ~/.postgresql/root.crt),
-    /// libpq's sslmode from the environment.
+    /// sslmode and root certificate from agent.cfg (else libpq's PGSSLMODE and PGSSLROOTCERT,
+    /// else verify-full and ~/.postgresql/root.crt).
     pub fn pem_targets(&self) -> Result<Vec<ConnectSettings>, connection::Error> {
         self.pem_hosts
             .iter()
             .map(|h| {
                 let mut s = ConnectSettings::from_env(h, self.pem_port, &self.agent_user, "pem")?;
-                if self.ca_file.is_some() {
-                    s.root_cert = self.ca_file.clone();
-                }
+                s.choose_tls(&TlsChoice::default(), &self.tls_choice())?;
                 s.client_cert = Some((self.agent_ssl_crt.clone(), self.agent_ssl_key.clone()));
                 s.connect_timeout = self.connect_timeout;
                 s.application_name = format!("pemworker agent {}", self.agent_id);
@@ -297,14 +312,26 @@ impl AgentConfig {
                 problem(Some(*line), format!("agent_ssl_crt {}: {e}", c.display()));
             }
         }
-        let ca_file = find("ca_file")
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(line, v)| {
+        let mut existing_file = |key: &str| {
+            find(key).filter(|(_, v)| !v.is_empty()).map(|(line, v)| {
                 if let Err(e) = std::fs::metadata(v) {
-                    problem(Some(line), format!("ca_file {v}: {e}"));
+                    problem(Some(line), format!("{key} {v}: {e}"));
                 }
                 PathBuf::from(v)
-            });
+            })
+        };
+        let ca_file = existing_file("ca_file");
+        let pem_ssl_root_cert = existing_file("pem_ssl_root_cert");
+        let pem_ssl_mode = match find("pem_ssl_mode").filter(|(_, v)| !v.is_empty()) {
+            None => None,
+            Some((line, v)) => match v.parse::<SslMode>() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    problem(Some(line), format!("pem_ssl_mode: {e}"));
+                    None
+                }
+            },
+        };
         let log_level = parsed!(
             "log_level",
             LogLevel::Warning,
@@ -399,6 +426,8 @@ impl AgentConfig {
                         agent_user: agent_user.unwrap_or_else(|| format!("agent{agent_id}")),
                         agent_ssl_key,
                         agent_ssl_crt,
+                        pem_ssl_mode,
+                        pem_ssl_root_cert,
                         ca_file,
                         log_level,
                         log_location,

@@ -10,7 +10,7 @@ pub mod pool;
 mod settings;
 mod tls;
 
-pub use settings::{ConnectSettings, SslMode};
+pub use settings::{ConnectSettings, DEFAULT_SSLMODE, SslMode, TlsChoice};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,6 +58,13 @@ pub enum Error {
     Tls(String),
     #[error("invalid sslmode {0:?}: use disable, allow, prefer, require, verify-ca or verify-full")]
     SslMode(String),
+    /// Verification was asked for (the default) but no root certificate is configured.
+    #[error(
+        "sslmode {mode} for {target} needs the root certificate that signed the server's certificate: \
+         pass --pem-ssl-root-cert FILE (agent.cfg: pem_ssl_root_cert) or set PGSSLROOTCERT, \
+         or choose another --pem-ssl-mode (agent.cfg: pem_ssl_mode) explicitly"
+    )]
+    NoRootCert { mode: SslMode, target: String },
     /// The server answered, but not in the shape the statement promises (no row, a NULL or a
     /// wrong type where a value was expected): a broken or hostile server, never a panic.
     #[error("{what}: unexpected reply from the server: {why}")]
@@ -77,7 +84,10 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Error::ReadFile { .. } | Error::KeyPermissions { .. } | Error::SslMode(_)
+            Error::ReadFile { .. }
+                | Error::KeyPermissions { .. }
+                | Error::SslMode(_)
+                | Error::NoRootCert { .. }
         )
     }
 

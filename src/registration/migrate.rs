@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Error, agent_settings, check_active, check_agent_user, check_rights, refuse_existing};
 use crate::config::AgentConfig;
-use crate::connection::{self, ConnectSettings, pool};
+use crate::connection::{self, ConnectSettings, TlsChoice, pool};
 use crate::error::ExitCode;
 use crate::fsutil::{self, Staged};
 
@@ -28,6 +28,8 @@ pub struct Options {
     /// Certificate and key for the agent user, copied from elsewhere (the guide's way).
     pub reuse: Option<(PathBuf, PathBuf)>,
     pub force: bool,
+    /// sslmode and root certificate given on the command line, written into agent.cfg.
+    pub tls: TlsChoice,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,13 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
     doc.set("pem_port", &o.pooler_port.to_string(), None);
     doc.set("agent_ssl_key", &key_path.display().to_string(), None);
     doc.set("agent_ssl_crt", &crt_path.display().to_string(), None);
+    if let Some(m) = o.tls.mode {
+        doc.set("pem_ssl_mode", m.name(), None);
+    }
+    if let Some(r) = &o.tls.root_cert {
+        let r = std::path::absolute(r).unwrap_or_else(|_| r.clone());
+        doc.set("pem_ssl_root_cert", &r.display().to_string(), None);
+    }
     let mode = file_mode(&o.config_file);
     Staged::write(&o.config_file, doc.render().as_bytes(), mode, None)?.commit()?;
 

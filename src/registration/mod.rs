@@ -575,8 +575,10 @@ fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &
     if let Some(u) = &o.batch_script_user {
         d.set("batch_script_user", u, None);
     }
-    if let Some(ca) = &o.server.root_cert {
-        d.set("ca_file", &ca.display().to_string(), None);
+    // The agent verifies the PEM server as this registration did.
+    d.set("pem_ssl_mode", o.server.sslmode.name(), None);
+    if let Some(root) = &o.server.root_cert {
+        d.set("pem_ssl_root_cert", &root.display().to_string(), None);
     }
     for (k, v) in &o.overrides {
         d.set(k, v, None);

@@ -254,7 +254,6 @@ impl TestBed {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.home)
-            .env("PGSSLMODE", "verify-full")
             .env("PGSSLROOTCERT", &self.root_crt)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
