@@ -261,9 +261,9 @@ pub struct SandboxArgs {
 #[derive(Debug, Subcommand)]
 pub enum PoolerCommand {
     /// Prepare the PEM server for pgBouncer: roles, grants, schema, pg_hba.conf lines.
-    PrepareServer(PrepareServerArgs),
+    PrepareServer(Box<PrepareServerArgs>),
     /// Create a common agent user that agents log in as through pgBouncer.
-    CreateProxyUser(CreateProxyUserArgs),
+    CreateProxyUser(Box<CreateProxyUserArgs>),
     /// Write pgbouncer.ini, its HBA file and user list.
     Configure(Box<ConfigureArgs>),
 }
