@@ -33,6 +33,8 @@ pub struct Seen {
     pub handshake_error: Option<String>,
     /// The server asked for the password in clear text, and it was not sent.
     pub cleartext_refused: bool,
+    /// The server asked for a password of any kind (cleartext, md5, SCRAM).
+    pub password_requested: bool,
 }
 
 /// Shared between the guards of one connection attempt and the code that reports its outcome.
@@ -52,8 +54,10 @@ impl Watch {
 /// What the server's messages said about authentication so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthEvent {
-    /// AuthenticationCleartextPassword.
+    /// AuthenticationCleartextPassword: nothing more is watched.
     CleartextRequested,
+    /// AuthenticationMD5Password or AuthenticationSASL.
+    PasswordRequested,
     /// AuthenticationOk: nothing more to watch.
     Finished,
 }
@@ -88,10 +92,12 @@ impl AuthParser {
         }
     }
 
-    /// Feeds bytes read from the server; returns the first authentication event among them.
-    /// After an event (or a malformed header, which tokio-postgres reports itself) it ignores
-    /// everything.
+    /// Feeds bytes read from the server; returns what they said about authentication: the end
+    /// of it or a cleartext request (after which nothing more is looked at), else a request for
+    /// another kind of password. A malformed header, which tokio-postgres reports itself, ends
+    /// the watch too.
     pub fn feed(&mut self, mut data: &[u8]) -> Option<AuthEvent> {
+        let mut seen = None;
         while !data.is_empty() && !self.done {
             if self.skip > 0 {
                 let n = self.skip.min(data.len());
@@ -110,7 +116,7 @@ impl AuthParser {
             let len = self.length();
             if len < 4 {
                 self.done = true;
-                return None;
+                return seen;
             }
             let body_read = self.have - 5;
             self.skip = len - 4 - body_read;
@@ -122,16 +128,21 @@ impl AuthParser {
                     self.header[7],
                     self.header[8],
                 ]);
-                let event = match code {
-                    0 => AuthEvent::Finished,
-                    3 => AuthEvent::CleartextRequested,
-                    _ => continue,
-                };
-                self.done = true;
-                return Some(event);
+                match code {
+                    0 | 3 => {
+                        self.done = true;
+                        return Some(if code == 0 {
+                            AuthEvent::Finished
+                        } else {
+                            AuthEvent::CleartextRequested
+                        });
+                    }
+                    5 | 10 => seen = Some(AuthEvent::PasswordRequested),
+                    _ => {}
+                }
             }
         }
-        None
+        seen
     }
 }
 
@@ -180,11 +191,7 @@ impl<S> Guarded<S> {
     fn tls(inner: S, watch: Watch, guard_cleartext: bool) -> Guarded<S> {
         Guarded {
             inner,
-            phase: if guard_cleartext {
-                Phase::Watching
-            } else {
-                Phase::Done
-            },
+            phase: Phase::Watching,
             parser: AuthParser::default(),
             guard_cleartext,
             blocked: false,
@@ -195,9 +202,15 @@ impl<S> Guarded<S> {
     fn watch_messages(&mut self, data: &[u8]) {
         match self.parser.feed(data) {
             Some(AuthEvent::CleartextRequested) => {
-                self.blocked = true;
-                self.watch.update(|s| s.cleartext_refused = true);
+                self.watch.update(|s| s.password_requested = true);
+                if self.guard_cleartext {
+                    self.blocked = true;
+                    self.watch.update(|s| s.cleartext_refused = true);
+                }
                 self.phase = Phase::Done;
+            }
+            Some(AuthEvent::PasswordRequested) => {
+                self.watch.update(|s| s.password_requested = true)
             }
             Some(AuthEvent::Finished) => self.phase = Phase::Done,
             None => {}
@@ -214,11 +227,7 @@ impl<S> Guarded<S> {
                     self.phase = Phase::Opaque;
                 } else {
                     self.watch.update(|s| s.tls_refused = true);
-                    self.phase = if self.guard_cleartext {
-                        Phase::Watching
-                    } else {
-                        Phase::Done
-                    };
+                    self.phase = Phase::Watching;
                     if !rest.is_empty() {
                         self.on_read(rest);
                     }
@@ -233,10 +242,8 @@ impl<S> Guarded<S> {
         if let Phase::Start = self.phase {
             self.phase = if data.starts_with(&SSL_REQUEST) {
                 Phase::SslAnswer
-            } else if self.guard_cleartext {
-                Phase::Watching
             } else {
-                Phase::Done
+                Phase::Watching
             };
         }
     }
@@ -347,7 +354,11 @@ fn one_line(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
+        // OpenSSL's error repeats its cause in its own text.
+        let c_text = c.to_string();
+        if !s.contains(&c_text) {
+            s.push_str(&format!(": {c_text}"));
+        }
         cause = c.source();
     }
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -471,7 +482,23 @@ mod tests {
         stream.extend(auth(11, b"server-first"));
         stream.extend(auth(12, b"server-final"));
         let mut p = AuthParser::default();
-        assert_eq!(p.feed(&stream), None);
+        let mut events = Vec::new();
+        let mut rest = &stream[..];
+        // One message per read, as a client reads them.
+        while !rest.is_empty() {
+            let len = 1 + u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            events.push(p.feed(&rest[..len]));
+            rest = &rest[len..];
+        }
+        assert_eq!(
+            events,
+            [
+                Some(AuthEvent::PasswordRequested),
+                Some(AuthEvent::PasswordRequested),
+                None,
+                None
+            ]
+        );
         assert_eq!(p.feed(&auth(0, &[])), Some(AuthEvent::Finished));
         // After the end nothing is looked at, however it looks.
         assert_eq!(p.feed(&auth(3, &[])), None);

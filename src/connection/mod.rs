@@ -254,6 +254,13 @@ fn explain(
             }
         ));
     }
+    if seen.password_requested && settings.password.is_none() {
+        return refused(
+            "the server asked for a password, and this login has none (the agent logs in with \
+             its certificate): have the server (pgBouncer's hba file) authenticate it by certificate"
+                .into(),
+        );
+    }
     if seen.tls_refused && mode >= SslMode::Require {
         return refused(format!(
             "the server does not offer TLS, which sslmode {mode} requires; nothing else was sent"

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod impostor;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
