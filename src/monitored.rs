@@ -159,14 +159,13 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
                 other => other.to_string(),
             },
         })?;
-    let can_monitor: bool = pool::query(
+    let can_monitor: bool = pool::query_value(
         &monitored,
         "checking pg_monitor",
         "SELECT pg_has_role('pg_monitor', 'MEMBER') OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
         &[],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     if !can_monitor {
         return Err(Error::NoMonitorRole {
             user: settings.user.clone(),
@@ -226,7 +225,8 @@ async fn record_server(
         &[(&o.server_addr, Type::TEXT), (&port, Type::INT4)],
     )
     .await?
-    .map(|r| r.get::<_, i32>(0));
+    .map(|r| pool::get::<i32>(&r, 0, "looking for the server"))
+    .transpose()?;
     if let (Some(id), false) = (existing, o.force) {
         return Err(Error::AlreadyRegistered {
             target: format!("{}:{}", o.server_addr, o.server_port),
@@ -246,24 +246,22 @@ async fn record_server(
         (&existing, Type::INT4),
     ];
     let server_id: i32 = match existing {
-        Some(_) => pool::query(
+        Some(_) => pool::query_value(
             client,
             "updating the server",
             "UPDATE pem.server SET display_name = $1, server_addr = $2, port = $3, database = $4, username = $5, \
                     service_name = $6, group_name = $7, team = $8, owner = $9 WHERE id = $10 RETURNING id",
             &params,
         )
-        .await?[0]
-            .get(0),
-        None => pool::query(
+    .await?,
+        None => pool::query_value(
             client,
             "recording the server",
             "INSERT INTO pem.server (display_name, server_addr, port, database, username, service_name, group_name, team, owner) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
             &params[..9],
         )
-        .await?[0]
-            .get(0),
+    .await?,
     };
     let b = &o.binding;
     let bport = i32::from(b.port);
@@ -307,7 +305,8 @@ async fn bound_server(
         &[(&agent_id, Type::INT4), (&host, Type::TEXT), (&port, Type::INT4)],
     )
     .await?
-    .map(|r| r.get(0))
+    .map(|r| pool::get(&r, 0, "looking for the bound server"))
+    .transpose()?
     .ok_or_else(|| Error::NotBound {
         target: format!("{host}:{port}"),
         agent_id,
@@ -420,11 +419,16 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| pool::get(r, 0, "listing probes"))
+        .collect::<Result<_, _>>()?;
         return Err(Error::UnknownProbe(c.probe.to_string(), known.join(", ")));
     };
-    let (probe_id, probe, target): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
+    let what = "looking up the probe";
+    let (probe_id, probe, target): (i32, String, String) = (
+        pool::get(&row, 0, what)?,
+        pool::get(&row, 1, what)?,
+        pool::get(&row, 2, what)?,
+    );
     let server_id = match (target.as_str(), &c.server) {
         ("server", Some((host, port))) => {
             Some(bound_server(&client, c.agent_id, host, *port).await?)
@@ -438,8 +442,8 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
             )
             .await?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| pool::get(r, 0, "listing bound servers"))
+            .collect::<Result<_, _>>()?;
             match ids.as_slice() {
                 [one] => Some(*one),
                 _ => {
@@ -463,9 +467,10 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
         (_, None) => None,
     };
     let interval = c.interval.map(|i| i as i32);
-    let row = &pool::query(
+    let what = "changing the probe schedule";
+    let row = pool::query_one(
         &client,
-        "changing the probe schedule",
+        what,
         "INSERT INTO pem.probe_schedule AS ps (agent_id, server_id, probe_id, interval, enabled) \
          SELECT $1, $2, p.id, coalesce($4, p.default_interval), coalesce($5, p.enabled_by_default) \
            FROM pem.probe p WHERE p.id = $3 \
@@ -480,12 +485,12 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
             (&c.enabled, Type::BOOL),
         ],
     )
-    .await?[0];
+    .await?;
     Ok(ProbeSetting {
         probe,
         server_id,
-        interval: row.get(0),
-        enabled: row.get(1),
+        interval: pool::get(&row, 0, what)?,
+        enabled: pool::get(&row, 1, what)?,
     })
 }
 

@@ -66,13 +66,18 @@ pub async fn collect(console: &Client, probe: &str) -> Result<Vec<Row>, Error> {
     // All rows of one answer share its columns.
     let names: Vec<&str> = first.columns().iter().map(|c| c.name()).collect();
     let positions = positions(spec, &names);
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
-            let values: Vec<Option<&str>> = (0..r.len()).map(|i| r.get(i)).collect();
-            to_row(&positions, &values)
+            let values = (0..r.len())
+                .map(|i| pool::text(r, i, command))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Failed {
+                    probe: probe.to_string(),
+                    message: e.to_string(),
+                })?;
+            Ok(to_row(&positions, &values))
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

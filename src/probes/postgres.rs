@@ -177,7 +177,13 @@ pub async fn collect(
     rows.iter()
         .map(|r| {
             let names: Vec<&str> = r.columns().iter().map(|c| c.name()).collect();
-            let values = (0..r.len()).map(|i| r.get(i)).collect();
+            let values = (0..r.len())
+                .map(|i| pool::text(r, i, probe))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Failed {
+                    probe: probe.to_string(),
+                    message: e.to_string(),
+                })?;
             to_row(spec, &names, values)
         })
         .collect()

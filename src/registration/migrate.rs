@@ -82,7 +82,12 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
         .filter(|p| std::fs::symlink_metadata(p).is_ok())
         .collect();
     let backups = fsutil::backup_all(&existing)?;
-    let config_backup = backups[0].clone();
+    let Some(config_backup) = backups.first().cloned() else {
+        return Err(Error::Missing(format!(
+            "{} disappeared during the migration",
+            o.config_file.display()
+        )));
+    };
     let created: Vec<PathBuf> = if staged.is_empty() {
         Vec::new()
     } else {

@@ -243,17 +243,18 @@ fn refuse_existing(path: &Path, force: bool) -> Result<(), Error> {
 pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) -> Result<(), Error> {
     let target = settings.target();
     let user = &settings.user;
-    let row = &pool::query(
+    let what = "checking the registering user's rights";
+    let row = pool::query_one(
         client,
-        "checking the registering user's rights",
+        what,
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                          WHERE n.nspname = 'pem' AND c.relname = 'agent'), \
                 EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pem_admin') \
                 AND pg_catalog.pg_has_role('pem_admin', 'MEMBER')",
         &[],
     )
-    .await?[0];
-    if !row.get::<_, bool>(0) {
+    .await?;
+    if !pool::get::<bool>(&row, 0, what)? {
         return Err(Error::SchemaMissing {
             database: settings.dbname.clone(),
             target,
@@ -264,26 +265,26 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
         target: target.clone(),
         missing: m,
     };
-    if !row.get::<_, bool>(1) {
+    if !pool::get::<bool>(&row, 1, what)? {
         return Err(missing(format!(
             "not a member of pem_admin (run GRANT pem_admin TO {user} on the PEM server)"
         )));
     }
-    let row = &pool::query(
+    let row = pool::query_one(
         client,
-        "checking the registering user's rights",
+        what,
         "SELECT has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
                 has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
                 has_function_privilege('pem.create_proxy_agent_user(varchar)', 'EXECUTE')",
         &[],
     )
-    .await?[0];
+    .await?;
     for (i, what) in [
         (0, "no INSERT or UPDATE on pem.agent"),
         (1, "no EXECUTE on pem.sign_agent_csr(text)"),
         (2, "no EXECUTE on pem.create_proxy_agent_user(varchar)"),
     ] {
-        if !row.get::<_, bool>(i) {
+        if !pool::get::<bool>(&row, i, what)? {
             return Err(missing(format!(
                 "{what} (grant it to pem_admin on the PEM server)"
             )));
@@ -298,8 +299,7 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
 pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Result<bool, Error> {
     let exists = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)";
     let what = format!("checking agent user {agent_user}");
-    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
-    {
+    if pool::query_value::<bool>(client, &what, exists, &[(&agent_user, Type::TEXT)]).await? {
         return Ok(false);
     }
     pool::execute(
@@ -309,8 +309,7 @@ pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Resu
         &[],
     )
     .await?;
-    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
-    {
+    if pool::query_value::<bool>(client, &what, exists, &[(&agent_user, Type::TEXT)]).await? {
         return Ok(false);
     }
     pool::execute(
@@ -331,14 +330,13 @@ pub(crate) async fn obtain_certificate(
 ) -> Result<(KeyPair, String), Error> {
     let key = certs::generate_key()?;
     let csr = certs::csr_pem(&key, agent_user)?;
-    let cert: String = pool::query(
+    let cert: String = pool::query_value(
         client,
         &format!("signing the certificate of {agent_user}"),
         "SELECT pem.sign_agent_csr($1)",
         &[(&csr, Type::TEXT)],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     cert_check::check(&cert, &key, agent_user, root_cert).map_err(|why| Error::BadCertificate {
         agent_user: agent_user.to_string(),
         why,
@@ -488,14 +486,14 @@ async fn upsert_agent(
     )
     .await?;
     if let Some(r) = row {
-        return Ok((r.get(0), true));
+        return Ok((pool::get(&r, 0, "registering the agent")?, true));
     }
     if let Some(id) = previous {
         tracing::warn!(
             "agent id {id} from the existing agent.cfg is unknown to the PEM server; registering a new agent"
         );
     }
-    let row = pool::query(
+    let id: i32 = pool::query_value(
         client,
         "registering the agent",
         "INSERT INTO pem.agent (display_name, host_name, group_name, team, owner, allow_server_restart, \
@@ -504,7 +502,7 @@ async fn upsert_agent(
         &params[..9],
     )
     .await?;
-    Ok((row[0].get(0), false))
+    Ok((id, false))
 }
 
 /// Marks other active registrations of the same host and display name inactive: the row a
@@ -522,7 +520,10 @@ async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Resul
         ],
     )
     .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rows.iter()
+        .map(|r| pool::get(r, 0, "deactivating duplicate registrations"))
+        .collect::<Result<_, _>>()
+        .map_err(Error::from)
 }
 
 /// Best effort after the server committed but a file could not be put in place.
@@ -542,7 +543,7 @@ async fn undo_registration(
         .await;
     }
     if let Some(role) = created_role {
-        if let Ok(rows) = pool::query(
+        if let Ok(drop) = pool::query_value::<String>(
             client,
             "undo",
             "SELECT format('DROP ROLE %I', $1::text)",
@@ -550,12 +551,7 @@ async fn undo_registration(
         )
         .await
         {
-            let _ = pool::batch(
-                client,
-                "undoing the agent user",
-                &rows[0].get::<_, String>(0),
-            )
-            .await;
+            let _ = pool::batch(client, "undoing the agent user", &drop).await;
         }
     }
 }
@@ -612,7 +608,8 @@ pub(crate) async fn check_active(
         &[(&id.agent_id, Type::INT4)],
     )
     .await?;
-    match row.map(|r| r.get::<_, bool>(0)) {
+    let what = "reading the agent's registration";
+    match row.map(|r| pool::get::<bool>(&r, 0, what)).transpose()? {
         Some(true) => Ok(()),
         Some(false) => Err(Error::Inactive {
             agent_id: id.agent_id,

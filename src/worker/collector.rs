@@ -156,41 +156,54 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
             return Err(e);
         }
     };
+    let what = "reading the probe schedule";
     let mut jobs = Vec::new();
     for r in rows {
-        let name: String = r.get(0);
-        let target: String = r.get(1);
+        let name: String = pool::get(&r, 0, what)?;
+        let target: String = pool::get(&r, 1, what)?;
         let place = match Target::parse(&target) {
             Some(Target::Agent) => Place::Agent,
-            Some(Target::Server) => match r.get::<_, Option<i32>>(2) {
+            Some(Target::Server) => match pool::get::<Option<i32>>(&r, 2, what)? {
                 Some(id) => Place::Server(id),
                 None => continue,
             },
-            Some(Target::Pgbouncer) => match r.get::<_, Option<String>>(3) {
+            Some(Target::Pgbouncer) => match pool::get::<Option<String>>(&r, 3, what)? {
                 Some(b) => Place::Pgbouncer(b),
                 None => continue,
             },
             None => continue,
         };
-        let interval = Duration::from_secs(r.get::<_, i32>(4).max(1) as u64);
-        jobs.push((name, place, interval, r.get::<_, bool>(5)));
+        let interval = Duration::from_secs(pool::get::<i32>(&r, 4, what)?.max(1) as u64);
+        jobs.push((name, place, interval, pool::get::<bool>(&r, 5, what)?));
     }
-    let servers = servers
-        .iter()
-        .filter_map(|r| {
-            let s = monitored(r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))?;
-            Some((r.get::<_, i32>(0), s))
-        })
-        .collect();
-    let bouncers = bouncers
-        .iter()
-        .filter_map(|r| {
-            Some((
-                r.get::<_, String>(0),
-                monitored(r.get(1), r.get(2), "pgbouncer", r.get(3), r.get(4))?,
-            ))
-        })
-        .collect();
+    let what = "reading monitored servers";
+    let mut server_settings = HashMap::new();
+    for r in &servers {
+        if let Some(s) = monitored(
+            pool::get(r, 1, what)?,
+            pool::get(r, 2, what)?,
+            pool::get(r, 3, what)?,
+            pool::get(r, 4, what)?,
+            pool::get(r, 5, what)?,
+        ) {
+            server_settings.insert(pool::get::<i32>(r, 0, what)?, s);
+        }
+    }
+    let servers = server_settings;
+    let what = "reading bound pgBouncers";
+    let mut bouncer_settings = HashMap::new();
+    for r in &bouncers {
+        if let Some(s) = monitored(
+            pool::get(r, 1, what)?,
+            pool::get(r, 2, what)?,
+            "pgbouncer",
+            pool::get(r, 3, what)?,
+            pool::get(r, 4, what)?,
+        ) {
+            bouncer_settings.insert(pool::get::<String>(r, 0, what)?, s);
+        }
+    }
+    let bouncers = bouncer_settings;
     Ok(Some(Fetched {
         jobs,
         servers,

@@ -31,16 +31,23 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 tracing::debug!("heartbeat skipped: {e}");
             }
             Ok(client) => {
-                let r = pool::query(
+                let what = "recording a heartbeat";
+                let r = pool::query_one(
                     &client,
-                    "recording a heartbeat",
+                    what,
                     BEAT,
                     &[(&config.agent_id, Type::INT4), (&version, Type::TEXT)],
                 )
-                .await;
+                .await
+                .and_then(|row| {
+                    Ok((
+                        pool::get::<bool>(&row, 0, what)?,
+                        pool::get::<Option<i32>>(&row, 1, what)?,
+                        pool::get::<Option<i32>>(&row, 2, what)?,
+                    ))
+                });
                 match r {
-                    Ok(rows) => {
-                        let active: bool = rows[0].get(0);
+                    Ok((active, secs, server_port)) => {
                         shared.stats.heartbeat(active);
                         if !active {
                             tracing::error!(
@@ -48,13 +55,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                                 config.agent_id
                             );
                         }
-                        if let Some(secs) = rows[0].get::<_, Option<i32>>(1) {
+                        if let Some(secs) = secs {
                             interval = Duration::from_secs(secs.max(1) as u64);
                         }
                         if !warned_start {
                             warned_start = true;
                             // Through pgBouncer the backend's port is not the one we dialled.
-                            let server_port: Option<i32> = rows[0].get(2);
                             let tcp = !config.pem_hosts.iter().all(|h| h.starts_with('/'));
                             let pooled = tcp && server_port != Some(i32::from(config.pem_port));
                             if pooled {
