@@ -279,14 +279,14 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
         &[],
     )
     .await?;
-    for (i, what) in [
+    for (i, lacking) in [
         (0, "no INSERT or UPDATE on pem.agent"),
         (1, "no EXECUTE on pem.sign_agent_csr(text)"),
         (2, "no EXECUTE on pem.create_proxy_agent_user(varchar)"),
     ] {
         if !pool::get::<bool>(&row, i, what)? {
             return Err(missing(format!(
-                "{what} (grant it to pem_admin on the PEM server)"
+                "{lacking} (grant it to pem_admin on the PEM server)"
             )));
         }
     }

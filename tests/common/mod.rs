@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod impostor;
 
 use std::os::unix::fs::PermissionsExt;
