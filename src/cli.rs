@@ -757,6 +757,7 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         sslmode,
     };
     let (agent, admin) = agent_and_admin(a)?;
+    let targets_file = crate::targets::file_for(&agent.path);
     let pgpass = crate::monitored::pgpass_file();
     let in_pgpass = crate::secret::from_pgpass(
         &pgpass,
@@ -796,12 +797,13 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         force: a.force_registration,
         password,
         pgpass,
+        targets_file,
     })
 }
 
 pub fn resolve_unregister_server(
     a: &AgentArgs,
-) -> Result<(ConnectSettings, i32, String, u16), Error> {
+) -> Result<(ConnectSettings, i32, String, u16, PathBuf), Error> {
     let host = a.asb_host_name.clone().ok_or_else(|| {
         missing(
             "--asb-host-name",
@@ -812,7 +814,8 @@ pub fn resolve_unregister_server(
         .server_port
         .ok_or_else(|| missing("--server-port", "the monitored server's port"))?;
     let (agent, admin) = agent_and_admin(a)?;
-    Ok((admin, agent.agent_id, host, port))
+    let targets_file = crate::targets::file_for(&agent.path);
+    Ok((admin, agent.agent_id, host, port, targets_file))
 }
 
 pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChange, Error> {

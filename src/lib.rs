@@ -18,6 +18,8 @@
 //! - [`worker`]: the running agent: heartbeat, collector and delivery loops, reload, shutdown.
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
 //! - [`monitored`]: monitored servers and probe settings (`--register-server`, `--enable-probe` ...).
+//! - [`targets`]: the monitored servers registered from this host, the only ones that get a
+//!   password, and the weakest sslmode for each.
 //! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
 //! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
@@ -39,6 +41,7 @@ pub mod sandbox;
 pub mod schema;
 pub mod secret;
 pub mod spool;
+pub mod targets;
 pub mod worker;
 
 pub use error::{Error, ExitCode};

@@ -18,6 +18,7 @@ use crate::error::ExitCode;
 use crate::fsutil::{self, Staged};
 use crate::registration::{self, check_rights};
 use crate::secret::Secret;
+use crate::targets::{self, Kind, Registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -27,6 +28,8 @@ pub enum Error {
     Connection(#[from] connection::Error),
     #[error(transparent)]
     Files(#[from] fsutil::Error),
+    #[error(transparent)]
+    Targets(#[from] targets::Error),
     #[error("cannot connect to the monitored server {target} as {user}: {cause}")]
     Monitored {
         target: String,
@@ -55,6 +58,8 @@ impl Error {
             Error::Registration(e) => e.exit_code(),
             Error::Connection(e) => crate::error::connection_exit_code(e),
             Error::Files(e) => crate::error::files_exit_code(e),
+            Error::Targets(targets::Error::Files(e)) => crate::error::files_exit_code(e),
+            Error::Targets(targets::Error::Corrupt { .. }) => ExitCode::Config,
             Error::Monitored { .. } => ExitCode::Connect,
             Error::NoMonitorRole { .. } => ExitCode::Server,
             Error::AlreadyRegistered { .. }
@@ -73,17 +78,6 @@ pub struct Binding {
     pub database: String,
     pub user: String,
     pub sslmode: SslMode,
-}
-
-fn sslmode_name(m: SslMode) -> &'static str {
-    match m {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
 }
 
 /// Everything `--register-server` needs.
@@ -108,6 +102,8 @@ pub struct ServerOptions {
     pub password: Option<Secret>,
     /// The agent user's libpq password file.
     pub pgpass: PathBuf,
+    /// The record of targets registered from this host ([`crate::targets`]).
+    pub targets_file: PathBuf,
 }
 
 /// What `--register-server` did.
@@ -191,6 +187,19 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
         None => None,
     };
 
+    // The record that lets the worker send this password here, and only here.
+    let staged_target = Registry::load(&o.targets_file)?
+        .with(targets::Target {
+            kind: Kind::Server,
+            host: o.binding.host.clone(),
+            port: o.binding.port,
+            database: o.binding.database.clone(),
+            user: o.binding.user.clone(),
+            sslmode: o.binding.sslmode.name().to_string(),
+            root_cert: settings.root_cert.clone(),
+        })
+        .stage(&o.targets_file)?;
+
     let client = connection::connect(&o.admin).await?;
     check_rights(&client, &o.admin).await?;
     let (server_id, updated) = pool::transaction(
@@ -199,6 +208,7 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
         record_server(&client, o),
     )
     .await?;
+    staged_target.commit()?;
     let password_saved_in = match staged_pgpass {
         Some(s) => {
             s.commit()?;
@@ -265,7 +275,7 @@ async fn record_server(
     };
     let b = &o.binding;
     let bport = i32::from(b.port);
-    let sslmode = sslmode_name(b.sslmode);
+    let sslmode = b.sslmode.name();
     pool::execute(
         client,
         "binding the server to the agent",
@@ -320,7 +330,11 @@ pub async fn unregister_server(
     agent_id: i32,
     host: &str,
     port: u16,
+    targets_file: &Path,
 ) -> Result<i32, Error> {
+    let staged = Registry::load(targets_file)?
+        .without(Kind::Server, host, port)
+        .stage(targets_file)?;
     let client = connection::connect(admin).await?;
     check_rights(&client, admin).await?;
     let work = async {
@@ -343,7 +357,9 @@ pub async fn unregister_server(
         .await?;
         Ok::<_, Error>(server_id)
     };
-    pool::transaction(&client, "unregistering the server", work).await
+    let id = pool::transaction(&client, "unregistering the server", work).await?;
+    staged.commit()?;
+    Ok(id)
 }
 
 /// Which probe `--enable-probe` / `--disable-probe` mean.

@@ -112,7 +112,7 @@ async fn fleet(bed: &TestBed, n: usize) -> (Vec<Agent>, i32) {
     )
     .await
     .unwrap();
-    let server_id = pemworker::sandbox::bind_servers(bed, agents[0].id, 2)
+    let server_id = pemworker::sandbox::bind_servers(bed, agents[0].id, &agents[0].cfg, 2)
         .await
         .unwrap();
     (agents, server_id)

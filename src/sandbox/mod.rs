@@ -178,7 +178,7 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
         &[(&id, Type::INT4)],
     )
     .await?;
-    bind_servers(servers, id, 10).await?;
+    bind_servers(servers, id, &cfg, 10).await?;
 
     let state = site.join("state");
     let stderr = std::fs::File::create(site.join("worker.stderr"))
@@ -210,10 +210,16 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
 }
 
 /// Binds the sandbox's own PostgreSQL (through a `monitor` login in pg_monitor) and pgBouncer
-/// to agent `agent_id`, schedules their probes every `interval` seconds, and keeps the
-/// passwords those logins need in the agent's `<home>/.pgpass` (never on the PEM server).
+/// to agent `agent_id`, schedules their probes every `interval` seconds, keeps the passwords
+/// those logins need in the agent's `<home>/.pgpass` (never on the PEM server), and records
+/// both as registered from this host beside the agent's `config_file` (see [`crate::targets`]).
 /// Returns the monitored server's id.
-pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Result<i32, Error> {
+pub async fn bind_servers(
+    servers: &Servers,
+    agent_id: i32,
+    config_file: &Path,
+    interval: i32,
+) -> Result<i32, Error> {
     let su = connection::connect(&servers.superuser()).await?;
     let monitor_pw = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let create = pool::query_value::<String>(
@@ -264,6 +270,34 @@ pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Re
     )
     .and_then(|s| s.commit())
     .map_err(|e| Error::Step(e.to_string()))?;
+    let record = |kind, port, database: &str, user: &str| crate::targets::Target {
+        kind,
+        host: "127.0.0.1".into(),
+        port,
+        database: database.into(),
+        user: user.into(),
+        sslmode: "verify-full".into(),
+        root_cert: Some(servers.root_crt.clone()),
+    };
+    let file = crate::targets::file_for(config_file);
+    crate::targets::Registry::load(&file)
+        .map(|r| {
+            r.with(record(
+                crate::targets::Kind::Server,
+                servers.pg_port,
+                "postgres",
+                "monitor",
+            ))
+            .with(record(
+                crate::targets::Kind::Pgbouncer,
+                servers.pgb_port,
+                "pgbouncer",
+                servers::ADMIN_USER,
+            ))
+        })
+        .and_then(|r| r.stage(&file))
+        .and_then(|s| s.commit().map_err(Into::into))
+        .map_err(|e| Error::Step(e.to_string()))?;
     Ok(server_id)
 }
 

@@ -17,8 +17,9 @@ use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::connection::{self, ConnectSettings, SslMode, pool};
+use crate::connection::{self, ConnectSettings, pool};
 use crate::probes::{self, PROBES, ProbeSpec, Sample, Target, os::OsProbes};
+use crate::targets::{self, Kind, Registry};
 
 /// Longest a statement on a monitored server may run.
 pub const PROBE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -176,10 +177,13 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
         let interval = Duration::from_secs(pool::get::<i32>(&r, 4, what)?.max(1) as u64);
         jobs.push((name, place, interval, pool::get::<bool>(&r, 5, what)?));
     }
+    let registry = local_targets(&shared.config().path);
     let what = "reading monitored servers";
     let mut server_settings = HashMap::new();
     for r in &servers {
         if let Some(s) = monitored(
+            &registry,
+            Kind::Server,
             pool::get(r, 1, what)?,
             pool::get(r, 2, what)?,
             pool::get(r, 3, what)?,
@@ -194,6 +198,8 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     let mut bouncer_settings = HashMap::new();
     for r in &bouncers {
         if let Some(s) = monitored(
+            &registry,
+            Kind::Pgbouncer,
             pool::get(r, 1, what)?,
             pool::get(r, 2, what)?,
             "pgbouncer",
@@ -211,9 +217,25 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     }))
 }
 
-/// Settings for a monitored server or pgBouncer console. The password, if one is needed,
-/// comes from the agent user's ~/.pgpass (or PGPASSFILE): never from the PEM server.
+/// The targets registered from this host (see [`targets`]); an unreadable record is logged
+/// and probes nothing.
+fn local_targets(config_file: &std::path::Path) -> Registry {
+    let file = targets::file_for(config_file);
+    Registry::load(&file).unwrap_or_else(|e| {
+        targets::warn_once(&targets::Refusal::Settings {
+            what: "no monitored server is probed".into(),
+            why: e.to_string(),
+        });
+        Registry::default()
+    })
+}
+
+/// Settings for a monitored server or pgBouncer console bound on the PEM server, as the local
+/// record allows them ([`Registry::settings`]): the password, if one is needed, comes from the
+/// agent user's ~/.pgpass (or PGPASSFILE), never from the PEM server.
 fn monitored(
+    registry: &Registry,
+    kind: Kind,
     host: String,
     port: i32,
     db: &str,
@@ -221,11 +243,16 @@ fn monitored(
     sslmode: String,
 ) -> Option<ConnectSettings> {
     let port = u16::try_from(port).ok()?;
-    let mut s = ConnectSettings::from_env(&host, port, &user, db).ok()?;
-    s.sslmode = sslmode.parse::<SslMode>().ok()?;
-    s.resolve_password(&[]);
-    s.connect_timeout = PROBE_STATEMENT_TIMEOUT;
-    Some(s)
+    match registry.settings(kind, &host, port, db, &user, &sslmode) {
+        Ok(mut s) => {
+            s.connect_timeout = PROBE_STATEMENT_TIMEOUT;
+            Some(s)
+        }
+        Err(refusal) => {
+            targets::warn_once(&refusal);
+            None
+        }
+    }
 }
 
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
