@@ -315,4 +315,41 @@ mod tests {
                 .contains("invalid sslmode")
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_record_text_is_read_without_a_panic(text in "\\PC{0,200}") {
+                let _ = Registry::parse(&text);
+            }
+
+            #[test]
+            fn a_record_reads_back_and_allows_exactly_its_place(
+                host in "[a-z0-9.:-]{1,20}",
+                port in 1u16..,
+                database in "\\PC{1,12}",
+                user in "\\PC{1,12}",
+                mode in proptest::sample::select(vec!["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]),
+                server in "[a-z-]{0,12}",
+            ) {
+                let t = Target {
+                    kind: Kind::Server,
+                    host: host.clone(),
+                    port,
+                    database: database.clone(),
+                    user: user.clone(),
+                    sslmode: mode.to_string(),
+                    root_cert: None,
+                };
+                let r = Registry::parse(&Registry::default().with(t).render()).unwrap();
+                let s = r.settings(Kind::Server, &host, port, &database, &user, &server).unwrap();
+                prop_assert!(s.sslmode >= mode.parse::<SslMode>().unwrap());
+                prop_assert!(r.settings(Kind::Server, &host, port.wrapping_add(1).max(1), &database, &user, &server).is_err() || port == u16::MAX);
+                prop_assert!(r.settings(Kind::Pgbouncer, &host, port, &database, &user, &server).is_err());
+            }
+        }
+    }
 }

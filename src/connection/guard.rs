@@ -519,4 +519,54 @@ mod tests {
         );
         assert_eq!(p.feed(&auth(3, &[])), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A server's message: an authentication request with one of its codes, or another.
+        fn server_message() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (
+                    prop_oneof![Just(5i32), Just(10), Just(11), Just(12), Just(7), Just(9)],
+                    proptest::collection::vec(any::<u8>(), 0..20)
+                )
+                    .prop_map(|(code, extra)| auth(code, &extra)),
+                (
+                    proptest::sample::select(b"ESNKZ".to_vec()),
+                    proptest::collection::vec(any::<u8>(), 0..30)
+                )
+                    .prop_map(|(ty, body)| message(ty, &body)),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn a_cleartext_request_is_seen_however_the_reads_fall(
+                before in proptest::collection::vec(server_message(), 0..6),
+                cuts in proptest::collection::vec(1usize..40, 0..20),
+            ) {
+                let mut stream: Vec<u8> = before.concat();
+                stream.extend(auth(3, &[]));
+                let mut p = AuthParser::default();
+                let mut events = Vec::new();
+                let mut rest = &stream[..];
+                for c in cuts {
+                    let n = c.min(rest.len());
+                    events.push(p.feed(&rest[..n]));
+                    rest = &rest[n..];
+                }
+                events.push(p.feed(rest));
+                prop_assert!(events.contains(&Some(AuthEvent::CleartextRequested)));
+            }
+
+            #[test]
+            fn any_bytes_are_followed_without_a_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let mut p = AuthParser::default();
+                for chunk in data.chunks(7) {
+                    let _ = p.feed(chunk);
+                }
+            }
+        }
+    }
 }
