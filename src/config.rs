@@ -412,6 +412,28 @@ impl AgentConfig {
         let agent_user = find("agent_user")
             .filter(|(_, v)| !v.is_empty())
             .map(|(_, v)| v.to_string());
+        // A verifying sslmode (the default) without a root certificate cannot connect at all:
+        // say so now, not at every reconnection.
+        let tls = TlsChoice {
+            mode: pem_ssl_mode,
+            root_cert: pem_ssl_root_cert.clone().or_else(|| ca_file.clone()),
+        };
+        if let Ok(mut s) = ConnectSettings::from_env("pem", pem_port, "agent", "pem") {
+            let tcp = pem_hosts.iter().any(|h| !h.starts_with('/'));
+            if s.choose_tls(&TlsChoice::default(), &tls).is_ok()
+                && tcp
+                && s.sslmode.verifies(false)
+                && s.root_cert.is_none()
+            {
+                problem(
+                    find("pem_ssl_mode").map(|(l, _)| l),
+                    format!(
+                        "sslmode {} needs the root certificate that signed the PEM server's (or pgBouncer's) certificate: set pem_ssl_root_cert (or PGSSLROOTCERT), or choose pem_ssl_mode explicitly",
+                        s.sslmode
+                    ),
+                );
+            }
+        }
 
         match (agent_id, key, crt) {
             (Some(agent_id), Some((_, agent_ssl_key)), Some((_, agent_ssl_crt)))
@@ -473,8 +495,9 @@ mod tests {
             &format!(
                 "[PEM/agent]\npem_host=h1, h2\npem_port=6432\nagent_id=12\nagent_ssl_key={}\nagent_ssl_crt={}\n\
                  log_level=debug1\nlong_wait=20\nmax_connections=0\nconnect_timeout=-1\nconnection_lifetime=300\n\
-                 heartbeat_connection=true\nspool_limit=8MB\nmystery=1\n",
+                 heartbeat_connection=true\nspool_limit=8MB\nmystery=1\npem_ssl_root_cert={}\n",
                 key.display(),
+                crt.display(),
                 crt.display()
             ),
             0o644,
@@ -495,6 +518,8 @@ mod tests {
         assert_eq!(c.connection_lifetime, Some(Duration::from_secs(300)));
         assert!(c.heartbeat_connection);
         assert_eq!(c.spool_limit, 8 << 20);
+        assert_eq!(c.pem_ssl_mode, None, "verify-full unless chosen");
+        assert_eq!(c.tls_choice().root_cert, Some(crt.clone()));
         assert_eq!(warnings.len(), 1);
         assert!(
             warnings[0].contains(":14: unknown key mystery"),
@@ -532,7 +557,16 @@ mod tests {
             "{msgs:?}"
         );
         assert!(has("agent.cfg:5: log_level \"loud\""), "{msgs:?}");
-        assert_eq!(msgs.len(), 5, "{msgs:?}");
+        // Unless this machine's environment provides a root certificate.
+        let env_root = std::env::var_os("PGSSLROOTCERT").is_some_and(|v| !v.is_empty())
+            || std::env::var_os("HOME")
+                .is_some_and(|h| Path::new(&h).join(".postgresql/root.crt").exists());
+        assert_eq!(
+            has("agent.cfg: sslmode verify-full needs the root certificate"),
+            !env_root,
+            "{msgs:?}"
+        );
+        assert_eq!(msgs.len(), if env_root { 5 } else { 6 }, "{msgs:?}");
     }
 
     #[test]

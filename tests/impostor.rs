@@ -186,6 +186,24 @@ async fn the_worker_sends_no_sample_to_an_impostor_and_keeps_them_in_its_spool()
     let bed = TestBed::start();
     let (cfg, agent_id) = bed.register_agent("agent");
     let state: PathBuf = bed.home.join("agent/state");
+
+    // Without a root certificate the default verify-full cannot work: one line, exit 1, at
+    // start (not a retry loop).
+    let out = Command::new(env!("CARGO_BIN_EXE_pemworker"))
+        .arg("-c")
+        .arg(&cfg)
+        .args(["-o", "pem_ssl_root_cert=", "-f"])
+        .env_clear()
+        .env("HOME", &bed.home)
+        .output()
+        .unwrap();
+    let (code, _, err) = outcome(&out);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("sslmode verify-full needs the root certificate that signed the PEM server's (or pgBouncer's) certificate: set pem_ssl_root_cert"),
+        "{err}"
+    );
     let base = |port: u16| {
         vec![
             ("pem_port", port.to_string()),

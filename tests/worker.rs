@@ -469,7 +469,7 @@ fn a_bad_agent_cfg_gets_one_error_per_problem_and_exit_code_1() {
     write_mode(
         &cfg,
         &format!(
-            "[PEM/agent]\npem_host=127.0.0.1\npem_port=sixty-four\nagent_ssl_key={}\nagent_ssl_crt={}\n",
+            "[PEM/agent]\npem_host=127.0.0.1\npem_port=sixty-four\nagent_ssl_key={}\nagent_ssl_crt={}\npem_ssl_mode=require\n",
             key.display(),
             dir.path().join("missing.crt").display()
         ),
