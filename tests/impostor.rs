@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::impostor::{Auth, Impostor, Tls};
@@ -125,27 +125,6 @@ async fn registration_sends_no_password_to_an_impostor_and_says_why() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
-/// The worker with `overrides`, and PGSSLROOTCERT only if `root_env`.
-fn spawn_worker(bed: &TestBed, cfg: &Path, overrides: &[(&str, String)], root_env: bool) -> Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pemworker"));
-    c.arg("-c").arg(cfg).arg("-f");
-    for (k, v) in overrides {
-        c.arg("-o").arg(format!("{k}={v}"));
-    }
-    let log = std::fs::File::create(cfg.with_extension("stderr")).unwrap();
-    c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", &bed.home);
-    if root_env {
-        c.env("PGSSLROOTCERT", &bed.root_crt);
-    }
-    c.stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
 fn stats(state: &Path) -> Snapshot {
     std::fs::read(state.join("stats.json"))
         .ok()
@@ -255,7 +234,7 @@ async fn the_worker_sends_no_sample_to_an_impostor_and_keeps_them_in_its_spool()
     for (name, impostor, extra, root_env, says) in cases {
         let mut o = base(impostor.port);
         o.extend(extra.iter().cloned());
-        let child = spawn_worker(&bed, &cfg, &o, root_env);
+        let child = bed.start_worker_env(&cfg, &o, root_env);
         let log = cfg.with_extension("stderr");
         wait_for(
             &format!("{name}: the reason in the log"),
@@ -299,7 +278,7 @@ async fn the_worker_sends_no_sample_to_an_impostor_and_keeps_them_in_its_spool()
     assert!(cleartext.got(b"pem_agent_user1"));
 
     // The real server, with the same state directory: everything spooled is delivered.
-    let child = spawn_worker(&bed, &cfg, &base(bed.pgb_port)[1..], true);
+    let child = bed.start_worker(&cfg, &base(bed.pgb_port)[1..]);
     wait_for(
         "the spool to drain into the real server",
         Duration::from_secs(90),

@@ -248,6 +248,16 @@ impl TestBed {
 
     /// Starts `pemworker -c <cfg> -f` with the bed's environment and extra `-o` settings.
     pub fn start_worker(&self, cfg: &Path, overrides: &[(&str, String)]) -> Child {
+        self.start_worker_env(cfg, overrides, true)
+    }
+
+    /// As [`TestBed::start_worker`]; PGSSLROOTCERT (the bed's root) only if `root_env`.
+    pub fn start_worker_env(
+        &self,
+        cfg: &Path,
+        overrides: &[(&str, String)],
+        root_env: bool,
+    ) -> Child {
         let mut c = Command::new(env!("CARGO_BIN_EXE_pemworker"));
         c.arg("-c").arg(cfg).arg("-f");
         for (k, v) in overrides {
@@ -256,9 +266,11 @@ impl TestBed {
         let log = std::fs::File::create(cfg.with_extension("stderr")).unwrap();
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", &self.home)
-            .env("PGSSLROOTCERT", &self.root_crt)
-            .stdin(Stdio::null())
+            .env("HOME", &self.home);
+        if root_env {
+            c.env("PGSSLROOTCERT", &self.root_crt);
+        }
+        c.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
