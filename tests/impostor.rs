@@ -259,6 +259,7 @@ async fn the_worker_sends_no_sample_to_an_impostor_and_keeps_them_in_its_spool()
             b"jsonb_to_recordset",
             b"delivery_key",
             b"record_heartbeat",
+            b"store_samples",
             b"agent_schedule",
         ] {
             assert!(
