@@ -38,6 +38,8 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 
 /// Keys agent.cfg may hold besides [`DEFAULTS`].
 pub const OTHER_KEYS: &[&str] = &[
+    "pem_ssl_mode",
+    "pem_ssl_root_cert",
     "enable_webhook",
     "batch_script_dir",
     "batch_script_user",
@@ -297,7 +299,7 @@ mod tests {
         let text = SAMPLE
             .replace("/root/.pem/agent12.key", &key.display().to_string())
             .replace("/root/.pem/agent12.crt", &crt.display().to_string());
-        std::fs::write(&p, text).unwrap();
+        std::fs::write(&p, format!("{text}pem_ssl_mode=require\n")).unwrap();
         let (_, id) = crate::config::AgentConfig::load_with_document(&p).unwrap();
         assert_eq!(
             (id.agent_id, id.agent_user.as_str(), id.pem_port),

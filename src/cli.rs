@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::Error;
-use crate::connection::ConnectSettings;
+use crate::connection::{ConnectSettings, SslMode, TlsChoice};
 use crate::fsutil::Owner;
 use crate::pooler::{bouncer, hba, prepare};
 use crate::registration::{self, migrate};
@@ -51,6 +51,13 @@ pub struct AgentArgs {
     /// PEM server (or pgBouncer) port [default: 5432].
     #[arg(long = "pem-port", value_name = "PORT")]
     pub pem_port: Option<u16>,
+    /// sslmode towards the PEM server (libpq's names) [default: verify-full; PEM's is require].
+    #[arg(long = "pem-ssl-mode", value_name = "MODE")]
+    pub pem_ssl_mode: Option<String>,
+    /// Root certificate that must have signed the PEM server's (or pgBouncer's) certificate
+    /// [default: PGSSLROOTCERT, else ~/.postgresql/root.crt].
+    #[arg(long = "pem-ssl-root-cert", value_name = "FILE")]
+    pub pem_ssl_root_cert: Option<PathBuf>,
     /// PEM admin user that registers the agent.
     #[arg(long = "pem-user", value_name = "USER")]
     pub pem_user: Option<String>,
@@ -289,16 +296,17 @@ pub struct SandboxArgs {
 #[derive(Debug, Subcommand)]
 pub enum PoolerCommand {
     /// Prepare the PEM server for pgBouncer: roles, grants, schema, pg_hba.conf lines.
-    PrepareServer(PrepareServerArgs),
+    PrepareServer(Box<PrepareServerArgs>),
     /// Create a common agent user that agents log in as through pgBouncer.
-    CreateProxyUser(CreateProxyUserArgs),
+    CreateProxyUser(Box<CreateProxyUserArgs>),
     /// Write pgbouncer.ini, its HBA file and user list.
     Configure(Box<ConfigureArgs>),
 }
 
 /// How to reach the PEM server, with PEM's flag names. The password comes from
-/// PEM_SERVER_PASSWORD, PGPASSWORD, ~/.pgpass or a prompt; PGSSLMODE and the other libpq
-/// variables keep libpq's meanings.
+/// PEM_SERVER_PASSWORD, PGPASSWORD, ~/.pgpass or a prompt; the server's certificate is verified
+/// (verify-full) unless --pem-ssl-mode or PGSSLMODE says otherwise; the other libpq variables
+/// keep libpq's meanings.
 #[derive(Debug, Args)]
 pub struct PemServerArgs {
     /// PEM server host name or address (or a Unix socket directory).
@@ -310,6 +318,13 @@ pub struct PemServerArgs {
     pub pem_user: String,
     #[arg(long = "pem-database", value_name = "DB", default_value = "pem")]
     pub pem_database: String,
+    /// sslmode towards the server (libpq's names) [default: verify-full].
+    #[arg(long = "pem-ssl-mode", value_name = "MODE")]
+    pub pem_ssl_mode: Option<String>,
+    /// Root certificate that must have signed the server's certificate [default: PGSSLROOTCERT,
+    /// else ~/.postgresql/root.crt].
+    #[arg(long = "pem-ssl-root-cert", value_name = "FILE")]
+    pub pem_ssl_root_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -427,10 +442,30 @@ pub struct ConfigureArgs {
     pub pgbouncer_bin: String,
 }
 
+/// `--pem-ssl-mode` and `--pem-ssl-root-cert`, checked.
+fn tls_flags(mode: &Option<String>, root: &Option<PathBuf>) -> Result<TlsChoice, Error> {
+    Ok(TlsChoice {
+        mode: mode.as_deref().map(str::parse::<SslMode>).transpose()?,
+        root_cert: root.clone(),
+    })
+}
+
 /// Connection settings for the PEM server from the flags and libpq's environment, with the
 /// password from PEM_SERVER_PASSWORD, PGPASSWORD, ~/.pgpass or a prompt (in that order).
 pub fn resolve_server(a: &PemServerArgs) -> Result<ConnectSettings, Error> {
+    resolve_server_with(a, &TlsChoice::default())
+}
+
+/// As [`resolve_server`], with `configured` (an agent.cfg's choice) below the flags.
+fn resolve_server_with(
+    a: &PemServerArgs,
+    configured: &TlsChoice,
+) -> Result<ConnectSettings, Error> {
     let mut s = ConnectSettings::from_env(&a.pem_server, a.pem_port, &a.pem_user, &a.pem_database)?;
+    s.choose_tls(
+        &tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
+        configured,
+    )?;
     s.resolve_password(&["PEM_SERVER_PASSWORD", "PGPASSWORD"]);
     if s.password.is_none() {
         s.password =
@@ -535,19 +570,29 @@ pub fn host_fqdn() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-fn admin_settings(a: &AgentArgs, host: &str, port: u16) -> Result<ConnectSettings, Error> {
+fn admin_settings(
+    a: &AgentArgs,
+    host: &str,
+    port: u16,
+    configured: &TlsChoice,
+) -> Result<ConnectSettings, Error> {
     let user = a.pem_user.as_deref().ok_or_else(|| {
         missing(
             "--pem-user",
             "the PEM admin user that registers agents, for example --pem-user pem_admin1",
         )
     })?;
-    resolve_server(&PemServerArgs {
-        pem_server: host.to_string(),
-        pem_port: port,
-        pem_user: user.to_string(),
-        pem_database: "pem".into(),
-    })
+    resolve_server_with(
+        &PemServerArgs {
+            pem_server: host.to_string(),
+            pem_port: port,
+            pem_user: user.to_string(),
+            pem_database: "pem".into(),
+            pem_ssl_mode: a.pem_ssl_mode.clone(),
+            pem_ssl_root_cert: a.pem_ssl_root_cert.clone(),
+        },
+        configured,
+    )
 }
 
 fn server_host(a: &AgentArgs) -> Result<String, Error> {
@@ -576,7 +621,7 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         .iter()
         .map(|o| registration::parse_override(o))
         .collect::<Result<Vec<_>, _>>()?;
-    let server = admin_settings(a, &host, a.pem_port.unwrap_or(5432))?;
+    let server = admin_settings(a, &host, a.pem_port.unwrap_or(5432), &TlsChoice::default())?;
     Ok(registration::Options {
         server,
         agent_user: a.pem_agent_user.clone(),
@@ -628,7 +673,10 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
                     .pem_host()
                     .to_string(),
             };
-            Some(admin_settings(a, &host, port)?)
+            let configured = crate::config::AgentConfig::load_with_document(&file)
+                .map(|(_, c)| c.tls_choice())
+                .unwrap_or_default();
+            Some(admin_settings(a, &host, port, &configured)?)
         }
         (None, None) => {
             return Err(missing(
@@ -646,6 +694,7 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
         admin,
         reuse,
         force: a.force_registration,
+        tls: tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
     })
 }
 
@@ -698,10 +747,7 @@ fn agent_and_admin(a: &AgentArgs) -> Result<(crate::config::AgentConfig, Connect
         .clone()
         .unwrap_or_else(|| id.pem_host().to_string());
     let port = a.pem_port.unwrap_or(id.pem_port);
-    let mut admin = admin_settings(a, &host, port)?;
-    if admin.root_cert.is_none() {
-        admin.root_cert = id.ca_file.clone();
-    }
+    let admin = admin_settings(a, &host, port, &id.tls_choice())?;
     Ok((id, admin))
 }
 
@@ -760,6 +806,7 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         sslmode,
     };
     let (agent, admin) = agent_and_admin(a)?;
+    let targets_file = crate::targets::file_for(&agent.path);
     let pgpass = crate::monitored::pgpass_file();
     let in_pgpass = crate::secret::from_pgpass(
         &pgpass,
@@ -799,12 +846,13 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         force: a.force_registration,
         password,
         pgpass,
+        targets_file,
     })
 }
 
 pub fn resolve_unregister_server(
     a: &AgentArgs,
-) -> Result<(ConnectSettings, i32, String, u16), Error> {
+) -> Result<(ConnectSettings, i32, String, u16, PathBuf), Error> {
     let host = a.asb_host_name.clone().ok_or_else(|| {
         missing(
             "--asb-host-name",
@@ -815,7 +863,8 @@ pub fn resolve_unregister_server(
         .server_port
         .ok_or_else(|| missing("--server-port", "the monitored server's port"))?;
     let (agent, admin) = agent_and_admin(a)?;
-    Ok((admin, agent.agent_id, host, port))
+    let targets_file = crate::targets::file_for(&agent.path);
+    Ok((admin, agent.agent_id, host, port, targets_file))
 }
 
 pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChange, Error> {

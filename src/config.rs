@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agentcfg::{self, Document, Problem, Problems};
-use crate::connection::{self, ConnectSettings};
+use crate::connection::{self, ConnectSettings, SslMode, TlsChoice};
 
 /// PEM's log levels, and what each shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,11 @@ pub struct AgentConfig {
     pub agent_user: String,
     pub agent_ssl_key: PathBuf,
     pub agent_ssl_crt: PathBuf,
+    /// sslmode towards the PEM server (PEM's key); `None`: PGSSLMODE, else verify-full.
+    pub pem_ssl_mode: Option<SslMode>,
+    /// The root certificate the PEM server's (or pgBouncer's) certificate must chain to.
+    pub pem_ssl_root_cert: Option<PathBuf>,
+    /// The older name of the root certificate, read when pem_ssl_root_cert is not set.
     pub ca_file: Option<PathBuf>,
     pub log_level: LogLevel,
     pub log_location: Option<PathBuf>,
@@ -174,17 +179,27 @@ impl AgentConfig {
         self.pem_hosts.first().map_or("127.0.0.1", String::as_str)
     }
 
+    /// sslmode and root certificate as this agent.cfg sets them (pem_ssl_root_cert, else the
+    /// older ca_file).
+    pub fn tls_choice(&self) -> TlsChoice {
+        TlsChoice {
+            mode: self.pem_ssl_mode,
+            root_cert: self
+                .pem_ssl_root_cert
+                .clone()
+                .or_else(|| self.ca_file.clone()),
+        }
+    }
+
     /// Session settings for each configured PEM host: the agent user with its certificate,
-    /// the root CA from ca_file (else libpq's PGSSLROOTCERT or ~/.postgresql/root.crt),
-    /// libpq's sslmode from the environment.
+    /// sslmode and root certificate from agent.cfg (else libpq's PGSSLMODE and PGSSLROOTCERT,
+    /// else verify-full and ~/.postgresql/root.crt).
     pub fn pem_targets(&self) -> Result<Vec<ConnectSettings>, connection::Error> {
         self.pem_hosts
             .iter()
             .map(|h| {
                 let mut s = ConnectSettings::from_env(h, self.pem_port, &self.agent_user, "pem")?;
-                if self.ca_file.is_some() {
-                    s.root_cert = self.ca_file.clone();
-                }
+                s.choose_tls(&TlsChoice::default(), &self.tls_choice())?;
                 s.client_cert = Some((self.agent_ssl_crt.clone(), self.agent_ssl_key.clone()));
                 s.connect_timeout = self.connect_timeout;
                 s.application_name = format!("pemworker agent {}", self.agent_id);
@@ -315,14 +330,26 @@ impl AgentConfig {
                 problem(Some(*line), format!("agent_ssl_crt {}: {e}", c.display()));
             }
         }
-        let ca_file = find("ca_file")
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(line, v)| {
+        let mut existing_file = |key: &str| {
+            find(key).filter(|(_, v)| !v.is_empty()).map(|(line, v)| {
                 if let Err(e) = std::fs::metadata(v) {
-                    problem(Some(line), format!("ca_file {v}: {e}"));
+                    problem(Some(line), format!("{key} {v}: {e}"));
                 }
                 PathBuf::from(v)
-            });
+            })
+        };
+        let ca_file = existing_file("ca_file");
+        let pem_ssl_root_cert = existing_file("pem_ssl_root_cert");
+        let pem_ssl_mode = match find("pem_ssl_mode").filter(|(_, v)| !v.is_empty()) {
+            None => None,
+            Some((line, v)) => match v.parse::<SslMode>() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    problem(Some(line), format!("pem_ssl_mode: {e}"));
+                    None
+                }
+            },
+        };
         let log_level = parsed!(
             "log_level",
             LogLevel::Warning,
@@ -403,6 +430,28 @@ impl AgentConfig {
         let agent_user = find("agent_user")
             .filter(|(_, v)| !v.is_empty())
             .map(|(_, v)| v.to_string());
+        // A verifying sslmode (the default) without a root certificate cannot connect at all:
+        // say so now, not at every reconnection.
+        let tls = TlsChoice {
+            mode: pem_ssl_mode,
+            root_cert: pem_ssl_root_cert.clone().or_else(|| ca_file.clone()),
+        };
+        if let Ok(mut s) = ConnectSettings::from_env("pem", pem_port, "agent", "pem") {
+            let tcp = pem_hosts.iter().any(|h| !h.starts_with('/'));
+            if s.choose_tls(&TlsChoice::default(), &tls).is_ok()
+                && tcp
+                && s.sslmode.verifies(false)
+                && s.root_cert.is_none()
+            {
+                problem(
+                    find("pem_ssl_mode").map(|(l, _)| l),
+                    format!(
+                        "sslmode {} needs the root certificate that signed the PEM server's (or pgBouncer's) certificate: set pem_ssl_root_cert (or PGSSLROOTCERT), or choose pem_ssl_mode explicitly",
+                        s.sslmode
+                    ),
+                );
+            }
+        }
 
         match (agent_id, key, crt) {
             (Some(agent_id), Some((_, agent_ssl_key)), Some((_, agent_ssl_crt)))
@@ -417,6 +466,8 @@ impl AgentConfig {
                         agent_user: agent_user.unwrap_or_else(|| format!("agent{agent_id}")),
                         agent_ssl_key,
                         agent_ssl_crt,
+                        pem_ssl_mode,
+                        pem_ssl_root_cert,
                         ca_file,
                         log_level,
                         log_location,
@@ -465,8 +516,9 @@ mod tests {
             &format!(
                 "[PEM/agent]\npem_host=h1, h2\npem_port=6432\nagent_id=12\nagent_ssl_key={}\nagent_ssl_crt={}\n\
                  log_level=debug1\nlong_wait=20\nmax_connections=0\nconnect_timeout=-1\nconnection_lifetime=300\n\
-                 heartbeat_connection=true\nspool_limit=8MB\nmystery=1\n",
+                 heartbeat_connection=true\nspool_limit=8MB\nmystery=1\npem_ssl_root_cert={}\n",
                 key.display(),
+                crt.display(),
                 crt.display()
             ),
             0o644,
@@ -487,6 +539,8 @@ mod tests {
         assert_eq!(c.connection_lifetime, Some(Duration::from_secs(300)));
         assert!(c.heartbeat_connection);
         assert_eq!(c.spool_limit, 8 << 20);
+        assert_eq!(c.pem_ssl_mode, None, "verify-full unless chosen");
+        assert_eq!(c.tls_choice().root_cert, Some(crt.clone()));
         // No state_dir: one of its own, named after the agent, under the shared base.
         let base = c
             .shared_state_dir
@@ -535,7 +589,16 @@ mod tests {
             "{msgs:?}"
         );
         assert!(has("agent.cfg:5: log_level \"loud\""), "{msgs:?}");
-        assert_eq!(msgs.len(), 5, "{msgs:?}");
+        // Unless this machine's environment provides a root certificate.
+        let env_root = std::env::var_os("PGSSLROOTCERT").is_some_and(|v| !v.is_empty())
+            || std::env::var_os("HOME")
+                .is_some_and(|h| Path::new(&h).join(".postgresql/root.crt").exists());
+        assert_eq!(
+            has("agent.cfg: sslmode verify-full needs the root certificate"),
+            !env_root,
+            "{msgs:?}"
+        );
+        assert_eq!(msgs.len(), if env_root { 5 } else { 6 }, "{msgs:?}");
     }
 
     #[test]

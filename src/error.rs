@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success |
-//! | 1 | bad input or configuration: flags, names, local files, an existing file without `--force` |
+//! | 1 | bad input or configuration: flags, names, local files, an existing file without `--force`, a directory root must not write into |
 //! | 2 | cannot connect or authenticate to the PEM server (network, TLS, password, certificate) |
 //! | 3 | the agent is registered but inactive (`--verify-registration`) |
 //! | 4 | the PEM server refused: missing rights, missing schema, a rejected statement |
@@ -73,7 +73,9 @@ pub(crate) fn connection_exit_code(e: &connection::Error) -> ExitCode {
 
 pub(crate) fn files_exit_code(e: &fsutil::Error) -> ExitCode {
     match e {
-        fsutil::Error::Exists { .. } | fsutil::Error::UnknownUser(_) => ExitCode::Config,
+        fsutil::Error::Exists { .. }
+        | fsutil::Error::UnknownUser(_)
+        | fsutil::Error::Unsafe { .. } => ExitCode::Config,
         fsutil::Error::Io { .. } => ExitCode::Local,
     }
 }

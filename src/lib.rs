@@ -20,6 +20,8 @@
 //! - [`testhooks`]: faults the integration tests inject (feature `test-hooks`; empty otherwise).
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
 //! - [`monitored`]: monitored servers and probe settings (`--register-server`, `--enable-probe` ...).
+//! - [`targets`]: the monitored servers registered from this host, the only ones that get a
+//!   password, and the weakest sslmode for each.
 //! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
 //! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
@@ -41,6 +43,7 @@ pub mod sandbox;
 pub mod schema;
 pub mod secret;
 pub mod spool;
+pub mod targets;
 pub mod testhooks;
 pub mod worker;
 

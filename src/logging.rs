@@ -26,6 +26,40 @@ pub struct Error {
     source: std::io::Error,
 }
 
+/// Opens the log file for appending the way root may: its directory created 0750 if missing
+/// and checked like every directory root writes to (fsutil), the file created 0640, never
+/// opened through a symbolic link, and refused unless it is a regular file (a FIFO planted
+/// there would block the worker).
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let to_io = |e: crate::fsutil::Error| {
+        std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsutil::ensure_dir(dir, 0o750, None).map_err(to_io)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is a symbolic link, which is never followed; remove it or name the real file",
+        ));
+    }
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(flags.bits())
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 /// Logs for a command-line run: warnings and errors on stderr (`PEMWORKER_LOG` overrides).
 pub fn init_cli() {
     let filter =
@@ -43,16 +77,7 @@ pub fn init_worker(level: LogLevel, file: Option<&Path>, stderr: bool) -> Result
     let (filter, handle) = reload::Layer::new(EnvFilter::new(level.filter()));
     let (file_layer, guard) = match file {
         Some(path) => {
-            let open = || -> std::io::Result<std::fs::File> {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-            };
-            let f = open().map_err(|source| Error {
+            let f = open_log(path).map_err(|source| Error {
                 path: path.display().to_string(),
                 source,
             })?;

@@ -158,8 +158,9 @@ async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
             println!("its password is kept only in {} (mode 0600)", f.display());
         }
     } else if a.unregister_server {
-        let (admin, agent_id, host, port) = cli::resolve_unregister_server(a)?;
-        let id = pemworker::monitored::unregister_server(&admin, agent_id, &host, port).await?;
+        let (admin, agent_id, host, port, targets) = cli::resolve_unregister_server(a)?;
+        let id = pemworker::monitored::unregister_server(&admin, agent_id, &host, port, &targets)
+            .await?;
         println!("server {id} ({host}:{port}) is no longer monitored by agent {agent_id}");
     } else if a.enable_probe || a.disable_probe || a.set_probe_interval.is_some() {
         let change = cli::resolve_probe_change(a)?;

@@ -18,6 +18,7 @@ use crate::error::ExitCode;
 use crate::fsutil::{self, Staged};
 use crate::registration::{self, check_rights};
 use crate::secret::Secret;
+use crate::targets::{self, Kind, Registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -27,6 +28,8 @@ pub enum Error {
     Connection(#[from] connection::Error),
     #[error(transparent)]
     Files(#[from] fsutil::Error),
+    #[error(transparent)]
+    Targets(#[from] targets::Error),
     #[error("cannot connect to the monitored server {target} as {user}: {cause}")]
     Monitored {
         target: String,
@@ -55,6 +58,8 @@ impl Error {
             Error::Registration(e) => e.exit_code(),
             Error::Connection(e) => crate::error::connection_exit_code(e),
             Error::Files(e) => crate::error::files_exit_code(e),
+            Error::Targets(targets::Error::Files(e)) => crate::error::files_exit_code(e),
+            Error::Targets(targets::Error::Corrupt { .. }) => ExitCode::Config,
             Error::Monitored { .. } => ExitCode::Connect,
             Error::NoMonitorRole { .. } => ExitCode::Server,
             Error::AlreadyRegistered { .. }
@@ -73,17 +78,6 @@ pub struct Binding {
     pub database: String,
     pub user: String,
     pub sslmode: SslMode,
-}
-
-fn sslmode_name(m: SslMode) -> &'static str {
-    match m {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
 }
 
 /// Everything `--register-server` needs.
@@ -108,6 +102,8 @@ pub struct ServerOptions {
     pub password: Option<Secret>,
     /// The agent user's libpq password file.
     pub pgpass: PathBuf,
+    /// The record of targets registered from this host ([`crate::targets`]).
+    pub targets_file: PathBuf,
 }
 
 /// What `--register-server` did.
@@ -159,14 +155,13 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
                 other => other.to_string(),
             },
         })?;
-    let can_monitor: bool = pool::query(
+    let can_monitor: bool = pool::query_value(
         &monitored,
         "checking pg_monitor",
         "SELECT pg_has_role('pg_monitor', 'MEMBER') OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
         &[],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     if !can_monitor {
         return Err(Error::NoMonitorRole {
             user: settings.user.clone(),
@@ -192,6 +187,19 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
         None => None,
     };
 
+    // The record that lets the worker send this password here, and only here.
+    let staged_target = Registry::load(&o.targets_file)?
+        .with(targets::Target {
+            kind: Kind::Server,
+            host: o.binding.host.clone(),
+            port: o.binding.port,
+            database: o.binding.database.clone(),
+            user: o.binding.user.clone(),
+            sslmode: o.binding.sslmode.name().to_string(),
+            root_cert: settings.root_cert.clone(),
+        })
+        .stage(&o.targets_file)?;
+
     let client = connection::connect(&o.admin).await?;
     check_rights(&client, &o.admin).await?;
     let (server_id, updated) = pool::transaction(
@@ -200,6 +208,7 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
         record_server(&client, o),
     )
     .await?;
+    staged_target.commit()?;
     let password_saved_in = match staged_pgpass {
         Some(s) => {
             s.commit()?;
@@ -226,7 +235,8 @@ async fn record_server(
         &[(&o.server_addr, Type::TEXT), (&port, Type::INT4)],
     )
     .await?
-    .map(|r| r.get::<_, i32>(0));
+    .map(|r| pool::get::<i32>(&r, 0, "looking for the server"))
+    .transpose()?;
     if let (Some(id), false) = (existing, o.force) {
         return Err(Error::AlreadyRegistered {
             target: format!("{}:{}", o.server_addr, o.server_port),
@@ -246,28 +256,26 @@ async fn record_server(
         (&existing, Type::INT4),
     ];
     let server_id: i32 = match existing {
-        Some(_) => pool::query(
+        Some(_) => pool::query_value(
             client,
             "updating the server",
             "UPDATE pem.server SET display_name = $1, server_addr = $2, port = $3, database = $4, username = $5, \
                     service_name = $6, group_name = $7, team = $8, owner = $9 WHERE id = $10 RETURNING id",
             &params,
         )
-        .await?[0]
-            .get(0),
-        None => pool::query(
+    .await?,
+        None => pool::query_value(
             client,
             "recording the server",
             "INSERT INTO pem.server (display_name, server_addr, port, database, username, service_name, group_name, team, owner) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
             &params[..9],
         )
-        .await?[0]
-            .get(0),
+    .await?,
     };
     let b = &o.binding;
     let bport = i32::from(b.port);
-    let sslmode = sslmode_name(b.sslmode);
+    let sslmode = b.sslmode.name();
     pool::execute(
         client,
         "binding the server to the agent",
@@ -307,7 +315,8 @@ async fn bound_server(
         &[(&agent_id, Type::INT4), (&host, Type::TEXT), (&port, Type::INT4)],
     )
     .await?
-    .map(|r| r.get(0))
+    .map(|r| pool::get(&r, 0, "looking for the bound server"))
+    .transpose()?
     .ok_or_else(|| Error::NotBound {
         target: format!("{host}:{port}"),
         agent_id,
@@ -321,7 +330,11 @@ pub async fn unregister_server(
     agent_id: i32,
     host: &str,
     port: u16,
+    targets_file: &Path,
 ) -> Result<i32, Error> {
+    let staged = Registry::load(targets_file)?
+        .without(Kind::Server, host, port)
+        .stage(targets_file)?;
     let client = connection::connect(admin).await?;
     check_rights(&client, admin).await?;
     let work = async {
@@ -344,7 +357,9 @@ pub async fn unregister_server(
         .await?;
         Ok::<_, Error>(server_id)
     };
-    pool::transaction(&client, "unregistering the server", work).await
+    let id = pool::transaction(&client, "unregistering the server", work).await?;
+    staged.commit()?;
+    Ok(id)
 }
 
 /// Which probe `--enable-probe` / `--disable-probe` mean.
@@ -420,11 +435,16 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| pool::get(r, 0, "listing probes"))
+        .collect::<Result<_, _>>()?;
         return Err(Error::UnknownProbe(c.probe.to_string(), known.join(", ")));
     };
-    let (probe_id, probe, target): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
+    let what = "looking up the probe";
+    let (probe_id, probe, target): (i32, String, String) = (
+        pool::get(&row, 0, what)?,
+        pool::get(&row, 1, what)?,
+        pool::get(&row, 2, what)?,
+    );
     let server_id = match (target.as_str(), &c.server) {
         ("server", Some((host, port))) => {
             Some(bound_server(&client, c.agent_id, host, *port).await?)
@@ -438,8 +458,8 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
             )
             .await?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| pool::get(r, 0, "listing bound servers"))
+            .collect::<Result<_, _>>()?;
             match ids.as_slice() {
                 [one] => Some(*one),
                 _ => {
@@ -463,9 +483,10 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
         (_, None) => None,
     };
     let interval = c.interval.map(|i| i as i32);
-    let row = &pool::query(
+    let what = "changing the probe schedule";
+    let row = pool::query_one(
         &client,
-        "changing the probe schedule",
+        what,
         "INSERT INTO pem.probe_schedule AS ps (agent_id, server_id, probe_id, interval, enabled) \
          SELECT $1, $2, p.id, coalesce($4, p.default_interval), coalesce($5, p.enabled_by_default) \
            FROM pem.probe p WHERE p.id = $3 \
@@ -480,12 +501,12 @@ pub async fn set_probe(c: &ProbeChange) -> Result<ProbeSetting, Error> {
             (&c.enabled, Type::BOOL),
         ],
     )
-    .await?[0];
+    .await?;
     Ok(ProbeSetting {
         probe,
         server_id,
-        interval: row.get(0),
-        enabled: row.get(1),
+        interval: pool::get(&row, 0, what)?,
+        enabled: pool::get(&row, 1, what)?,
     })
 }
 

@@ -51,25 +51,23 @@ CREATE TABLE IF NOT EXISTS pem.schema_version (
 /// The installed version, or `None` when the schema is absent.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, Error> {
     let what = "reading the PEM schema version";
-    let exists: bool = pool::query(
+    let exists: bool = pool::query_value(
         client,
         what,
         "SELECT to_regclass('pem.schema_version') IS NOT NULL",
         &[],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     if !exists {
         return Ok(None);
     }
-    let rows = pool::query(
+    pool::query_value::<Option<i32>>(
         client,
         what,
         "SELECT max(version) FROM pem.schema_version",
         &[],
     )
-    .await?;
-    Ok(rows[0].get::<_, Option<i32>>(0))
+    .await
 }
 
 /// Applies every missing migration; returns the versions applied (empty when up to date).
@@ -91,14 +89,13 @@ async fn apply_in_transaction(client: &Client) -> Result<Vec<i32>, Error> {
     )
     .await?;
     pool::batch(client, "creating pem.schema_version", BOOTSTRAP).await?;
-    let current: i32 = pool::query(
+    let current: i32 = pool::query_value(
         client,
         "reading the PEM schema version",
         "SELECT coalesce(max(version), 0) FROM pem.schema_version",
         &[],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
         let what = format!(

@@ -171,4 +171,37 @@ mod tests {
             "first"
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_file_is_read_without_a_panic(text in "\\PC{0,300}", a in "\\PC{0,10}") {
+                let _ = lookup_pgpass(&text, [&a, "5432", "pem", &a]);
+            }
+
+            #[test]
+            fn written_fields_read_back_exactly(
+                fields in proptest::collection::vec("[ -~]{1,12}", 5),
+                other in "[a-z]{1,8}",
+            ) {
+                let [host, port, db, user, password] = [0, 1, 2, 3, 4].map(|i| fields[i].as_str());
+                let line = format!(
+                    "{}:{}:{}:{}:{}\n",
+                    pgpass_escape(host),
+                    pgpass_escape(port),
+                    pgpass_escape(db),
+                    pgpass_escape(user),
+                    pgpass_escape(password)
+                );
+                // A comment or blank line is never read as an entry, so the field must not start one.
+                prop_assume!(!host.trim_start().starts_with('#') && !line.trim().is_empty());
+                let text = format!("# before\n{other}:1:x:y:z\n{line}");
+                let got = lookup_pgpass(&text, [host, port, db, user]);
+                prop_assert_eq!(got.map(|s| s.expose().to_string()), Some(password.to_string()));
+            }
+        }
+    }
 }

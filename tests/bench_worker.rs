@@ -35,7 +35,7 @@ async fn worker_footprint_and_heartbeat_round_trip() {
     let (cfg, agent_id) = bed.register_agent("bench");
     let su = bed.connect(&bed.superuser()).await;
     // One monitored server and one pgBouncer, at the catalogue's default intervals.
-    pemworker::sandbox::bind_servers(&bed, agent_id, 60)
+    pemworker::sandbox::bind_servers(&bed, agent_id, &cfg, 60)
         .await
         .unwrap();
     pool::execute(

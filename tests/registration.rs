@@ -105,8 +105,12 @@ async fn login_as_agent(config_file: &Path) -> Result<String, String> {
 fn verify(bed: &TestBed, site: &Site) -> (i32, String, String) {
     let mut a = vec!["--verify-registration".to_string()];
     a.extend(site.dir_args());
-    // The agent's session takes the root CA from agent.cfg's ca_file, not from the environment.
-    run(bed, &a, &[("PGSSLROOTCERT", "/nonexistent")])
+    // The agent's session takes sslmode and the root CA from agent.cfg, not from the environment.
+    run(
+        bed,
+        &a,
+        &[("PGSSLROOTCERT", "/nonexistent"), ("PGSSLMODE", "disable")],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,6 +161,12 @@ async fn the_guides_flow_registers_through_pgbouncer() {
         Some(crt.display().to_string().as_str())
     );
     assert_eq!(doc.get("log_level"), Some("info"));
+    // The PEM server is verified as registration verified it: verify-full by default.
+    assert_eq!(doc.get("pem_ssl_mode"), Some("verify-full"));
+    assert_eq!(
+        doc.get("pem_ssl_root_cert"),
+        Some(bed.root_crt.display().to_string().as_str())
+    );
     assert!(
         !cfg_text.contains(ADMIN_PASSWORD),
         "a password in agent.cfg"
@@ -604,6 +614,24 @@ async fn bad_input_fails_in_one_line_with_its_exit_code_and_leaves_nothing() {
             env: vec![],
             code: 1,
             says: "agent user name",
+        },
+        Case {
+            name: "no root certificate to verify the server with (the default verify-full)",
+            args: register_args(bed.pgb_port, &site_for("c11"), &[]),
+            env: vec![("PGSSLROOTCERT", String::new())],
+            code: 1,
+            says: "needs the root certificate that signed the server's certificate: pass --pem-ssl-root-cert FILE",
+        },
+        Case {
+            name: "an sslmode libpq does not know",
+            args: register_args(
+                bed.pgb_port,
+                &site_for("c12"),
+                &["--pem-ssl-mode", "verify_full"],
+            ),
+            env: vec![],
+            code: 1,
+            says: "invalid sslmode \"verify_full\"",
         },
         Case {
             name: "malformed -o",

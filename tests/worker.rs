@@ -144,7 +144,7 @@ async fn fleet(bed: &TestBed, n: usize) -> (Vec<Agent>, i32) {
     )
     .await
     .unwrap();
-    let server_id = pemworker::sandbox::bind_servers(bed, agents[0].id, 2)
+    let server_id = pemworker::sandbox::bind_servers(bed, agents[0].id, &agents[0].cfg, 2)
         .await
         .unwrap();
     (agents, server_id)
@@ -501,7 +501,7 @@ fn a_bad_agent_cfg_gets_one_error_per_problem_and_exit_code_1() {
     write_mode(
         &cfg,
         &format!(
-            "[PEM/agent]\npem_host=127.0.0.1\npem_port=sixty-four\nagent_ssl_key={}\nagent_ssl_crt={}\n",
+            "[PEM/agent]\npem_host=127.0.0.1\npem_port=sixty-four\nagent_ssl_key={}\nagent_ssl_crt={}\npem_ssl_mode=require\n",
             key.display(),
             dir.path().join("missing.crt").display()
         ),
@@ -992,6 +992,23 @@ async fn a_monitored_server_that_hangs_on_connect_does_not_delay_heartbeats() {
     )
     .await
     .unwrap();
+    // Recorded on this host as `--register-server` would, so the agent is willing to connect.
+    let targets = pemworker::targets::file_for(&a.cfg);
+    pemworker::targets::Registry::load(&targets)
+        .unwrap()
+        .with(pemworker::targets::Target {
+            kind: pemworker::targets::Kind::Server,
+            host: "127.0.0.1".into(),
+            port: port as u16,
+            database: "postgres".into(),
+            user: "monitor".into(),
+            sslmode: "prefer".into(),
+            root_cert: None,
+        })
+        .stage(&targets)
+        .unwrap()
+        .commit()
+        .unwrap();
     a.start(&bed);
     wait_for(
         "a connection to the hanging server",
@@ -1068,7 +1085,7 @@ async fn an_idle_worker_wakes_only_for_its_intervals() {
     )
     .await
     .unwrap();
-    pemworker::sandbox::bind_servers(&bed, id, 300)
+    pemworker::sandbox::bind_servers(&bed, id, &cfg, 300)
         .await
         .unwrap();
     let site = cfg.parent().unwrap().parent().unwrap().to_path_buf();

@@ -3,15 +3,17 @@
 //! This module owns how a connection is made ([`ConnectSettings`]: host or socket directory,
 //! sslmode, root CA, client certificate, timeouts, from flags and libpq's environment variables)
 //! and how statements are sent ([`pool`]: only the simple protocol or the unnamed statement, so
-//! every statement is safe in pgBouncer's transaction pooling).
+//! every statement is safe in pgBouncer's transaction pooling). Sessions run over [`guard`]
+//! streams, so no password is sent in clear text to a server that was not verified.
 
+pub mod guard;
 pub mod manager;
 pub mod pool;
 pub mod session;
 mod settings;
 mod tls;
 
-pub use settings::{ConnectSettings, SslMode};
+pub use settings::{ConnectSettings, DEFAULT_SSLMODE, SslMode, TlsChoice};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +30,20 @@ pub enum Error {
         user: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error("cannot connect to {target} as {user}: {source}")]
+    Socket {
+        target: String,
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The session was refused on this side: the server is not what the settings demand.
+    #[error("cannot connect to {target} as {user}: {why}")]
+    Refused {
+        target: String,
+        user: String,
+        why: String,
     },
     #[error("cannot connect to {target} as {user}: no answer within {} s", timeout.as_secs())]
     ConnectTimeout {
@@ -59,6 +75,13 @@ pub enum Error {
     Tls(String),
     #[error("invalid sslmode {0:?}: use disable, allow, prefer, require, verify-ca or verify-full")]
     SslMode(String),
+    /// Verification was asked for (the default) but no root certificate is configured.
+    #[error(
+        "sslmode {mode} for {target} needs the root certificate that signed the server's certificate: \
+         pass --pem-ssl-root-cert FILE (agent.cfg: pem_ssl_root_cert) or set PGSSLROOTCERT, \
+         or choose another --pem-ssl-mode (agent.cfg: pem_ssl_mode) explicitly"
+    )]
+    NoRootCert { mode: SslMode, target: String },
     /// The server answered, but not in the shape the statement promises (no row, a NULL or a
     /// wrong type where a value was expected): a broken or hostile server, never a panic.
     #[error("{what}: unexpected reply from the server: {why}")]
@@ -76,7 +99,11 @@ impl Error {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::Tls(_)
+            Error::Connect { .. }
+                | Error::Socket { .. }
+                | Error::Refused { .. }
+                | Error::ConnectTimeout { .. }
+                | Error::Tls(_)
         )
     }
 
@@ -84,7 +111,10 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Error::ReadFile { .. } | Error::KeyPermissions { .. } | Error::SslMode(_)
+            Error::ReadFile { .. }
+                | Error::KeyPermissions { .. }
+                | Error::SslMode(_)
+                | Error::NoRootCert { .. }
         )
     }
 
@@ -198,33 +228,121 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Opens a session and spawns its connection task. The task ends when the client is dropped
 /// or the server goes away; the client then reports `is_closed()`.
+///
+/// The socket is opened here and handed to tokio-postgres wrapped in [`guard::Guarded`], so a
+/// server that asks for the password in clear text gets it only over TLS whose certificate was
+/// verified (verify-ca, verify-full, or require with a root certificate). SCRAM channel binding
+/// is used whenever the server offers it (tokio-postgres' default, kept).
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, Error> {
-    let config = settings.to_config();
-    let tls = tls::connector(settings)?;
     let target = settings.target();
     let user = settings.user.clone();
-    let attempt = config.connect(tls);
-    let (client, connection) = match tokio::time::timeout(settings.connect_timeout, attempt).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(source)) => {
-            return Err(Error::Connect {
-                target,
-                user,
+    let watch = guard::Watch::default();
+    match tokio::time::timeout(settings.connect_timeout, open(settings, &watch)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(Error::Connect { source, .. })) => Err(explain(settings, &watch, source)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::ConnectTimeout {
+            target,
+            user,
+            timeout: settings.connect_timeout,
+        }),
+    }
+}
+
+async fn open(settings: &ConnectSettings, watch: &guard::Watch) -> Result<Client, Error> {
+    use tokio_postgres::tls::MakeTlsConnect;
+    let config = settings.to_config();
+    let mut make = tls::connector(settings)?;
+    let verified =
+        !settings.is_unix_socket() && settings.sslmode.verifies(settings.root_cert.is_some());
+    let tls = <postgres_native_tls::MakeTlsConnector as MakeTlsConnect<
+        guard::Guarded<guard::Socket>,
+    >>::make_tls_connect(&mut make, &settings.host)
+    .map_err(|e| Error::Tls(e.to_string()))?;
+    let socket = guard::Socket::open(settings)
+        .await
+        .map_err(|source| Error::Socket {
+            target: settings.target(),
+            user: settings.user.clone(),
+            source,
+        })?;
+    let stream = guard::Guarded::socket(socket, watch.clone(), !verified);
+    let tls = guard::GuardedTls::new(tls, watch.clone(), !verified);
+    let (client, connection) =
+        config
+            .connect_raw(stream, tls)
+            .await
+            .map_err(|source| Error::Connect {
+                target: settings.target(),
+                user: settings.user.clone(),
                 source,
-            });
-        }
-        Err(_) => {
-            return Err(Error::ConnectTimeout {
-                target,
-                user,
-                timeout: settings.connect_timeout,
-            });
-        }
-    };
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("connection ended: {}", describe(&e));
         }
     });
     Ok(client)
+}
+
+/// A failed attempt in the user's terms, from what the guards saw.
+fn explain(
+    settings: &ConnectSettings,
+    watch: &guard::Watch,
+    source: tokio_postgres::Error,
+) -> Error {
+    let seen = watch.seen();
+    let mode = settings.sslmode;
+    let refused = |why: String| Error::Refused {
+        target: settings.target(),
+        user: settings.user.clone(),
+        why,
+    };
+    if seen.cleartext_refused {
+        return refused(format!(
+            "the server asked for the password in clear text, and its certificate is not verified \
+             (sslmode {mode}{}); the password was not sent: use sslmode verify-full with the \
+             server's root certificate, or scram-sha-256 authentication on the server",
+            if settings.root_cert.is_none() && mode >= SslMode::Require {
+                ", no root certificate"
+            } else {
+                ""
+            }
+        ));
+    }
+    if seen.password_requested && settings.password.is_none() {
+        return refused(
+            "the server asked for a password, and this login has none (the agent logs in with \
+             its certificate): have the server (pgBouncer's hba file) authenticate it by certificate"
+                .into(),
+        );
+    }
+    if seen.tls_refused && mode >= SslMode::Require {
+        return refused(format!(
+            "the server does not offer TLS, which sslmode {mode} requires; nothing else was sent"
+        ));
+    }
+    if let Some(why) = seen.handshake_error {
+        let checked = match (
+            &settings.root_cert,
+            mode.verifies(settings.root_cert.is_some()),
+        ) {
+            (Some(root), true) => format!(
+                " (sslmode {mode}: the server's certificate must be signed by a CA in {}{})",
+                root.display(),
+                if mode == SslMode::VerifyFull {
+                    format!(" and name {}", settings.host)
+                } else {
+                    String::new()
+                }
+            ),
+            _ => String::new(),
+        };
+        return refused(format!("TLS handshake failed: {why}{checked}"));
+    }
+    Error::Connect {
+        target: settings.target(),
+        user: settings.user.clone(),
+        source,
+    }
 }

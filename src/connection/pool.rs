@@ -63,6 +63,30 @@ pub async fn query_one(
         })
 }
 
+/// The first column of the one row a statement returns (`SELECT f(...)`), as `T`; a missing
+/// row or column, a NULL for a non-`Option` or another type is an [`Error::Reply`].
+pub async fn query_value<T: tokio_postgres::types::FromSqlOwned>(
+    client: &Client,
+    what: &str,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<T, Error> {
+    get(&query_one(client, what, sql, params).await?, 0, what)
+}
+
+/// Column `idx` of a simple-protocol row as text (`None` for NULL); a missing column or text
+/// that is not UTF-8 is an [`Error::Reply`], never a panic.
+pub fn text<'a>(
+    row: &'a tokio_postgres::SimpleQueryRow,
+    idx: usize,
+    what: &str,
+) -> Result<Option<&'a str>, Error> {
+    row.try_get(idx).map_err(|e| Error::Reply {
+        what: what.to_string(),
+        why: format!("column {idx}: {e}"),
+    })
+}
+
 /// Column `idx` of `row` as `T`; a missing column, a NULL for a non-`Option` or another type is
 /// an [`Error::Reply`] naming the step, never a panic.
 pub fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize, what: &str) -> Result<T, Error> {

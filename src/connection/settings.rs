@@ -4,9 +4,10 @@ use std::time::Duration;
 use super::Error;
 use crate::secret::Secret;
 
-/// libpq's sslmode. tokio-postgres knows only disable/prefer/require; certificate checking is
-/// the TLS connector's, configured from this value in `tls.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// libpq's sslmode, weakest first (so `max` is the stricter of two). tokio-postgres knows only
+/// disable/prefer/require; certificate checking is the TLS connector's, configured from this
+/// value in `tls.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SslMode {
     Disable,
     Allow,
@@ -16,19 +17,63 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// What the agent uses unless told otherwise: the server's certificate must chain to the
+/// configured root and name the host dialled (libpq's default is prefer, which falls back to
+/// plain text).
+pub const DEFAULT_SSLMODE: SslMode = SslMode::VerifyFull;
+
+impl SslMode {
+    /// libpq's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether a session in this mode has checked the server's certificate against a root,
+    /// given whether a root certificate is configured (libpq's `require` verifies the chain
+    /// when one is).
+    pub fn verifies(self, has_root: bool) -> bool {
+        match self {
+            SslMode::VerifyCa | SslMode::VerifyFull => true,
+            SslMode::Require => has_root,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for SslMode {
     type Err = Error;
+    /// libpq's names, in any case (PEM's documentation spells `verify-CA`).
     fn from_str(s: &str) -> Result<Self, Error> {
-        Ok(match s {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
             "disable" => SslMode::Disable,
             "allow" => SslMode::Allow,
             "prefer" => SslMode::Prefer,
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            other => return Err(Error::SslMode(other.to_string())),
+            _ => return Err(Error::SslMode(s.to_string())),
         })
     }
+}
+
+/// A choice of sslmode and root certificate from one source (the command line, agent.cfg).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsChoice {
+    pub mode: Option<SslMode>,
+    pub root_cert: Option<PathBuf>,
 }
 
 /// Everything needed to open one session, resolved and checked before any network work.
@@ -49,29 +94,19 @@ pub struct ConnectSettings {
     pub application_name: String,
 }
 
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
 /// Used when neither a flag nor PGCONNECT_TIMEOUT says otherwise: libpq waits forever, an agent
 /// must not.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ConnectSettings {
     /// Settings for `user@host:port/dbname` with libpq's environment applied: PGSSLMODE
-    /// (default prefer), PGSSLROOTCERT (default `~/.postgresql/root.crt` when it exists),
+    /// (default verify-full), PGSSLROOTCERT (default `~/.postgresql/root.crt` when it exists),
     /// PGSSLCERT/PGSSLKEY, PGCONNECT_TIMEOUT and PGAPPNAME.
     pub fn from_env(host: &str, port: u16, user: &str, dbname: &str) -> Result<Self, Error> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let sslmode = match env("PGSSLMODE") {
-            Some(m) => m.parse()?,
-            None => SslMode::Prefer,
-        };
-        let home = std::env::var_os("HOME").map(PathBuf::from);
-        let default_file = |name: &str| {
-            home.as_ref()
-                .map(|h| h.join(".postgresql").join(name))
-                .filter(|p| p.exists())
-        };
-        let root_cert = env("PGSSLROOTCERT")
-            .map(PathBuf::from)
-            .or_else(|| default_file("root.crt"));
         let client_cert = match (env("PGSSLCERT"), env("PGSSLKEY")) {
             (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
             _ => None,
@@ -81,18 +116,51 @@ impl ConnectSettings {
             .filter(|&s| s > 0)
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        Ok(ConnectSettings {
+        let mut s = ConnectSettings {
             host: host.to_string(),
             port,
             user: user.to_string(),
             dbname: dbname.to_string(),
             password: None,
-            sslmode,
-            root_cert,
+            sslmode: DEFAULT_SSLMODE,
+            root_cert: None,
             client_cert,
             connect_timeout,
             application_name: env("PGAPPNAME").unwrap_or_else(|| "pemworker".to_string()),
-        })
+        };
+        s.choose_tls(&TlsChoice::default(), &TlsChoice::default())?;
+        Ok(s)
+    }
+
+    /// Sets sslmode and the root certificate from, in this order: the command line
+    /// (`explicit`), the agent's configuration (`configured`, libpq's connection parameters),
+    /// libpq's variables (PGSSLMODE, PGSSLROOTCERT), and the defaults (verify-full,
+    /// `~/.postgresql/root.crt` if it exists). A relative root certificate path is made
+    /// absolute, so that what registration writes into agent.cfg works from any directory.
+    pub fn choose_tls(
+        &mut self,
+        explicit: &TlsChoice,
+        configured: &TlsChoice,
+    ) -> Result<(), Error> {
+        self.sslmode = match explicit.mode.or(configured.mode) {
+            Some(m) => m,
+            None => match env("PGSSLMODE") {
+                Some(m) => m.parse()?,
+                None => DEFAULT_SSLMODE,
+            },
+        };
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        self.root_cert = explicit
+            .root_cert
+            .clone()
+            .or_else(|| configured.root_cert.clone())
+            .or_else(|| env("PGSSLROOTCERT").map(PathBuf::from))
+            .or_else(|| {
+                home.map(|h| h.join(".postgresql").join("root.crt"))
+                    .filter(|p| p.exists())
+            })
+            .map(|p| std::path::absolute(&p).unwrap_or(p));
+        Ok(())
     }
 
     /// `host:port` (or the socket path) for messages.
@@ -159,9 +227,16 @@ mod tests {
             ("require", SslMode::Require),
             ("verify-ca", SslMode::VerifyCa),
             ("verify-full", SslMode::VerifyFull),
+            ("verify-CA", SslMode::VerifyCa),
+            ("VERIFY-FULL", SslMode::VerifyFull),
         ] {
             assert_eq!(s.parse::<SslMode>().unwrap(), m);
         }
+        assert!(SslMode::Disable < SslMode::Prefer && SslMode::Require < SslMode::VerifyCa);
+        assert_eq!(
+            SslMode::VerifyCa.name().parse::<SslMode>().unwrap(),
+            SslMode::VerifyCa
+        );
         let err = "verify_full".parse::<SslMode>().unwrap_err().to_string();
         assert!(err.contains("verify-full"), "{err}");
     }

@@ -19,18 +19,14 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
 pub(super) fn connector(s: &ConnectSettings) -> Result<MakeTlsConnector, Error> {
     let mut b = TlsConnector::builder();
     // libpq: with `require` and a root certificate present, the chain is verified (verify-ca).
-    let verify_chain = match s.sslmode {
-        SslMode::VerifyCa | SslMode::VerifyFull => true,
-        SslMode::Require => s.root_cert.is_some(),
-        _ => false,
-    };
+    // TLS is never negotiated on a Unix socket (as in libpq), so nothing is verified there.
+    let verify_chain = !s.is_unix_socket() && s.sslmode.verifies(s.root_cert.is_some());
     if verify_chain {
         let Some(root) = &s.root_cert else {
-            return Err(Error::Tls(
-                "sslmode verify-ca and verify-full need a root certificate: set PGSSLROOTCERT \
-                 or create ~/.postgresql/root.crt"
-                    .into(),
-            ));
+            return Err(Error::NoRootCert {
+                mode: s.sslmode,
+                target: s.target(),
+            });
         };
         let pem = read("root certificate", root)?;
         let certs = Certificate::stack_from_pem(&pem)

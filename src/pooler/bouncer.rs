@@ -326,20 +326,27 @@ pub fn configure(s: &Settings) -> Result<Outcome, Error> {
     let rendered = render(s, &auth_password, &admin_password)?;
 
     let mut report = Report::default();
-    fsutil::ensure_dir(&s.config_dir, 0o700, Some(&s.owner))?;
-    report.changed(format!(
-        "{} is mode 0700, owned by {}",
-        s.config_dir.display(),
-        s.owner.name
-    ));
+    // A directory that exists already keeps its mode and owner: it may be shared with files
+    // that are not ours.
+    if fsutil::ensure_dir(&s.config_dir, 0o700, Some(&s.owner))?.is_empty() {
+        report.unchanged(format!(
+            "{} exists; its mode and owner are left as they are",
+            s.config_dir.display()
+        ));
+    } else {
+        report.changed(format!(
+            "created {} (mode 0700, owned by {})",
+            s.config_dir.display(),
+            s.owner.name
+        ));
+    }
     let contents = [&rendered.ini, &rendered.hba, &rendered.userlist];
     let staged = targets
         .iter()
         .zip(contents)
         .map(|(t, c)| Staged::write(t, c.as_bytes(), 0o600, Some(&s.owner)))
         .collect::<Result<Vec<_>, _>>()?;
-    for p in &existing {
-        let b = fsutil::backup(p)?;
+    for (p, b) in existing.iter().zip(fsutil::backup_all(&existing)?) {
         report.changed(format!("backed up {} to {}", p.display(), b.display()));
     }
     for (t, st) in targets.iter().zip(staged) {

@@ -39,14 +39,13 @@ pub async fn run(
     let client = connect_or_create_database(settings, opts.install_schema, &mut report).await?;
     let target = settings.target();
 
-    let is_super: bool = pool::query(
+    let is_super: bool = pool::query_value(
         &client,
         "checking the connecting user",
         "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
         &[],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     if !is_super {
         return Err(Error::NotSuperuser {
             user: settings.user.clone(),
@@ -165,7 +164,7 @@ async fn connect_or_create_database(
 /// quoted by PostgreSQL's own rules whatever the names hold.
 async fn render(client: &Client, format_sql: &str, args: &[&str]) -> Result<String, Error> {
     let params: Vec<pool::Param<'_>> = args.iter().map(|a| (a as _, Type::TEXT)).collect();
-    Ok(pool::query(client, "quoting names", format_sql, &params).await?[0].get(0))
+    Ok(pool::query_value(client, "quoting names", format_sql, &params).await?)
 }
 
 async fn ensure_role(
@@ -201,7 +200,8 @@ async fn ensure_role(
             report.changed(format!("created role {role} ({attrs})"));
         }
         Some(r) => {
-            let (login, cr): (bool, bool) = (r.get(0), r.get(1));
+            let what = format!("checking role {role}");
+            let (login, cr): (bool, bool) = (pool::get(&r, 0, &what)?, pool::get(&r, 1, &what)?);
             if !login || (createrole && !cr) {
                 let sql = render(
                     client,
@@ -240,7 +240,7 @@ async fn ensure_membership(
     member: &str,
     report: &mut Report,
 ) -> Result<(), Error> {
-    let is_member: bool = pool::query(
+    let is_member: bool = pool::query_value(
         client,
         &format!("checking whether {member} is in {group}"),
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m \
@@ -249,8 +249,7 @@ async fn ensure_membership(
           WHERE g.rolname = $1 AND u.rolname = $2)",
         &[(&group, Type::TEXT), (&member, Type::TEXT)],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     if is_member {
         report.unchanged(format!("{member} is a member of {group}"));
     } else {
@@ -304,14 +303,13 @@ async fn ensure_privilege(
         ),
     };
     let quoted_grantee = render(client, "SELECT quote_ident($1::text)", &[grantee]).await?;
-    let granted: bool = pool::query(
+    let granted: bool = pool::query_value(
         client,
         &format!("checking {label} for {grantee}"),
         check,
         &[(&object, Type::TEXT), (&quoted_grantee, Type::TEXT)],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     if granted {
         report.unchanged(format!("{grantee} has {label}"));
     } else {
@@ -331,28 +329,31 @@ async fn edit_pg_hba(
     block: &str,
     report: &mut Report,
 ) -> Result<(), Error> {
-    let server_file: String = pool::query(
+    let server_file: String = pool::query_value(
         client,
         "reading hba_file",
         "SELECT current_setting('hba_file')",
         &[],
     )
-    .await?[0]
-        .get(0);
-    let same = match (
+    .await?;
+    let real = match (
         std::fs::canonicalize(file),
         std::fs::canonicalize(&server_file),
     ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+        (Ok(a), Ok(b)) if a == b => a,
+        _ => {
+            return Err(Error::WrongHbaFile {
+                given: file.to_path_buf(),
+                server_file,
+            });
+        }
     };
-    if !same {
-        return Err(Error::WrongHbaFile {
-            given: file.to_path_buf(),
-            server_file,
-        });
-    }
-    let existing = std::fs::read_to_string(file).map_err(fsutil::Error::io("read", file))?;
+    // The real file is edited (a link pointing to it stays a link), read without following
+    // links, and written as its owner would (see fsutil).
+    let file = real.as_path();
+    let existing = String::from_utf8(fsutil::read_regular(file)?).map_err(|e| {
+        fsutil::Error::io("read", file)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    })?;
     let Some(updated) = hba::place_block(&existing, block) else {
         report.unchanged(format!(
             "{} starts with the pemworker lines",
@@ -395,7 +396,7 @@ async fn edit_pg_hba(
 
 /// Reloads the configuration; returns the pg_hba.conf errors the server reports ("" if none).
 async fn reload_and_check(client: &Client) -> Result<String, Error> {
-    let rows = pool::query(
+    let errors: String = pool::query_value(
         client,
         "checking pg_hba.conf",
         "SELECT coalesce(string_agg(format('line %s: %s', line_number, error), '; '), '') \
@@ -403,7 +404,6 @@ async fn reload_and_check(client: &Client) -> Result<String, Error> {
         &[],
     )
     .await?;
-    let errors: String = rows[0].get(0);
     if errors.is_empty() {
         pool::execute(
             client,

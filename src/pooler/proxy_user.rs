@@ -24,14 +24,13 @@ pub async fn run(settings: &ConnectSettings, name: &str) -> Result<Outcome, Erro
         });
     }
     let client = connection::connect(settings).await?;
-    let existed: bool = pool::query(
+    let existed: bool = pool::query_value(
         &client,
         &format!("checking role {name}"),
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
         &[(&name, Type::TEXT)],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     pool::execute(
         &client,
         &format!("creating agent user {name}"),

@@ -65,13 +65,18 @@ pub async fn collect(console: &Client, probe: &str) -> Result<Vec<Row>, Error> {
     // All rows of one answer share its columns.
     let names: Vec<&str> = first.columns().iter().map(|c| c.name()).collect();
     let positions = positions(spec, &names);
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
-            let values: Vec<Option<&str>> = (0..r.len()).map(|i| r.get(i)).collect();
-            to_row(&positions, &values)
+            let values = (0..r.len())
+                .map(|i| pool::text(r, i, command))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Failed {
+                    probe: probe.to_string(),
+                    message: e.to_string(),
+                })?;
+            Ok(to_row(&positions, &values))
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -206,5 +211,45 @@ mod tests {
     fn other_probes_have_no_console_command() {
         assert_eq!(command("server_info"), None);
         assert_eq!(command("cpu_usage"), None);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_console_answer_becomes_rows_of_the_probes_shape(
+                names in proptest::collection::vec(
+                    prop_oneof![
+                        proptest::sample::select(POOLS_1_18.to_vec()),
+                        proptest::sample::select(STATS_1_18.to_vec()),
+                        "[a-z_]{0,10}".prop_map(|s| Box::leak(s.into_boxed_str()) as &str),
+                    ],
+                    0..20,
+                ),
+                rows in proptest::collection::vec(
+                    proptest::collection::vec(proptest::option::of("\\PC{0,8}"), 0..25),
+                    0..5,
+                ),
+            ) {
+                for p in PROBES.iter().filter(|p| p.target() == Target::Pgbouncer) {
+                    let pos = positions(p, &names);
+                    for r in &rows {
+                        let values: Vec<Option<&str>> = r.iter().map(Option::as_deref).collect();
+                        let row = to_row(&pos, &values);
+                        prop_assert_eq!(row.len(), p.columns.len());
+                        // A value comes from the column of its name, or is NULL.
+                        for (i, (col, _)) in p.columns.iter().enumerate() {
+                            let want = names
+                                .iter()
+                                .position(|n| *n == source_column(col))
+                                .and_then(|at| values.get(at).copied().flatten());
+                            prop_assert_eq!(&row[i], &Value::from(want));
+                        }
+                    }
+                }
+            }
+        }
     }
 }

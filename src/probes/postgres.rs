@@ -9,6 +9,8 @@
 //! a local statement timeout, so a slow or blocked probe is cancelled by the server itself and
 //! leaves no setting behind; after a failure the transaction is rolled back.
 
+mod normalize;
+
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -52,7 +54,8 @@ SELECT a.datname::text AS database_name,
  ORDER BY a.datname, a.state";
 
 /// pg_blocking_pids() is costly (it locks the lock manager), so it runs only for sessions that
-/// wait on a lock. It may list a pid twice (parallel query), hence DISTINCT ON.
+/// wait on a lock. It may list a pid twice (parallel query), hence DISTINCT ON. The statement
+/// text is stored without its literals (see STATEMENT_COLUMNS).
 pub(super) const BLOCKED_SESSIONS: &str = "
 SELECT DISTINCT ON (a.pid, b.pid)
        a.pid::text AS blocked_pid,
@@ -123,6 +126,23 @@ fn transaction(sql: &str, statement_timeout: Duration) -> String {
     )
 }
 
+/// Columns that hold another session's statement text: stored only with their literals and
+/// comments removed ([`normalize`]), since a statement may carry a password or other secret.
+const STATEMENT_COLUMNS: &[(&str, &str)] = &[("blocked_sessions", "blocked_query")];
+
+/// Removes the literals of every statement-text column of `row`.
+fn scrub(probe: &ProbeSpec, row: &mut Row) {
+    for (p, column) in STATEMENT_COLUMNS {
+        if *p != probe.name {
+            continue;
+        }
+        let at = probe.columns.iter().position(|(c, _)| c == column);
+        if let Some(Value::Text(t)) = at.and_then(|i| row.get_mut(i)) {
+            *t = normalize::normalize(t);
+        }
+    }
+}
+
 /// One result row as the probe's row. The names must be the spec's columns in order, so a query
 /// that drifted from its spec fails loudly instead of storing values in the wrong columns.
 fn to_row(probe: &ProbeSpec, names: &[&str], values: Vec<Option<&str>>) -> Result<Row, Error> {
@@ -172,8 +192,16 @@ pub async fn collect(
     rows.iter()
         .map(|r| {
             let names: Vec<&str> = r.columns().iter().map(|c| c.name()).collect();
-            let values = (0..r.len()).map(|i| r.get(i)).collect();
-            to_row(spec, &names, values)
+            let values = (0..r.len())
+                .map(|i| pool::text(r, i, probe))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Failed {
+                    probe: probe.to_string(),
+                    message: e.to_string(),
+                })?;
+            let mut row = to_row(spec, &names, values)?;
+            scrub(spec, &mut row);
+            Ok(row)
         })
         .collect()
 }
@@ -228,6 +256,28 @@ mod tests {
         );
         let err = to_row(p, &["database_name"], vec![None]).unwrap_err();
         assert!(matches!(err, Error::Failed { .. }), "{err}");
+    }
+
+    #[test]
+    fn statement_text_is_stored_without_its_literals() {
+        let p = spec("blocked_sessions").unwrap();
+        let names: Vec<&str> = p.columns.iter().map(|(n, _)| *n).collect();
+        let mut row = to_row(
+            p,
+            &names,
+            vec![
+                Some("1"),
+                Some("2"),
+                Some("ALTER ROLE app PASSWORD 'S3cret-x'"),
+                Some("0.5"),
+            ],
+        )
+        .unwrap();
+        scrub(p, &mut row);
+        assert_eq!(row[2], Value::Text("ALTER ROLE app PASSWORD ?".into()));
+        assert!(STATEMENT_COLUMNS.iter().all(|(probe, col)| {
+            spec(probe).is_some_and(|s| s.columns.iter().any(|(c, _)| c == col))
+        }));
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Checks a certificate the server returned before anything is written: it must name the agent
-//! user, carry our public key, be valid now, allow client authentication, and come from a CA
-//! (the one we trust, when a root certificate is configured).
+//! Checks a certificate the server returned before anything is written: it must be strict DER
+//! (as OpenSSL, which pgBouncer and PostgreSQL verify it with, reads it), name the agent user,
+//! carry our public key, be valid now, allow client authentication, and come from a CA (the
+//! one we trust, when a root certificate is configured).
 
 use std::path::Path;
 
@@ -19,6 +20,7 @@ pub fn check(
     let cert = pem
         .parse_x509()
         .map_err(|e| format!("not an X.509 certificate ({e})"))?;
+    strict_layout(&pem.contents)?;
     let cn = cert
         .subject()
         .iter_common_name()
@@ -58,6 +60,69 @@ pub fn check(
         if !signed {
             return Err(format!("it was not issued by a CA in {}", root.display()));
         }
+    }
+    Ok(())
+}
+
+/// Tag, header length and content length of the DER element at the start of `d`.
+fn tlv(d: &[u8]) -> Option<(u8, usize, usize)> {
+    let tag = *d.first()?;
+    let first = *d.get(1)?;
+    let (header, len) = if first < 0x80 {
+        (2, usize::from(first))
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | usize::from(*d.get(2 + i)?);
+        }
+        (2 + n, len)
+    };
+    (d.len() >= header + len).then_some((tag, header, len))
+}
+
+/// The elements inside a constructed DER element's content.
+fn children(content: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    let mut rest = content;
+    while !rest.is_empty() {
+        let (tag, header, len) = tlv(rest)?;
+        out.push((tag, &rest[..header + len]));
+        rest = &rest[header + len..];
+    }
+    Some(out)
+}
+
+/// The certificate is exactly SEQUENCE { tbsCertificate, signatureAlgorithm, signature } with
+/// the outer signatureAlgorithm the same bytes as the one inside the signed part (RFC 5280
+/// 4.1.1.2), a signature of whole bytes, and nothing after it. x509-parser is lenient about some of this; OpenSSL is not.
+fn strict_layout(der: &[u8]) -> Result<(), String> {
+    let malformed = || "it is not a well-formed DER certificate".to_string();
+    let (tag, header, len) = tlv(der).ok_or_else(malformed)?;
+    if tag != 0x30 || header + len != der.len() {
+        return Err(malformed());
+    }
+    let parts = children(&der[header..]).ok_or_else(malformed)?;
+    let [(0x30, tbs), (0x30, outer_alg), (0x03, signature)] = parts.as_slice() else {
+        return Err(malformed());
+    };
+    // A signature is whole bytes: no unused bits at the end of its BIT STRING.
+    let (_, sig_header, _) = tlv(signature).ok_or_else(malformed)?;
+    if signature.get(sig_header) != Some(&0) {
+        return Err(malformed());
+    }
+    let (_, tbs_header, _) = tlv(tbs).ok_or_else(malformed)?;
+    let fields = children(&tbs[tbs_header..]).ok_or_else(malformed)?;
+    let mut fields = fields.iter().skip_while(|(t, _)| *t == 0xa0);
+    let inner_alg = match (fields.next(), fields.next()) {
+        (Some((0x02, _)), Some((0x30, alg))) => alg,
+        _ => return Err(malformed()),
+    };
+    if inner_alg != outer_alg {
+        return Err("its two signature algorithm fields differ".into());
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Error, agent_settings, check_active, check_agent_user, check_rights, refuse_existing};
 use crate::config::AgentConfig;
-use crate::connection::{self, ConnectSettings, pool};
+use crate::connection::{self, ConnectSettings, TlsChoice, pool};
 use crate::error::ExitCode;
 use crate::fsutil::{self, Staged};
 
@@ -28,6 +28,8 @@ pub struct Options {
     /// Certificate and key for the agent user, copied from elsewhere (the guide's way).
     pub reuse: Option<(PathBuf, PathBuf)>,
     pub force: bool,
+    /// sslmode and root certificate given on the command line, written into agent.cfg.
+    pub tls: TlsChoice,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +60,7 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
             refuse_existing(&crt, o.force)?;
             refuse_existing(&key, o.force)?;
             fsutil::ensure_dir(&o.cert_path, 0o700, None)?;
+            super::check_key_dir(&o.cert_path)?;
             let client = connection::connect(admin).await?;
             check_rights(&client, admin).await?;
             let sign = async {
@@ -74,13 +77,17 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
     };
 
     // 2. Backups of everything the guide says to keep, then the new files.
-    let mut backups = Vec::new();
-    for p in [&o.config_file, &old.agent_ssl_key, &old.agent_ssl_crt] {
-        if p.exists() {
-            backups.push(fsutil::backup(p)?);
-        }
-    }
-    let config_backup = backups[0].clone();
+    let existing: Vec<&PathBuf> = [&o.config_file, &old.agent_ssl_key, &old.agent_ssl_crt]
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .collect();
+    let backups = fsutil::backup_all(&existing)?;
+    let Some(config_backup) = backups.first().cloned() else {
+        return Err(Error::Missing(format!(
+            "{} disappeared during the migration",
+            o.config_file.display()
+        )));
+    };
     let created: Vec<PathBuf> = if staged.is_empty() {
         Vec::new()
     } else {
@@ -94,6 +101,13 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
     doc.set("pem_port", &o.pooler_port.to_string(), None);
     doc.set("agent_ssl_key", &key_path.display().to_string(), None);
     doc.set("agent_ssl_crt", &crt_path.display().to_string(), None);
+    if let Some(m) = o.tls.mode {
+        doc.set("pem_ssl_mode", m.name(), None);
+    }
+    if let Some(r) = &o.tls.root_cert {
+        let r = std::path::absolute(r).unwrap_or_else(|_| r.clone());
+        doc.set("pem_ssl_root_cert", &r.display().to_string(), None);
+    }
     let mode = file_mode(&o.config_file);
     Staged::write(&o.config_file, doc.render().as_bytes(), mode, None)?.commit()?;
 

@@ -183,30 +183,38 @@ pub fn cert_file(cert_path: &Path, agent_user: &str) -> PathBuf {
 struct CreatedDirs(Vec<PathBuf>);
 
 impl CreatedDirs {
-    fn ensure(&mut self, dir: &Path, mode: Option<u32>) -> Result<(), fsutil::Error> {
-        let mut missing = Vec::new();
-        let mut d = Some(dir);
-        while let Some(p) = d {
-            if p.exists() {
-                break;
-            }
-            missing.push(p.to_path_buf());
-            d = p.parent();
-        }
-        std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
-        missing.reverse();
-        self.0.extend(missing);
-        if let Some(m) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(m))
-                .map_err(fsutil::Error::io("set the mode of", dir))?;
-        }
+    /// Makes sure `dir` exists (created with `mode` if missing; an existing one is left as it
+    /// is) and remembers what was created.
+    fn ensure(&mut self, dir: &Path, mode: u32) -> Result<(), fsutil::Error> {
+        self.0.extend(fsutil::ensure_dir(dir, mode, None)?);
         Ok(())
     }
 
     fn keep(mut self) {
         self.0.clear();
     }
+}
+
+/// The agent's key will live in `dir`: a directory that others may add files to or rename
+/// files in could swap the key or certificate under the agent, so it is refused (root gets the
+/// same answer, with the owner checked too, from fsutil).
+fn check_key_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)
+        .map_err(fsutil::Error::io("read", dir))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(Error::Invalid {
+            what: "--cert-path",
+            value: dir.display().to_string(),
+            why: format!(
+                "the directory is writable by group or others (mode {:04o}), who could replace the agent's key; use a directory only you can write to (a new one is created 0700)",
+                mode & 0o7777
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Drop for CreatedDirs {
@@ -235,17 +243,18 @@ fn refuse_existing(path: &Path, force: bool) -> Result<(), Error> {
 pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) -> Result<(), Error> {
     let target = settings.target();
     let user = &settings.user;
-    let row = &pool::query(
+    let what = "checking the registering user's rights";
+    let row = pool::query_one(
         client,
-        "checking the registering user's rights",
+        what,
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                          WHERE n.nspname = 'pem' AND c.relname = 'agent'), \
                 EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pem_admin') \
                 AND pg_catalog.pg_has_role('pem_admin', 'MEMBER')",
         &[],
     )
-    .await?[0];
-    if !row.get::<_, bool>(0) {
+    .await?;
+    if !pool::get::<bool>(&row, 0, what)? {
         return Err(Error::SchemaMissing {
             database: settings.dbname.clone(),
             target,
@@ -256,28 +265,28 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
         target: target.clone(),
         missing: m,
     };
-    if !row.get::<_, bool>(1) {
+    if !pool::get::<bool>(&row, 1, what)? {
         return Err(missing(format!(
             "not a member of pem_admin (run GRANT pem_admin TO {user} on the PEM server)"
         )));
     }
-    let row = &pool::query(
+    let row = pool::query_one(
         client,
-        "checking the registering user's rights",
+        what,
         "SELECT has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
                 has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
                 has_function_privilege('pem.create_proxy_agent_user(varchar)', 'EXECUTE')",
         &[],
     )
-    .await?[0];
-    for (i, what) in [
+    .await?;
+    for (i, lacking) in [
         (0, "no INSERT or UPDATE on pem.agent"),
         (1, "no EXECUTE on pem.sign_agent_csr(text)"),
         (2, "no EXECUTE on pem.create_proxy_agent_user(varchar)"),
     ] {
-        if !row.get::<_, bool>(i) {
+        if !pool::get::<bool>(&row, i, what)? {
             return Err(missing(format!(
-                "{what} (grant it to pem_admin on the PEM server)"
+                "{lacking} (grant it to pem_admin on the PEM server)"
             )));
         }
     }
@@ -290,8 +299,7 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
 pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Result<bool, Error> {
     let exists = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)";
     let what = format!("checking agent user {agent_user}");
-    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
-    {
+    if pool::query_value::<bool>(client, &what, exists, &[(&agent_user, Type::TEXT)]).await? {
         return Ok(false);
     }
     pool::execute(
@@ -301,8 +309,7 @@ pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Resu
         &[],
     )
     .await?;
-    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
-    {
+    if pool::query_value::<bool>(client, &what, exists, &[(&agent_user, Type::TEXT)]).await? {
         return Ok(false);
     }
     pool::execute(
@@ -323,14 +330,13 @@ pub(crate) async fn obtain_certificate(
 ) -> Result<(KeyPair, String), Error> {
     let key = certs::generate_key()?;
     let csr = certs::csr_pem(&key, agent_user)?;
-    let cert: String = pool::query(
+    let cert: String = pool::query_value(
         client,
         &format!("signing the certificate of {agent_user}"),
         "SELECT pem.sign_agent_csr($1)",
         &[(&csr, Type::TEXT)],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     cert_check::check(&cert, &key, agent_user, root_cert).map_err(|why| Error::BadCertificate {
         agent_user: agent_user.to_string(),
         why,
@@ -358,8 +364,9 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
         refuse_existing(&cert_file(&opts.cert_path, u), opts.force)?;
     }
     let mut dirs = CreatedDirs(Vec::new());
-    dirs.ensure(&opts.cert_path, Some(0o700))?;
-    dirs.ensure(&opts.config_dir, None)?;
+    dirs.ensure(&opts.cert_path, 0o700)?;
+    check_key_dir(&opts.cert_path)?;
+    dirs.ensure(&opts.config_dir, 0o755)?;
     // Prove both directories writable before the server is touched.
     drop(Staged::write(
         &key_file(&opts.cert_path, "probe"),
@@ -417,12 +424,12 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
                 Staged::write(&config_file, cfg.render().as_bytes(), 0o644, None)?,
             ),
         ];
-        let mut backups = Vec::new();
-        for (path, _) in &staged {
-            if path.exists() {
-                backups.push(fsutil::backup(path)?);
-            }
-        }
+        let existing: Vec<&PathBuf> = staged
+            .iter()
+            .map(|(p, _)| p)
+            .filter(|p| std::fs::symlink_metadata(p).is_ok())
+            .collect();
+        let backups = fsutil::backup_all(&existing)?;
         let registered = Registered {
             agent_id,
             agent_user,
@@ -479,14 +486,14 @@ async fn upsert_agent(
     )
     .await?;
     if let Some(r) = row {
-        return Ok((r.get(0), true));
+        return Ok((pool::get(&r, 0, "registering the agent")?, true));
     }
     if let Some(id) = previous {
         tracing::warn!(
             "agent id {id} from the existing agent.cfg is unknown to the PEM server; registering a new agent"
         );
     }
-    let row = pool::query(
+    let id: i32 = pool::query_value(
         client,
         "registering the agent",
         "INSERT INTO pem.agent (display_name, host_name, group_name, team, owner, allow_server_restart, \
@@ -495,7 +502,7 @@ async fn upsert_agent(
         &params[..9],
     )
     .await?;
-    Ok((row[0].get(0), false))
+    Ok((id, false))
 }
 
 /// Marks other active registrations of the same host and display name inactive: the row a
@@ -513,7 +520,10 @@ async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Resul
         ],
     )
     .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rows.iter()
+        .map(|r| pool::get(r, 0, "deactivating duplicate registrations"))
+        .collect::<Result<_, _>>()
+        .map_err(Error::from)
 }
 
 /// Best effort after the server committed but a file could not be put in place.
@@ -533,7 +543,7 @@ async fn undo_registration(
         .await;
     }
     if let Some(role) = created_role {
-        if let Ok(rows) = pool::query(
+        if let Ok(drop) = pool::query_value::<String>(
             client,
             "undo",
             "SELECT format('DROP ROLE %I', $1::text)",
@@ -541,12 +551,7 @@ async fn undo_registration(
         )
         .await
         {
-            let _ = pool::batch(
-                client,
-                "undoing the agent user",
-                &rows[0].get::<_, String>(0),
-            )
-            .await;
+            let _ = pool::batch(client, "undoing the agent user", &drop).await;
         }
     }
 }
@@ -566,8 +571,10 @@ fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &
     if let Some(u) = &o.batch_script_user {
         d.set("batch_script_user", u, None);
     }
-    if let Some(ca) = &o.server.root_cert {
-        d.set("ca_file", &ca.display().to_string(), None);
+    // The agent verifies the PEM server as this registration did.
+    d.set("pem_ssl_mode", o.server.sslmode.name(), None);
+    if let Some(root) = &o.server.root_cert {
+        d.set("pem_ssl_root_cert", &root.display().to_string(), None);
     }
     for (k, v) in &o.overrides {
         d.set(k, v, None);
@@ -601,7 +608,8 @@ pub(crate) async fn check_active(
         &[(&id.agent_id, Type::INT4)],
     )
     .await?;
-    match row.map(|r| r.get::<_, bool>(0)) {
+    let what = "reading the agent's registration";
+    match row.map(|r| pool::get::<bool>(&r, 0, what)).transpose()? {
         Some(true) => Ok(()),
         Some(false) => Err(Error::Inactive {
             agent_id: id.agent_id,

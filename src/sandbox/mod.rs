@@ -178,7 +178,7 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
         &[(&id, Type::INT4)],
     )
     .await?;
-    bind_servers(servers, id, 10).await?;
+    bind_servers(servers, id, &cfg, 10).await?;
 
     let state = site.join("state");
     let stderr = std::fs::File::create(site.join("worker.stderr"))
@@ -210,23 +210,28 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
 }
 
 /// Binds the sandbox's own PostgreSQL (through a `monitor` login in pg_monitor) and pgBouncer
-/// to agent `agent_id`, schedules their probes every `interval` seconds, and keeps the
-/// passwords those logins need in the agent's `<home>/.pgpass` (never on the PEM server).
+/// to agent `agent_id`, schedules their probes every `interval` seconds, keeps the passwords
+/// those logins need in the agent's `<home>/.pgpass` (never on the PEM server), and records
+/// both as registered from this host beside the agent's `config_file` (see [`crate::targets`]).
 /// Returns the monitored server's id.
-pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Result<i32, Error> {
+pub async fn bind_servers(
+    servers: &Servers,
+    agent_id: i32,
+    config_file: &Path,
+    interval: i32,
+) -> Result<i32, Error> {
     let su = connection::connect(&servers.superuser()).await?;
     let monitor_pw = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let create = pool::query(
+    let create = pool::query_value::<String>(
         &su,
         "creating the monitoring login",
         "SELECT format('CREATE ROLE monitor LOGIN PASSWORD %L IN ROLE pg_monitor', $1::text)",
         &[(&monitor_pw, Type::TEXT)],
     )
-    .await?[0]
-        .get::<_, String>(0);
+    .await?;
     pool::batch(&su, "creating the monitoring login", &create).await?;
     let (pg_port, pgb_port) = (i32::from(servers.pg_port), i32::from(servers.pgb_port));
-    let server_id: i32 = pool::query(
+    let server_id: i32 = pool::query_value(
         &su,
         "binding the sandbox servers",
         "WITH s AS (INSERT INTO pem.server (display_name, server_addr, port, database, username) \
@@ -246,8 +251,7 @@ pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Re
             (&interval, Type::INT4),
         ],
     )
-    .await?[0]
-        .get(0);
+    .await?;
     let esc = crate::secret::pgpass_escape;
     let pgpass = servers.home.join(".pgpass");
     crate::fsutil::Staged::write(
@@ -266,6 +270,34 @@ pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Re
     )
     .and_then(|s| s.commit())
     .map_err(|e| Error::Step(e.to_string()))?;
+    let record = |kind, port, database: &str, user: &str| crate::targets::Target {
+        kind,
+        host: "127.0.0.1".into(),
+        port,
+        database: database.into(),
+        user: user.into(),
+        sslmode: "verify-full".into(),
+        root_cert: Some(servers.root_crt.clone()),
+    };
+    let file = crate::targets::file_for(config_file);
+    crate::targets::Registry::load(&file)
+        .map(|r| {
+            r.with(record(
+                crate::targets::Kind::Server,
+                servers.pg_port,
+                "postgres",
+                "monitor",
+            ))
+            .with(record(
+                crate::targets::Kind::Pgbouncer,
+                servers.pgb_port,
+                "pgbouncer",
+                servers::ADMIN_USER,
+            ))
+        })
+        .and_then(|r| r.stage(&file))
+        .and_then(|s| s.commit().map_err(Into::into))
+        .map_err(|e| Error::Step(e.to_string()))?;
     Ok(server_id)
 }
 
@@ -309,7 +341,7 @@ async fn look(servers: &Servers, su: &Client, agent: &Agent) -> Status {
     )
     .await
     {
-        st.last_heartbeat_age = rows.first().map(|r| r.get(0));
+        st.last_heartbeat_age = rows.first().and_then(|r| r.try_get(0).ok());
     }
     let mut stored = Vec::new();
     for p in crate::probes::PROBES {
@@ -317,8 +349,10 @@ async fn look(servers: &Servers, su: &Client, agent: &Agent) -> Status {
             "SELECT count(*) FROM pemhistory.{} WHERE agent_id = $1",
             p.name
         );
-        if let Ok(rows) = pool::query(su, "status", &sql, &[(&agent.id, Type::INT4)]).await {
-            stored.push((p.name.to_string(), rows[0].get::<_, i64>(0)));
+        if let Ok(n) =
+            pool::query_value::<i64>(su, "status", &sql, &[(&agent.id, Type::INT4)]).await
+        {
+            stored.push((p.name.to_string(), n));
         }
     }
     st.stored = stored;
@@ -326,15 +360,18 @@ async fn look(servers: &Servers, su: &Client, agent: &Agent) -> Status {
         if let Ok(rows) = pool::simple_rows(&console, "SHOW POOLS", "SHOW POOLS").await {
             st.pool = rows
                 .iter()
-                .find(|r| r.get("database") == Some("pem") && r.get("user") == Some(AGENT_USER))
+                .find(|r| {
+                    r.try_get("database").ok().flatten() == Some("pem")
+                        && r.try_get("user").ok().flatten() == Some(AGENT_USER)
+                })
                 .map(|r| {
                     format!(
                         "clients active {} waiting {}, server connections active {} idle {}, mode {}",
-                        r.get("cl_active").unwrap_or("?"),
-                        r.get("cl_waiting").unwrap_or("?"),
-                        r.get("sv_active").unwrap_or("?"),
-                        r.get("sv_idle").unwrap_or("?"),
-                        r.get("pool_mode").unwrap_or("?")
+                        r.try_get("cl_active").ok().flatten().unwrap_or("?"),
+                        r.try_get("cl_waiting").ok().flatten().unwrap_or("?"),
+                        r.try_get("sv_active").ok().flatten().unwrap_or("?"),
+                        r.try_get("sv_idle").ok().flatten().unwrap_or("?"),
+                        r.try_get("pool_mode").ok().flatten().unwrap_or("?")
                     )
                 });
         }

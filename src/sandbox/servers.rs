@@ -344,7 +344,7 @@ impl Servers {
     }
 
     /// This program with a private HOME, the servers' passwords in the environment (never on
-    /// the command line) and libpq's TLS variables set to verify the servers.
+    /// the command line) and the servers' root certificate (sslmode is verify-full by default).
     pub fn pemworker_command(&self) -> Command {
         let mut c = Command::new(&self.exe);
         c.env_clear()
@@ -356,7 +356,6 @@ impl Servers {
                 "PEMWORKER_ADMIN_USER_PASSWORD",
                 self.passwords.admin.expose(),
             )
-            .env("PGSSLMODE", "verify-full")
             .env("PGSSLROOTCERT", &self.root_crt)
             .stdin(Stdio::null());
         c

@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::tasks::panic_message;
-use crate::connection::{self, ConnectSettings, SslMode, pool};
+use crate::connection::{self, ConnectSettings, pool};
 use crate::probes::{self, Collector, PROBES, ProbeSpec, Sample, Target, os::OsProbes};
+use crate::targets::{self, Kind, Registry};
 
 /// Longest a statement on a monitored server may run.
 pub const PROBE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,6 +227,7 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
         let interval = Duration::from_secs(secs.max(1) as u64);
         jobs.push((name, place, interval, enabled));
     }
+    let registry = local_targets(&shared.config().path);
     let mut server_map = HashMap::new();
     for r in &servers {
         let what = "reading monitored servers";
@@ -238,7 +240,7 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
             pool::get(r, 5, what)?,
         );
         fingerprint.push_str(&format!("s{id}|{host}|{port}|{db}|{user}|{ssl}\n"));
-        if let Some(s) = monitored(host, port, &db, user, ssl) {
+        if let Some(s) = monitored(&registry, Kind::Server, host, port, &db, user, ssl) {
             server_map.insert(id, s);
         }
     }
@@ -253,7 +255,15 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
             pool::get(r, 4, what)?,
         );
         fingerprint.push_str(&format!("b{key}|{user}|{ssl}\n"));
-        if let Some(s) = monitored(host, port, "pgbouncer", user, ssl) {
+        if let Some(s) = monitored(
+            &registry,
+            Kind::Pgbouncer,
+            host,
+            port,
+            "pgbouncer",
+            user,
+            ssl,
+        ) {
             bouncer_map.insert(key, s);
         }
     }
@@ -265,9 +275,25 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     }))
 }
 
-/// Settings for a monitored server or pgBouncer console. The password, if one is needed,
-/// comes from the agent user's ~/.pgpass (or PGPASSFILE): never from the PEM server.
+/// The targets registered from this host (see [`targets`]); an unreadable record is logged
+/// and probes nothing.
+fn local_targets(config_file: &std::path::Path) -> Registry {
+    let file = targets::file_for(config_file);
+    Registry::load(&file).unwrap_or_else(|e| {
+        targets::warn_once(&targets::Refusal::Settings {
+            what: "no monitored server is probed".into(),
+            why: e.to_string(),
+        });
+        Registry::default()
+    })
+}
+
+/// Settings for a monitored server or pgBouncer console bound on the PEM server, as the local
+/// record allows them ([`Registry::settings`]): the password, if one is needed, comes from the
+/// agent user's ~/.pgpass (or PGPASSFILE), never from the PEM server.
 fn monitored(
+    registry: &Registry,
+    kind: Kind,
     host: String,
     port: i32,
     db: &str,
@@ -275,11 +301,16 @@ fn monitored(
     sslmode: String,
 ) -> Option<ConnectSettings> {
     let port = u16::try_from(port).ok()?;
-    let mut s = ConnectSettings::from_env(&host, port, &user, db).ok()?;
-    s.sslmode = sslmode.parse::<SslMode>().ok()?;
-    s.resolve_password(&[]);
-    s.connect_timeout = PROBE_STATEMENT_TIMEOUT;
-    Some(s)
+    match registry.settings(kind, &host, port, db, &user, &sslmode) {
+        Ok(mut s) => {
+            s.connect_timeout = PROBE_STATEMENT_TIMEOUT;
+            Some(s)
+        }
+        Err(refusal) => {
+            targets::warn_once(&refusal);
+            None
+        }
+    }
 }
 
 /// When to check the schedule next.

@@ -124,7 +124,7 @@ fn connection_changed(a: &AgentConfig, b: &AgentConfig) -> bool {
         &a.agent_user,
         &a.agent_ssl_key,
         &a.agent_ssl_crt,
-        &a.ca_file,
+        a.tls_choice(),
         a.connect_timeout,
     ) != (
         &b.pem_hosts,
@@ -132,7 +132,7 @@ fn connection_changed(a: &AgentConfig, b: &AgentConfig) -> bool {
         &b.agent_user,
         &b.agent_ssl_key,
         &b.agent_ssl_crt,
-        &b.ca_file,
+        b.tls_choice(),
         b.connect_timeout,
     ) || a.heartbeat_connection != b.heartbeat_connection
         || a.connection_lifetime != b.connection_lifetime

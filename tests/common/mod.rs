@@ -7,6 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod hostile;
+pub mod impostor;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -264,8 +267,9 @@ impl TestBed {
             .expect("start pemworker")
     }
 
-    /// `pemworker <args> -c <cfg> [-o k=v ...]` with the agent's environment (the bed's HOME,
-    /// PGSSLMODE=verify-full and the bed's root certificate) and `env`.
+    /// `pemworker <args> -c <cfg> [-o k=v ...]` with the agent's environment (the bed's HOME and
+    /// its root certificate in PGSSLROOTCERT; the sslmode is the default, verify-full) and `env`
+    /// (an empty value removes a variable's effect, as in libpq).
     pub fn agent_command(
         &self,
         cfg: &Path,
@@ -281,7 +285,6 @@ impl TestBed {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.home)
-            .env("PGSSLMODE", "verify-full")
             .env("PGSSLROOTCERT", &self.root_crt)
             .stdin(Stdio::null());
         for (k, v) in env {
