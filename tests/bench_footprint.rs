@@ -1082,7 +1082,7 @@ fn find_descendant(pid: i32, name: &str) -> Option<i32> {
 /// heaptrack, strace or smaps) for the warm-up and one window, or, with
 /// `PEMWORKER_BENCH_PROFILE_TARGET=registration`, one `--register-agent` through pgBouncer.
 /// The binary is `PEMWORKER_BENCH_PROFILE_EXE` (the `profiling` build, with symbols); the
-/// output goes to `PEMWORKER_BENCH_PROFILE_DIR`. callgrind counts the window only (not start-up
+/// output goes to `PEMWORKER_BENCH_PROFILE_DIR`. callgrind instruments the window only (not start-up
 /// nor shutdown); smaps copies /proc/PID/smaps and status at the end of the window.
 #[test]
 #[ignore = "profile: run scripts/bench-footprint --profile TOOL"]
@@ -1104,7 +1104,7 @@ fn profile_pemworker() {
             "valgrind".into(),
             "--tool=callgrind".into(),
             format!(
-                "--collect-atstart={}",
+                "--instr-atstart={}",
                 if registration { "yes" } else { "no" }
             ),
             format!("--callgrind-out-file={}/callgrind.out", out.display()),
