@@ -1078,35 +1078,19 @@ fn find_descendant(pid: i32, name: &str) -> Option<i32> {
     None
 }
 
-/// Runs one pemworker of the benchmark's setup under `PEMWORKER_BENCH_PROFILER` (callgrind,
-/// heaptrack, strace or smaps) for the warm-up and one window, or, with
-/// `PEMWORKER_BENCH_PROFILE_TARGET=registration`, one `--register-agent` through pgBouncer.
-/// The binary is `PEMWORKER_BENCH_PROFILE_EXE` (the `profiling` build, with symbols); the
-/// output goes to `PEMWORKER_BENCH_PROFILE_DIR`. callgrind instruments the window only (not start-up
-/// nor shutdown); smaps copies /proc/PID/smaps and status at the end of the window.
-#[test]
-#[ignore = "profile: run scripts/bench-footprint --profile TOOL"]
-fn profile_pemworker() {
-    let tool = std::env::var("PEMWORKER_BENCH_PROFILER").unwrap_or_else(|_| "callgrind".into());
-    let exe = std::env::var("PEMWORKER_BENCH_PROFILE_EXE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_pemworker")));
-    let out = PathBuf::from(
-        std::env::var("PEMWORKER_BENCH_PROFILE_DIR").expect("PEMWORKER_BENCH_PROFILE_DIR"),
-    );
-    let registration =
-        std::env::var("PEMWORKER_BENCH_PROFILE_TARGET").is_ok_and(|t| t == "registration");
-    std::fs::create_dir_all(&out).unwrap();
-    let bench = Bench::setup(Settings::from_env());
-    let s = &bench.settings;
-    let wrapper: Vec<String> = match tool.as_str() {
+/// This program under `tool`, writing the profile into `out`, with the bed's environment.
+fn profiled_command(
+    tool: &str,
+    exe: &Path,
+    out: &Path,
+    bed: &TestBed,
+    window_only: bool,
+) -> Command {
+    let wrapper: Vec<String> = match tool {
         "callgrind" => vec![
             "valgrind".into(),
             "--tool=callgrind".into(),
-            format!(
-                "--instr-atstart={}",
-                if registration { "yes" } else { "no" }
-            ),
+            format!("--instr-atstart={}", if window_only { "no" } else { "yes" }),
             format!("--callgrind-out-file={}/callgrind.out", out.display()),
         ],
         "heaptrack" => vec![
@@ -1125,36 +1109,63 @@ fn profile_pemworker() {
         "smaps" => vec![],
         other => panic!("unknown profiler {other}: use callgrind, heaptrack, strace or smaps"),
     };
+    std::fs::create_dir_all(out).unwrap();
     let mut c = Command::new(wrapper.first().map_or(exe.as_os_str(), |w| w.as_ref()));
     if !wrapper.is_empty() {
-        c.args(&wrapper[1..]).arg(&exe);
+        c.args(&wrapper[1..]).arg(exe);
     }
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", &bench.bed.home)
+        .env("HOME", &bed.home)
         .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", &bench.bed.root_crt)
-        .stdin(Stdio::null());
-    let log = out.join("output.log");
-    c.stdout(std::fs::File::create(&log).unwrap())
+        .env("PGSSLROOTCERT", &bed.root_crt)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out.join("output.log")).unwrap())
         .stderr(std::fs::File::create(out.join("stderr.log")).unwrap());
+    c
+}
 
-    if registration {
-        let args = bench.bed.register_args("profiled");
-        let t = Instant::now();
-        let st = c
-            .args(&args)
-            .env("PEM_SERVER_PASSWORD", common::ADMIN_PASSWORD)
-            .status()
-            .expect("run the registration");
-        assert!(st.success(), "registration failed; see {}", out.display());
-        eprintln!(
-            "registration under {tool}: {:.0} ms; output in {}",
-            t.elapsed().as_secs_f64() * 1000.0,
-            out.display()
-        );
+/// Runs one pemworker of the benchmark's setup under `PEMWORKER_BENCH_PROFILER` (callgrind,
+/// heaptrack, strace or smaps) for the warm-up and one window, or, with
+/// `PEMWORKER_BENCH_PROFILE_TARGET=registration`, two registrations through pgBouncer on a fresh
+/// test bed: the first (which creates the agent user, on a cold pool) and the next.
+/// The binary is `PEMWORKER_BENCH_PROFILE_EXE` (the `profiling` build, with symbols); the
+/// output goes to `PEMWORKER_BENCH_PROFILE_DIR`. callgrind instruments the window only (not
+/// start-up nor shutdown); smaps copies /proc/PID/smaps and status at the end of the window.
+#[test]
+#[ignore = "profile: run scripts/bench-footprint --profile TOOL"]
+fn profile_pemworker() {
+    let tool = std::env::var("PEMWORKER_BENCH_PROFILER").unwrap_or_else(|_| "callgrind".into());
+    let exe = std::env::var("PEMWORKER_BENCH_PROFILE_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_pemworker")));
+    let out = PathBuf::from(
+        std::env::var("PEMWORKER_BENCH_PROFILE_DIR").expect("PEMWORKER_BENCH_PROFILE_DIR"),
+    );
+    if std::env::var("PEMWORKER_BENCH_PROFILE_TARGET").is_ok_and(|t| t == "registration") {
+        let bed = TestBed::start();
+        for run in ["first", "second"] {
+            let dir = out.join(run);
+            let mut c = profiled_command(&tool, &exe, &dir, &bed, false);
+            let t = Instant::now();
+            let st = c
+                .args(bed.register_args(run))
+                .env("PEM_SERVER_PASSWORD", common::ADMIN_PASSWORD)
+                .status()
+                .expect("run the registration");
+            assert!(st.success(), "registration failed; see {}", dir.display());
+            eprintln!(
+                "{run} registration under {tool}: {:.0} ms; output in {}",
+                t.elapsed().as_secs_f64() * 1000.0,
+                dir.display()
+            );
+        }
         return;
     }
+    let bench = Bench::setup(Settings::from_env());
+    let s = &bench.settings;
+    let wrapped = tool != "smaps";
+    let mut c = profiled_command(&tool, &exe, &out, &bench.bed, true);
 
     let state = out.join("state");
     let _ = std::fs::remove_dir_all(&state);
@@ -1167,11 +1178,7 @@ fn profile_pemworker() {
     }
     let mut child = c.spawn().expect("start the profiled pemworker");
     // Under valgrind everything is far slower: give the first round time to finish.
-    let warmup = if wrapper.is_empty() {
-        s.warmup
-    } else {
-        s.warmup * 2
-    };
+    let warmup = if wrapped { s.warmup * 2 } else { s.warmup };
     std::thread::sleep(warmup);
     let pid = find_descendant(child.id() as i32, "pemworker").unwrap_or(child.id() as i32);
     let control = |on: &str| {
