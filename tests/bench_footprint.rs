@@ -29,6 +29,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -469,8 +470,10 @@ impl Bench {
             .find_map(|l| l.strip_prefix(&prefix))
             .expect("the monitor login in .pgpass")
             .to_string();
+        // The peers' configurations hold the monitor login's password: private to this user.
         let dir = bed.root.join("bench");
         std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let server = ServerSide::find(&bed);
         Bench {
             bed,
