@@ -26,7 +26,7 @@ fn rc<T>(what: &'static str, r: Result<T, rcgen::Error>) -> Result<T, Error> {
     r.map_err(|source| Error::Rcgen { what, source })
 }
 
-/// A fresh agent key pair. Its PEM form (`serialize_pem`) is PKCS#8, as native-tls needs.
+/// A fresh agent key pair. Its PEM form (`serialize_pem`) is PKCS#8 (`BEGIN PRIVATE KEY`).
 pub fn generate_key() -> Result<KeyPair, Error> {
     rc(
         "generate an ECDSA P-256 key",

@@ -304,21 +304,18 @@ impl<S: TlsStream + Unpin> TlsStream for Guarded<S> {
     }
 }
 
-/// The TLS step: native-tls's handshake, its failure recorded, its stream guarded.
+/// The TLS step: OpenSSL's handshake ([`super::tls`]), its failure recorded, its stream
+/// guarded.
 pub struct GuardedTls {
-    inner: postgres_native_tls::TlsConnector,
+    ssl: openssl::ssl::Ssl,
     watch: Watch,
     guard_cleartext: bool,
 }
 
 impl GuardedTls {
-    pub fn new(
-        inner: postgres_native_tls::TlsConnector,
-        watch: Watch,
-        guard_cleartext: bool,
-    ) -> GuardedTls {
+    pub(super) fn new(ssl: openssl::ssl::Ssl, watch: Watch, guard_cleartext: bool) -> GuardedTls {
         GuardedTls {
-            inner,
+            ssl,
             watch,
             guard_cleartext,
         }
@@ -329,39 +326,22 @@ impl<S> TlsConnect<S> for GuardedTls
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    type Stream = Guarded<postgres_native_tls::TlsStream<S>>;
-    type Error = native_tls::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Stream, native_tls::Error>> + Send>>;
+    type Stream = Guarded<super::tls::TlsStream<S>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Stream>> + Send>>;
 
     fn connect(self, stream: S) -> Self::Future {
-        let handshake = self.inner.connect(stream);
         Box::pin(async move {
-            match handshake.await {
+            match super::tls::handshake(self.ssl, stream).await {
                 Ok(s) => Ok(Guarded::tls(s, self.watch, self.guard_cleartext)),
-                Err(e) => {
-                    self.watch
-                        .update(|s| s.handshake_error = Some(one_line(&e)));
-                    Err(e)
+                Err(why) => {
+                    let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+                    self.watch.update(|s| s.handshake_error = Some(why.clone()));
+                    Err(io::Error::other(why))
                 }
             }
         })
     }
-}
-
-/// An error and its causes on one line.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        // OpenSSL's error repeats its cause in its own text.
-        let c_text = c.to_string();
-        if !s.contains(&c_text) {
-            s.push_str(&format!(": {c_text}"));
-        }
-        cause = c.source();
-    }
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A TCP or Unix-domain socket to the server.

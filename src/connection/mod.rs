@@ -11,7 +11,7 @@ pub mod manager;
 pub mod pool;
 pub mod session;
 mod settings;
-mod tls;
+pub mod tls;
 
 pub use settings::{ConnectSettings, DEFAULT_SSLMODE, SslMode, TlsChoice};
 
@@ -250,15 +250,10 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, Error> {
 }
 
 async fn open(settings: &ConnectSettings, watch: &guard::Watch) -> Result<Client, Error> {
-    use tokio_postgres::tls::MakeTlsConnect;
     let config = settings.to_config();
-    let mut make = tls::connector(settings)?;
+    let tls = tls::context(settings)?.session(&settings.host)?;
     let verified =
         !settings.is_unix_socket() && settings.sslmode.verifies(settings.root_cert.is_some());
-    let tls = <postgres_native_tls::MakeTlsConnector as MakeTlsConnect<
-        guard::Guarded<guard::Socket>,
-    >>::make_tls_connect(&mut make, &settings.host)
-    .map_err(|e| Error::Tls(e.to_string()))?;
     let socket = guard::Socket::open(settings)
         .await
         .map_err(|source| Error::Socket {
