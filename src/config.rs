@@ -65,11 +65,16 @@ pub struct AgentConfig {
     pub log_location: Option<PathBuf>,
     pub long_wait: Duration,
     pub short_wait: Duration,
-    /// Concurrent connections to monitored servers; `None` = unlimited (PEM's 0).
+    /// Sessions open to monitored servers and pgBouncer consoles at once, idle ones included;
+    /// `None` = unlimited (PEM's 0).
     pub max_connections: Option<usize>,
     pub connect_timeout: Duration,
-    /// Reconnect after this long; `None` = keep connections (PEM's 0).
+    /// How long an idle session to a monitored server or pgBouncer console is kept (PEM's
+    /// meaning); `None` = as long as its target is probed (PEM's 0).
     pub connection_lifetime: Option<Duration>,
+    /// Sessions with the PEM server are renewed after this long (this agent's key; older
+    /// versions read connection_lifetime for it); `None` = kept (0).
+    pub pem_session_lifetime: Option<Duration>,
     pub heartbeat_connection: bool,
     pub enable_smtp: bool,
     pub enable_snmp: bool,
@@ -394,13 +399,21 @@ impl AgentConfig {
             }),
             "a number of seconds (-1 = default)"
         );
+        let lifetime = |v: &str| {
+            v.parse::<u64>()
+                .ok()
+                .map(|n| (n > 0).then(|| Duration::from_secs(n)))
+        };
         let connection_lifetime = parsed!(
             "connection_lifetime",
             None,
-            |v: &str| v
-                .parse::<u64>()
-                .ok()
-                .map(|n| (n > 0).then(|| Duration::from_secs(n))),
+            lifetime,
+            "a number of seconds (0 = unlimited)"
+        );
+        let pem_session_lifetime = parsed!(
+            "pem_session_lifetime",
+            None,
+            lifetime,
             "a number of seconds (0 = unlimited)"
         );
         let flag =
@@ -476,6 +489,7 @@ impl AgentConfig {
                         max_connections,
                         connect_timeout,
                         connection_lifetime,
+                        pem_session_lifetime,
                         heartbeat_connection,
                         enable_smtp,
                         enable_snmp,
@@ -515,7 +529,7 @@ mod tests {
             "agent.cfg",
             &format!(
                 "[PEM/agent]\npem_host=h1, h2\npem_port=6432\nagent_id=12\nagent_ssl_key={}\nagent_ssl_crt={}\n\
-                 log_level=debug1\nlong_wait=20\nmax_connections=0\nconnect_timeout=-1\nconnection_lifetime=300\n\
+                 log_level=debug1\nlong_wait=20\nmax_connections=0\nconnect_timeout=-1\nconnection_lifetime=300\npem_session_lifetime=3600\n\
                  heartbeat_connection=true\nspool_limit=8MB\nmystery=1\npem_ssl_root_cert={}\n",
                 key.display(),
                 crt.display(),
@@ -537,6 +551,7 @@ mod tests {
         assert_eq!(c.max_connections, None);
         assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(c.connection_lifetime, Some(Duration::from_secs(300)));
+        assert_eq!(c.pem_session_lifetime, Some(Duration::from_secs(3600)));
         assert!(c.heartbeat_connection);
         assert_eq!(c.spool_limit, 8 << 20);
         assert_eq!(c.pem_ssl_mode, None, "verify-full unless chosen");
@@ -554,7 +569,7 @@ mod tests {
         );
         assert_eq!(warnings.len(), 1);
         assert!(
-            warnings[0].contains(":14: unknown key mystery"),
+            warnings[0].contains(":15: unknown key mystery"),
             "{warnings:?}"
         );
     }

@@ -4,7 +4,7 @@
 //! behind another loop's statement or transaction: a heartbeat issued while a delivery holds
 //! a session gets a second session (a session to pgBouncer costs no server backend). Sessions
 //! come back when their [`Session`] is dropped, unless they are broken, still in a transaction,
-//! older than connection_lifetime, or the manager was reset meanwhile; those are closed.
+//! older than pem_session_lifetime, or the manager was reset meanwhile; those are closed.
 //!
 //! Connecting happens without any lock held, so a slow host stalls only the loop that asked.
 //! Hosts are tried in order, starting with the one that served last; when all fail, checkouts

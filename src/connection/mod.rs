@@ -4,9 +4,13 @@
 //! sslmode, root CA, client certificate, timeouts, from flags and libpq's environment variables)
 //! and how statements are sent ([`pool`]: only the simple protocol or the unnamed statement, so
 //! every statement is safe in pgBouncer's transaction pooling). Sessions run over [`guard`]
-//! streams, so no password is sent in clear text to a server that was not verified.
+//! streams, so no password is sent in clear text to a server that was not verified, with TLS
+//! contexts built once per configuration ([`tls`]). [`manager`] hands out sessions with the PEM
+//! server; [`kept`] keeps the sessions to monitored servers and pgBouncer consoles between
+//! probe rounds.
 
 pub mod guard;
+pub mod kept;
 pub mod manager;
 pub mod pool;
 pub mod session;

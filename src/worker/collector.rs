@@ -9,10 +9,10 @@
 //! server may be down when the agent starts), the agent-level probes run every minute.
 //!
 //! Every round of probes on one target (this host, a monitored server, a pgBouncer) runs in its
-//! own named task, at most max_connections remote ones at a time, each with its own
-//! connection closed after the round; a target whose previous round is still running (a hung
-//! server) is skipped, and never delays the others. A probe that fails or panics is logged with
-//! its name, and the other probes go on.
+//! own named task on the target's kept session ([`Kept`]: reused from round to round, closed
+//! after connection_lifetime idle, at most max_connections open); a target whose previous round
+//! is still running (a hung server) is skipped, and never delays the others. A probe that fails
+//! or panics is logged with its name, and the other probes go on.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -20,13 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::tasks::panic_message;
+use crate::connection::kept::{Kept, Lease};
 use crate::connection::{self, ConnectSettings, pool};
 use crate::probes::{self, Collector, PROBES, ProbeSpec, Sample, Target, os::OsProbes};
 use crate::targets::{self, Kind, Registry};
@@ -143,6 +143,16 @@ impl Schedule {
         }
         self.jobs = jobs;
         self.loaded = true;
+    }
+
+    /// Whether a job runs at `place` and its target is known.
+    fn probes(&self, place: &Place) -> bool {
+        let known = match place {
+            Place::Agent => true,
+            Place::Server(id) => self.servers.contains_key(id),
+            Place::Pgbouncer(b) => self.bouncers.contains_key(b),
+        };
+        known && self.jobs.values().any(|j| &j.place == place)
     }
 
     fn next_due(&self) -> Option<Instant> {
@@ -346,17 +356,25 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         wait: short_wait,
         fingerprint: None,
     };
-    let limit = shared
-        .config()
-        .max_connections
-        .unwrap_or(Semaphore::MAX_PERMITS);
-    let permits = Arc::new(Semaphore::new(limit));
+    let limits = |c: &crate::config::AgentConfig| (c.max_connections, c.connection_lifetime);
+    let mut applied = limits(&shared.config());
+    let kept: Kept<Place> = Kept::new(applied.0, applied.1);
     let busy: Arc<Mutex<HashSet<Place>>> = Arc::default();
     let mut fetching: Option<FetchTask> = None;
     loop {
+        let now_limits = limits(&shared.config());
+        if now_limits != applied {
+            kept.set_limits(now_limits.0, now_limits.1);
+            applied = now_limits;
+        }
+        let idle_check = kept.close_idle();
         let wake = match &fetching {
             Some(_) => sched.next_due(),
             None => Some(sched.next_due().map_or(check.at, |d| d.min(check.at))),
+        };
+        let wake = match (wake, idle_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -380,6 +398,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             sched.merge(f.jobs);
                             sched.servers = f.servers;
                             sched.bouncers = f.bouncers;
+                            // Sessions of targets no longer probed are not kept.
+                            kept.retain(|p| sched.probes(p));
                             check.fingerprint = Some(f.fingerprint);
                             check.wait = short_wait;
                         }
@@ -439,13 +459,11 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                         Place::Agent => None,
                     };
                     let Some(settings) = settings else { continue };
-                    let permits = permits.clone();
+                    let kept = kept.clone();
                     shared.tasks.spawn(name, async move {
                         let _guard = guard;
-                        if let Ok(_permit) = permits.acquire().await {
-                            let samples = collect_remote(&place, &settings, &specs).await;
-                            sh.spool_samples(samples).await;
-                        }
+                        let samples = collect_remote(&kept, &place, &settings, &specs).await;
+                        sh.spool_samples(samples).await;
                     });
                 }
             }
@@ -483,47 +501,79 @@ async fn collect_os(os: Arc<Mutex<OsProbes>>, specs: Vec<&'static ProbeSpec>) ->
     joined.unwrap_or_default()
 }
 
-/// One round of probes against one monitored server or pgBouncer, on one connection.
+/// One round of probes against one monitored server or pgBouncer, on its kept session.
 async fn collect_remote(
+    kept: &Kept<Place>,
     place: &Place,
     settings: &ConnectSettings,
     specs: &[&'static ProbeSpec],
 ) -> Vec<Sample> {
-    let client = match connection::connect(settings).await {
-        Ok(c) => c,
-        Err(e) => {
+    let checkout = || async {
+        kept.checkout(place, settings).await.map_err(|e| {
             tracing::warn!("probes of {place} ({}): {e}", settings.target());
-            return Vec::new();
-        }
+        })
+    };
+    let Ok(mut lease) = checkout().await else {
+        return Vec::new();
     };
     let (server_id, bouncer) = match place {
         Place::Server(id) => (Some(*id), None),
         Place::Pgbouncer(b) => (None, Some(b.clone())),
         Place::Agent => (None, None),
     };
-    let mut samples = Vec::new();
-    for spec in specs {
-        let run = AssertUnwindSafe(async {
-            crate::testhooks::probe(spec.name);
-            match spec.collector {
-                Collector::Sql(_) => {
-                    probes::postgres::collect(&client, spec.name, PROBE_STATEMENT_TIMEOUT).await
-                }
-                Collector::Console(_) => probes::pgbouncer::collect(&client, spec.name).await,
-                Collector::Os(_) => Err(probes::Error::Unknown(spec.name.to_string())),
-            }
-        })
-        .catch_unwind()
-        .await;
+    let mut samples = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let mut run = run_remote(&lease, spec).await;
+        // A kept session the server closed while it was idle (a restart, an idle timeout)
+        // shows only when used: the first probe gets one fresh session.
+        if i == 0 && lease.reused() && lease.client().is_closed() {
+            lease.discard();
+            drop(lease);
+            lease = match checkout().await {
+                Ok(l) => l,
+                Err(()) => return samples,
+            };
+            run = run_remote(&lease, spec).await;
+        }
         match run {
             Ok(Ok(rows)) => samples.push(Sample::new(spec.name, server_id, bouncer.clone(), rows)),
-            Ok(Err(e)) => tracing::warn!("{e}"),
-            Err(p) => tracing::error!(
-                "probe {} on {place} panicked: {}; the other probes go on",
-                spec.name,
-                panic_message(&*p)
-            ),
+            Ok(Err(e)) => {
+                // The session's state after a failed statement is not known: the next round
+                // gets a new one.
+                if matches!(e, probes::Error::Connection { .. }) {
+                    lease.discard();
+                }
+                tracing::warn!("{e}");
+            }
+            Err(p) => {
+                lease.discard();
+                tracing::error!(
+                    "probe {} on {place} panicked: {}; the other probes go on",
+                    spec.name,
+                    panic_message(&*p)
+                )
+            }
         }
     }
     samples
+}
+
+/// One probe on a remote session, its panic caught.
+async fn run_remote(
+    lease: &Lease<Place>,
+    spec: &'static ProbeSpec,
+) -> Result<Result<Vec<probes::Row>, probes::Error>, Box<dyn std::any::Any + Send>> {
+    let client = lease.client();
+    AssertUnwindSafe(async {
+        crate::testhooks::probe(spec.name);
+        match spec.collector {
+            Collector::Sql(_) => {
+                probes::postgres::collect(client, spec.name, PROBE_STATEMENT_TIMEOUT).await
+            }
+            Collector::Console(_) => probes::pgbouncer::collect(client, spec.name).await,
+            Collector::Os(_) => Err(probes::Error::Unknown(spec.name.to_string())),
+        }
+    })
+    .catch_unwind()
+    .await
 }

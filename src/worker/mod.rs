@@ -108,12 +108,12 @@ fn managers(c: &AgentConfig) -> Result<(Manager, Option<Manager>), connection::E
     let pem = Manager::new(
         "PEM server",
         targets.clone(),
-        c.connection_lifetime,
+        c.pem_session_lifetime,
         c.long_wait,
     );
     let hb = c
         .heartbeat_connection
-        .then(|| Manager::new("heartbeat", targets, c.connection_lifetime, c.long_wait));
+        .then(|| Manager::new("heartbeat", targets, c.pem_session_lifetime, c.long_wait));
     Ok((pem, hb))
 }
 
@@ -135,7 +135,7 @@ fn connection_changed(a: &AgentConfig, b: &AgentConfig) -> bool {
         b.tls_choice(),
         b.connect_timeout,
     ) || a.heartbeat_connection != b.heartbeat_connection
-        || a.connection_lifetime != b.connection_lifetime
+        || a.pem_session_lifetime != b.pem_session_lifetime
         || a.long_wait != b.long_wait
 }
 
