@@ -20,7 +20,11 @@ use uuid::Uuid;
 
 /// One column value. Server-side, values are cast to the column's type, so a collector may hand
 /// numbers from SQL probes over as text exactly as the server printed them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Stored as the plain JSON value (null, true, 12, 0.5, "text"). Read back by a visitor that
+/// takes whatever the JSON holds: serde's `untagged` would buffer every value and try each
+/// variant in turn, which made reading the spool allocate several times per value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Value {
     Null,
@@ -28,6 +32,48 @@ pub enum Value {
     Int(i64),
     Float(f64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Value;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("null, a boolean, a number or a string")
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_none<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+                Ok(Value::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+                Ok(Value::Int(v))
+            }
+            // Beyond i64 only a float can hold it, as with the untagged reading before.
+            fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+                Ok(i64::try_from(v).map_or(Value::Float(v as f64), Value::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+                Ok(Value::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Value, E> {
+                Ok(Value::Text(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl From<Option<&str>> for Value {
@@ -333,6 +379,33 @@ pub enum Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_read_back_as_written() {
+        let row: Row = vec![
+            Value::Null,
+            Value::Bool(true),
+            Value::Int(-3),
+            Value::Int(i64::MAX),
+            Value::Float(0.25),
+            Value::Float(1e300),
+            Value::Text("a \"quoted\" 12".into()),
+            Value::Text(String::new()),
+        ];
+        let json = serde_json::to_string(&row).unwrap();
+        assert_eq!(
+            json,
+            r#"[null,true,-3,9223372036854775807,0.25,1e+300,"a \"quoted\" 12",""]"#
+        );
+        assert_eq!(serde_json::from_str::<Row>(&json).unwrap(), row);
+        // Beyond i64: a float, as before.
+        assert_eq!(
+            serde_json::from_str::<Value>("18446744073709551615").unwrap(),
+            Value::Float(u64::MAX as f64)
+        );
+        assert!(serde_json::from_str::<Value>("[1]").is_err());
+        assert!(serde_json::from_str::<Value>("{}").is_err());
+    }
 
     #[test]
     fn every_probe_is_in_the_reference_schema_with_its_columns() {
