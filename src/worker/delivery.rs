@@ -105,32 +105,33 @@ fn build(p: &ProbeSpec) -> Statements {
 pub static STATEMENTS: LazyLock<HashMap<&'static str, Statements>> =
     LazyLock::new(|| PROBES.iter().map(|p| (p.name, build(p))).collect());
 
-fn value_json(v: &Value) -> serde_json::Value {
-    match v {
-        Value::Null => serde_json::Value::Null,
-        Value::Bool(b) => (*b).into(),
-        Value::Int(i) => (*i).into(),
-        Value::Float(f) => {
-            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+/// One row as the JSON object `jsonb_to_recordset` reads: its delivery key and each column by
+/// name, written straight into the statement's text (no map per row).
+struct RowJson<'a> {
+    spec: &'a ProbeSpec,
+    key: &'a uuid::Uuid,
+    row: &'a [Value],
+}
+
+impl serde::Serialize for RowJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.row.len() + 1))?;
+        m.serialize_entry("delivery_key", self.key)?;
+        for ((col, _), v) in self.spec.columns.iter().zip(self.row) {
+            // serde_json writes a non-finite float as null, which the server stores as NULL.
+            m.serialize_entry(col, v)?;
         }
-        Value::Text(s) => s.clone().into(),
+        m.end()
     }
 }
 
 fn rows_json(spec: &ProbeSpec, s: &Sample) -> String {
-    let rows: Vec<serde_json::Value> = s
-        .rows
-        .iter()
-        .map(|(key, row)| {
-            let mut m = serde_json::Map::new();
-            m.insert("delivery_key".into(), key.to_string().into());
-            for ((col, _), v) in spec.columns.iter().zip(row) {
-                m.insert((*col).to_string(), value_json(v));
-            }
-            serde_json::Value::Object(m)
-        })
-        .collect();
-    serde_json::Value::Array(rows).to_string()
+    let rows = s.rows.iter().map(|(key, row)| RowJson { spec, key, row });
+    let mut out = Vec::with_capacity(64 * s.rows.len() * (spec.columns.len() + 1));
+    let mut ser = serde_json::Serializer::new(&mut out);
+    serde::Serializer::collect_seq(&mut ser, rows).expect("serializing to memory cannot fail");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// Stores one batch; returns the samples the server refused as data (all others are stored,
@@ -430,5 +431,19 @@ mod tests {
         assert_eq!(j[0]["five"], 1);
         assert!(j[0]["fifteen"].is_null());
         assert_eq!(j[0]["delivery_key"], s.rows[0].0.to_string());
+        let odd = Sample::new(
+            "load_average",
+            None,
+            None,
+            vec![vec![
+                Value::Float(f64::NAN),
+                Value::Text("x\"y".into()),
+                Value::Bool(true),
+            ]],
+        );
+        let j: serde_json::Value = serde_json::from_str(&rows_json(spec, &odd)).unwrap();
+        assert!(j[0]["one"].is_null());
+        assert_eq!(j[0]["five"], "x\"y");
+        assert_eq!(j[0]["fifteen"], true);
     }
 }
