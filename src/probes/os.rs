@@ -1,8 +1,8 @@
 //! Agent-level probes: what the local operating system reports about the host the agent runs on.
 //!
 //! This module owns reading CPU, memory, load, disk, network and process figures, through the
-//! `procfs` crate (and `statvfs(3)` for disk space), and turning them into rows of the probes'
-//! columns. [`OsProbes`] keeps the previous CPU counters so that `cpu_usage` describes the time
+//! `procfs` crate (`statvfs(3)` for disk space; process states straight from each
+//! /proc/PID/stat), and turning them into rows of the probes' columns. [`OsProbes`] keeps the previous CPU counters so that `cpu_usage` describes the time
 //! since the last call rather than since boot.
 //!
 //! Every call is synchronous and may touch file systems (`statvfs` on a hung network mount can
@@ -10,8 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use procfs::process::all_processes;
-use procfs::{Current, CurrentSI, KernelStats, LoadAverage, Meminfo, ProcError};
+use procfs::{Current, CurrentSI, KernelStats, LoadAverage, Meminfo};
 
 use super::{Collector, Error, Row, Value};
 
@@ -274,21 +273,53 @@ impl ProcessCounts {
     }
 }
 
+/// The state letter of a /proc/PID/stat line: the field after the command name, which is in
+/// parentheses and may itself hold spaces and parentheses (so the last `)` ends it).
+fn stat_state(stat: &[u8]) -> Option<char> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    stat.get(close + 2)
+        .filter(|b| b.is_ascii_alphabetic())
+        .map(|&b| char::from(b))
+}
+
+/// Counts processes by state from each /proc/PID/stat, reading them into one buffer: procfs
+/// would parse all 52 fields of every process into a struct, for the one letter wanted here.
 fn process_count() -> Result<Vec<Row>, Error> {
-    let processes = all_processes().map_err(|e| failed("process_count", "/proc", e))?;
+    use std::io::Read;
+    let dir = std::fs::read_dir("/proc").map_err(|e| failed("process_count", "/proc", e))?;
     let mut counts = ProcessCounts::default();
-    for p in processes {
-        let stat = match p.and_then(|p| p.stat()) {
-            Ok(stat) => stat,
+    let mut path = String::with_capacity(32);
+    let mut buf = Vec::with_capacity(1024);
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        path.clear();
+        path.push_str("/proc/");
+        path.push_str(pid);
+        path.push_str("/stat");
+        buf.clear();
+        match std::fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut buf)) {
+            Ok(_) => {}
             // The process exited between listing /proc and reading its stat file, or /proc is
             // mounted with hidepid and hides it from this user.
-            Err(ProcError::NotFound(_))
-            | Err(ProcError::Incomplete(_))
-            | Err(ProcError::PermissionDenied(_)) => continue,
-            Err(ProcError::Io(e, _)) if e.raw_os_error() == Some(nix::libc::ESRCH) => continue,
-            Err(e) => return Err(failed("process_count", "the process list", e)),
-        };
-        counts.add(stat.state);
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) || e.raw_os_error() == Some(nix::libc::ESRCH) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(failed("process_count", &path, e)),
+        }
+        if let Some(state) = stat_state(&buf) {
+            counts.add(state);
+        }
     }
     Ok(vec![vec![
         Value::Int(counts.total),
@@ -480,6 +511,16 @@ mod tests {
         let (total, running, sleeping, zombie) = (v[0], v[1], v[2], v[3]);
         assert!(total >= 1, "{v:?}");
         assert!(running + sleeping + zombie <= total, "{v:?}");
+    }
+
+    #[test]
+    fn the_state_follows_the_last_parenthesis() {
+        assert_eq!(stat_state(b"1 (systemd) S 0 1 1 0"), Some('S'));
+        assert_eq!(stat_state(b"42 (a) R (b) Z 1 2"), Some('Z'));
+        assert_eq!(stat_state(b"7 (x y)) D 1"), Some('D'));
+        assert_eq!(stat_state(b"7 (x"), None);
+        assert_eq!(stat_state(b"7 (x)"), None);
+        assert_eq!(stat_state(b""), None);
     }
 
     #[test]
