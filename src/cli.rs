@@ -553,21 +553,27 @@ fn cert_path(a: &AgentArgs) -> PathBuf {
     })
 }
 
-/// The host's fully qualified name (`hostname -f`), else its plain name.
+/// The host's fully qualified name, as `hostname -f` finds it (the canonical name the
+/// resolver gives for the host name), else the plain host name. Asked in-process: starting
+/// `hostname` cost a registration 6 to 11 ms.
 pub fn host_fqdn() -> String {
-    std::process::Command::new("hostname")
-        .arg("-f")
-        .output()
+    let Ok(name) = nix::unistd::gethostname() else {
+        return "localhost".to_string();
+    };
+    let name = name.to_string_lossy().into_owned();
+    let hints = dns_lookup::AddrInfoHints {
+        flags: nix::libc::AI_CANONNAME,
+        ..Default::default()
+    };
+    dns_lookup::getaddrinfo(Some(&name), None, Some(hints))
         .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .map(|h| h.to_string_lossy().into_owned())
+        .and_then(|mut found| found.next()?.ok()?.canonname)
+        .filter(|c| !c.is_empty())
+        .unwrap_or(if name.is_empty() {
+            "localhost".to_string()
+        } else {
+            name
         })
-        .unwrap_or_else(|| "localhost".to_string())
 }
 
 fn admin_settings(
@@ -622,11 +628,12 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         .map(|o| registration::parse_override(o))
         .collect::<Result<Vec<_>, _>>()?;
     let server = admin_settings(a, &host, a.pem_port.unwrap_or(5432), &TlsChoice::default())?;
+    let host_name = host_fqdn();
     Ok(registration::Options {
         server,
         agent_user: a.pem_agent_user.clone(),
-        display_name: a.display_name.clone().unwrap_or_else(host_fqdn),
-        host_name: host_fqdn(),
+        display_name: a.display_name.clone().unwrap_or_else(|| host_name.clone()),
+        host_name,
         cert_path: cert_path(a),
         config_dir: config_dir(a),
         force: a.force_registration,
@@ -905,4 +912,23 @@ pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChan
         enabled,
         interval,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_name_is_the_one_hostname_f_prints() {
+        let Ok(out) = std::process::Command::new("hostname").arg("-f").output() else {
+            return; // no hostname(1) here to compare with
+        };
+        let expected = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !expected.is_empty() {
+            assert_eq!(host_fqdn(), expected);
+        } else {
+            let plain = nix::unistd::gethostname().unwrap();
+            assert_eq!(host_fqdn(), plain.to_string_lossy());
+        }
+    }
 }
