@@ -526,18 +526,10 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// Writes `contents` to a new temporary file beside `target` with `mode` and `owner`,
-    /// synced. See the module documentation for why this is safe in directories others control.
-    pub fn write(
-        target: &Path,
-        contents: &[u8],
-        mode: u32,
-        owner: Option<&Owner>,
-    ) -> Result<Staged, Error> {
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+    /// The temporary file beside `target`, created with `mode` and `owner` and empty. See the
+    /// module documentation for why this is safe in directories others control.
+    fn create(target: &Path, mode: u32, owner: Option<&Owner>) -> Result<Staged, Error> {
+        let dir = parent(target);
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -553,7 +545,7 @@ impl Staged {
             .permissions(fs::Permissions::from_mode(0o600))
             .tempfile_in(dir)
             .map_err(Error::io("write", target))?;
-        let mut f = tmp.as_file();
+        let f = tmp.as_file();
         // Owner and mode are settled before any content exists, so no secret is ever readable
         // by anyone else, and they are set on this file, not on whatever a name points to.
         if let Some(o) = owner {
@@ -561,38 +553,118 @@ impl Staged {
         }
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(Error::io("set the mode of", target))?;
-        f.write_all(contents).map_err(Error::io("write", target))?;
-        f.sync_all().map_err(Error::io("write", target))?;
         Ok(Staged {
             tmp: Some(tmp),
             target: target.to_path_buf(),
         })
     }
 
-    /// Moves the file into place (atomic on one file system). A link planted at the target's
-    /// name is replaced, never followed.
-    pub fn commit(mut self) -> Result<(), Error> {
-        let Some(tmp) = self.tmp.take() else {
-            return Ok(());
-        };
-        tmp.persist(&self.target)
-            .map_err(|e| Error::io("replace", &self.target)(e.error))?;
-        if let Some(dir) = self.target.parent() {
-            if let Ok(d) = File::open(if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            }) {
-                let _ = d.sync_all();
-            }
+    /// Writes `contents` to a new temporary file beside `target` with `mode` and `owner`. It
+    /// reaches the disk when committed (a file that is never committed is never synced).
+    pub fn write(
+        target: &Path,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<&Owner>,
+    ) -> Result<Staged, Error> {
+        let staged = Staged::create(target, mode, owner)?;
+        if let Some(tmp) = &staged.tmp {
+            tmp.as_file()
+                .write_all(contents)
+                .map_err(Error::io("write", target))?;
         }
-        Ok(())
+        Ok(staged)
     }
+
+    /// Shows that `target` could be written as [`Staged::write`] would (the directory passes the
+    /// checks and takes a new file), leaving nothing behind and syncing nothing.
+    pub fn check(target: &Path, mode: u32, owner: Option<&Owner>) -> Result<(), Error> {
+        Staged::create(target, mode, owner).map(drop)
+    }
+
+    /// Syncs the file, moves it into place (atomic on one file system) and syncs the directory,
+    /// so the new name survives a crash. A link planted at the target's name is replaced, never
+    /// followed.
+    pub fn commit(self) -> Result<(), Error> {
+        commit_all(vec![self])
+    }
+}
+
+/// The directory a path lies in (`.` for a bare name).
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Commits several staged files together: every file is synced first, then each is moved into
+/// place in order, then each directory they went to is synced once. Stops at the first failure;
+/// the files committed before it stay in place.
+pub fn commit_all(staged: Vec<Staged>) -> Result<(), Error> {
+    for s in &staged {
+        if let Some(tmp) = &s.tmp {
+            tmp.as_file()
+                .sync_all()
+                .map_err(Error::io("write", &s.target))?;
+        }
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for mut s in staged {
+        let Some(tmp) = s.tmp.take() else {
+            continue;
+        };
+        tmp.persist(&s.target)
+            .map_err(|e| Error::io("replace", &s.target)(e.error))?;
+        let dir = parent(&s.target).to_path_buf();
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    for d in dirs {
+        // Best effort: the file is in place either way; some file systems cannot sync a
+        // directory.
+        if let Ok(d) = File::open(&d) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_leaves_nothing_and_files_committed_together_are_all_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        Staged::check(&dir.path().join("a.txt"), 0o600, None).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "only sub/");
+        let staged = vec![
+            Staged::write(&dir.path().join("a.txt"), b"a", 0o600, None).unwrap(),
+            Staged::write(&sub.join("b.txt"), b"b", 0o644, None).unwrap(),
+            Staged::write(&dir.path().join("c.txt"), b"c", 0o640, None).unwrap(),
+        ];
+        assert!(!dir.path().join("a.txt").exists());
+        commit_all(staged).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("a.txt")).unwrap(), "a");
+        assert_eq!(fs::read_to_string(sub.join("b.txt")).unwrap(), "b");
+        assert_eq!(
+            fs::metadata(dir.path().join("c.txt"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o640
+        );
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            3,
+            "no temporary file left"
+        );
+    }
 
     #[test]
     fn staged_file_is_invisible_until_commit_and_gone_if_dropped() {

@@ -368,13 +368,8 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     check_key_dir(&opts.cert_path)?;
     dirs.ensure(&opts.config_dir, 0o755)?;
     // Prove both directories writable before the server is touched.
-    drop(Staged::write(
-        &key_file(&opts.cert_path, "probe"),
-        b"",
-        0o600,
-        None,
-    )?);
-    drop(Staged::write(&config_file, b"", 0o644, None)?);
+    Staged::check(&key_file(&opts.cert_path, "probe"), 0o600, None)?;
+    Staged::check(&config_file, 0o644, None)?;
 
     let client = connection::connect(&opts.server).await?;
     check_rights(&client, &opts.server).await?;
@@ -445,12 +440,10 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     let (registered, created_role, staged) =
         pool::transaction(&client, "the registration", work).await?;
 
-    for (_, s) in staged {
-        if let Err(e) = s.commit() {
-            let role = created_role.then_some(registered.agent_user.as_str());
-            undo_registration(&client, registered.agent_id, registered.kept_id, role).await;
-            return Err(e.into());
-        }
+    if let Err(e) = fsutil::commit_all(staged.into_iter().map(|(_, s)| s).collect()) {
+        let role = created_role.then_some(registered.agent_user.as_str());
+        undo_registration(&client, registered.agent_id, registered.kept_id, role).await;
+        return Err(e.into());
     }
     dirs.keep();
     Ok(registered)
