@@ -4,15 +4,16 @@
 
 use std::path::Path;
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry, reload};
+use tracing_subscriber::{Registry, reload};
 
 use crate::config::LogLevel;
 
 /// Keeps the log writer alive; dropping it flushes what is buffered.
 pub struct Logging {
-    handle: reload::Handle<EnvFilter, Registry>,
+    handle: reload::Handle<Targets, Registry>,
     _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
@@ -60,21 +61,33 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// The filter of a log level (target=level directives, without regular expressions).
+fn filter(level: LogLevel) -> Targets {
+    level
+        .filter()
+        .parse()
+        .expect("LogLevel::filter gives valid directives")
+}
+
 /// Logs for a command-line run: warnings and errors on stderr (`PEMWORKER_LOG` overrides).
 pub fn init_cli() {
-    let filter =
-        EnvFilter::try_from_env("PEMWORKER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = std::env::var("PEMWORKER_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| filter(crate::config::LogLevel::Warning));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .without_time()
+        .without_time();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
         .try_init();
 }
 
 /// Logs for the worker: to `file` if given, and to stderr when `stderr` is set.
 pub fn init_worker(level: LogLevel, file: Option<&Path>, stderr: bool) -> Result<Logging, Error> {
-    let (filter, handle) = reload::Layer::new(EnvFilter::new(level.filter()));
+    let (filter, handle) = reload::Layer::new(filter(level));
     let (file_layer, guard) = match file {
         Some(path) => {
             let f = open_log(path).map_err(|source| Error {
@@ -109,7 +122,7 @@ pub fn init_worker(level: LogLevel, file: Option<&Path>, stderr: bool) -> Result
 
 impl Logging {
     pub fn set_level(&self, level: LogLevel) {
-        if let Err(e) = self.handle.reload(EnvFilter::new(level.filter())) {
+        if let Err(e) = self.handle.reload(filter(level)) {
             tracing::warn!("cannot change the log level: {e}");
         }
     }
