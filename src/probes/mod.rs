@@ -350,14 +350,30 @@ impl Sample {
         pgbouncer: Option<String>,
         rows: Vec<Row>,
     ) -> Sample {
+        let n = rows.len();
         Sample {
             probe: probe.to_string(),
             server_id,
             pgbouncer,
             collected_at: Utc::now(),
-            rows: rows.into_iter().map(|r| (Uuid::new_v4(), r)).collect(),
+            rows: delivery_keys(n).zip(rows).collect(),
         }
     }
+}
+
+/// `n` random (version 4) UUIDs, from one call to OpenSSL's generator: `Uuid::new_v4` asks
+/// the kernel (getrandom) once per key, a system call for every row of every sample.
+fn delivery_keys(n: usize) -> impl Iterator<Item = Uuid> {
+    let mut bytes = vec![0u8; 16 * n];
+    let random = openssl::rand::rand_bytes(&mut bytes).is_ok();
+    (0..n).map(move |i| {
+        if !random {
+            return Uuid::new_v4();
+        }
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&bytes[16 * i..16 * (i + 1)]);
+        uuid::Builder::from_random_bytes(b).into_uuid()
+    })
 }
 
 /// Why a probe produced no sample this time.
@@ -379,6 +395,17 @@ pub enum Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_row_gets_its_own_random_delivery_key() {
+        let s = Sample::new("load_average", None, None, vec![vec![]; 50]);
+        let keys: std::collections::HashSet<Uuid> = s.rows.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys.len(), 50);
+        assert!(
+            keys.iter()
+                .all(|k| k.get_version() == Some(uuid::Version::Random))
+        );
+    }
 
     #[test]
     fn values_read_back_as_written() {
