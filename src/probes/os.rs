@@ -289,7 +289,9 @@ fn process_count() -> Result<Vec<Row>, Error> {
     let dir = std::fs::read_dir("/proc").map_err(|e| failed("process_count", "/proc", e))?;
     let mut counts = ProcessCounts::default();
     let mut path = String::with_capacity(32);
-    let mut buf = Vec::with_capacity(1024);
+    // The state comes within the first ~300 bytes however long the command name (at most 64).
+    let mut buf = [0u8; 512];
+    let mut buf_len;
     for entry in dir.flatten() {
         let name = entry.file_name();
         let Some(pid) = name
@@ -302,9 +304,10 @@ fn process_count() -> Result<Vec<Row>, Error> {
         path.push_str("/proc/");
         path.push_str(pid);
         path.push_str("/stat");
-        buf.clear();
-        match std::fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut buf)) {
-            Ok(_) => {}
+        // One read: the kernel hands the whole line over at once (read_to_end would also
+        // stat the file and read again to see its end).
+        match std::fs::File::open(&path).and_then(|mut f| f.read(&mut buf)) {
+            Ok(n) => buf_len = n,
             // The process exited between listing /proc and reading its stat file, or /proc is
             // mounted with hidepid and hides it from this user.
             Err(e)
@@ -317,7 +320,7 @@ fn process_count() -> Result<Vec<Row>, Error> {
             }
             Err(e) => return Err(failed("process_count", &path, e)),
         }
-        if let Some(state) = stat_state(&buf) {
+        if let Some(state) = stat_state(&buf[..buf_len]) {
             counts.add(state);
         }
     }
