@@ -209,6 +209,8 @@ fn build(key: &Key, s: &ConnectSettings) -> Result<Context, Error> {
             | OpenSslMode::ENABLE_PARTIAL_WRITE
             | OpenSslMode::RELEASE_BUFFERS,
     );
+    // Read whole TCP segments at once, not each record's header and body apart.
+    b.set_read_ahead(true);
     b.set_cipher_list(CIPHERS).map_err(tls)?;
     // libpq's ssl_min_protocol_version default.
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
