@@ -5,9 +5,11 @@
 //! text because the PEM server casts it to the column's type on insert. The queries need no
 //! superuser: membership in `pg_monitor` is enough.
 //!
-//! A probe runs in the simple protocol (safe behind any pooler) inside one transaction that sets
-//! a local statement timeout, so a slow or blocked probe is cancelled by the server itself and
-//! leaves no setting behind; after a failure the transaction is rolled back.
+//! A probe is one simple-protocol message (safe behind any pooler) of several statements, which
+//! the server runs as one implicit transaction: it sets a local statement timeout, so a slow or
+//! blocked probe is cancelled by the server itself, and leaves no setting behind; a failure rolls
+//! the transaction back at the end of the message, with nothing for the agent to clean up. So the
+//! probes of one round can be sent together on one session without affecting each other.
 
 mod normalize;
 
@@ -116,12 +118,12 @@ fn probe_query(probe: &str) -> Result<(&'static ProbeSpec, &'static str), Error>
     }
 }
 
-/// The whole simple-protocol message: the query inside a transaction with a local statement
-/// timeout. 0 would disable the timeout, so the shortest is 1 ms.
-fn transaction(sql: &str, statement_timeout: Duration) -> String {
+/// The whole simple-protocol message: the settings, then the query, in the message's implicit
+/// transaction (PostgreSQL 10 and later). 0 would disable the timeout, so the shortest is 1 ms.
+fn message(sql: &str, statement_timeout: Duration) -> String {
     let ms = statement_timeout.as_millis().clamp(1, i32::MAX as u128);
     format!(
-        "BEGIN; SET LOCAL statement_timeout = {ms}; {TRANSACTION_SETTINGS}; {}; COMMIT",
+        "SET LOCAL statement_timeout = {ms}; {TRANSACTION_SETTINGS}; {}",
         sql.trim()
     )
 }
@@ -168,27 +170,17 @@ pub async fn collect(
     statement_timeout: Duration,
 ) -> Result<Vec<Row>, Error> {
     let (spec, sql) = probe_query(probe)?;
-    let rows = match pool::simple_rows(
+    let rows = pool::simple_rows(
         client,
         "running the probe query",
-        &transaction(sql, statement_timeout),
+        &message(sql, statement_timeout),
     )
     .await
-    {
-        Ok(rows) => rows,
-        Err(source) => {
-            // A failed statement leaves the transaction aborted; end it so the connection can
-            // serve the next probe. A closed or unresponsive connection cannot be helped.
-            if !source.is_closed() {
-                let _ = pool::batch(client, "rolling back a failed probe", "ROLLBACK").await;
-            }
-            return Err(Error::Connection {
-                probe: probe.to_string(),
-                target: TARGET.to_string(),
-                source,
-            });
-        }
-    };
+    .map_err(|source| Error::Connection {
+        probe: probe.to_string(),
+        target: TARGET.to_string(),
+        source,
+    })?;
     rows.iter()
         .map(|r| {
             let names: Vec<&str> = r.columns().iter().map(|c| c.name()).collect();
@@ -291,17 +283,14 @@ mod tests {
     }
 
     #[test]
-    fn the_query_runs_in_one_transaction_with_a_local_timeout() {
-        let t = transaction(SERVER_INFO, Duration::from_millis(2500));
-        assert!(
-            t.starts_with("BEGIN; SET LOCAL statement_timeout = 2500; "),
-            "{t}"
-        );
-        assert!(t.ends_with("AS max_connections; COMMIT"), "{t}");
+    fn the_query_runs_in_one_message_with_a_local_timeout() {
+        let t = message(SERVER_INFO, Duration::from_millis(2500));
+        assert!(t.starts_with("SET LOCAL statement_timeout = 2500; "), "{t}");
+        assert!(t.ends_with("AS max_connections"), "{t}");
         // Zero would switch the timeout off.
-        assert!(transaction(SERVER_INFO, Duration::ZERO).contains("statement_timeout = 1;"));
+        assert!(message(SERVER_INFO, Duration::ZERO).contains("statement_timeout = 1;"));
         assert!(
-            transaction(SERVER_INFO, Duration::from_secs(u64::MAX))
+            message(SERVER_INFO, Duration::from_secs(u64::MAX))
                 .contains(&format!("statement_timeout = {};", i32::MAX))
         );
     }

@@ -521,26 +521,40 @@ async fn collect_remote(
         Place::Pgbouncer(b) => (None, Some(b.clone())),
         Place::Agent => (None, None),
     };
-    let mut samples = Vec::with_capacity(specs.len());
-    for (i, spec) in specs.iter().enumerate() {
-        let mut run = run_remote(&lease, spec).await;
-        // A kept session the server closed while it was idle (a restart, an idle timeout)
-        // shows only when used: the first probe gets one fresh session.
-        if i == 0 && lease.reused() && lease.client().is_closed() {
-            lease.discard();
-            drop(lease);
-            lease = match checkout().await {
-                Ok(l) => l,
-                Err(()) => return samples,
-            };
-            run = run_remote(&lease, spec).await;
+    // All probes at once: tokio-postgres pipelines them on the session, so a round is one
+    // exchange with the server rather than one per probe. Each is a message of its own, so one
+    // failing does not touch the others.
+    let mut runs = run_all(&lease, specs.iter().copied()).await;
+    // A kept session the server closed while it was idle (a restart, an idle timeout) shows
+    // only when used: the probes it failed get one fresh session.
+    if lease.reused() && lease.client().is_closed() {
+        lease.discard();
+        drop(lease);
+        lease = match checkout().await {
+            Ok(l) => l,
+            Err(()) => return Vec::new(),
+        };
+        let failed: Vec<&'static ProbeSpec> = specs
+            .iter()
+            .zip(&runs)
+            .filter(|(_, r)| matches!(r, Ok(Err(e)) if session_lost(e)))
+            .map(|(s, _)| *s)
+            .collect();
+        let mut again = run_all(&lease, failed.iter().copied()).await.into_iter();
+        for (spec, run) in specs.iter().zip(runs.iter_mut()) {
+            if failed.iter().any(|f| std::ptr::eq(*f, *spec)) {
+                if let Some(r) = again.next() {
+                    *run = r;
+                }
+            }
         }
+    }
+    let mut samples = Vec::with_capacity(specs.len());
+    for (spec, run) in specs.iter().zip(runs) {
         match run {
             Ok(Ok(rows)) => samples.push(Sample::new(spec.name, server_id, bouncer.clone(), rows)),
             Ok(Err(e)) => {
-                // The session's state after a failed statement is not known: the next round
-                // gets a new one.
-                if matches!(e, probes::Error::Connection { .. }) {
+                if session_lost(&e) {
                     lease.discard();
                 }
                 tracing::warn!("{e}");
@@ -558,11 +572,25 @@ async fn collect_remote(
     samples
 }
 
-/// One probe on a remote session, its panic caught.
-async fn run_remote(
+/// Whether a probe failed because its session is gone (closed, or silent past the statement
+/// timeout); a probe the server refused leaves the session as it was (its message's implicit
+/// transaction is rolled back by the server).
+fn session_lost(e: &probes::Error) -> bool {
+    matches!(e, probes::Error::Connection { source, .. } if source.is_closed())
+}
+
+type Run = Result<Result<Vec<probes::Row>, probes::Error>, Box<dyn std::any::Any + Send>>;
+
+/// The probes on one session, sent together, their results in order.
+async fn run_all(
     lease: &Lease<Place>,
-    spec: &'static ProbeSpec,
-) -> Result<Result<Vec<probes::Row>, probes::Error>, Box<dyn std::any::Any + Send>> {
+    specs: impl Iterator<Item = &'static ProbeSpec>,
+) -> Vec<Run> {
+    futures_util::future::join_all(specs.map(|spec| run_remote(lease, spec))).await
+}
+
+/// One probe on a remote session, its panic caught.
+async fn run_remote(lease: &Lease<Place>, spec: &'static ProbeSpec) -> Run {
     let client = lease.client();
     AssertUnwindSafe(async {
         crate::testhooks::probe(spec.name);
