@@ -161,14 +161,21 @@ pub async fn store(
     if known.is_empty() {
         return Ok(rejected);
     }
+    let prepared: Vec<Prepared> = known.iter().filter_map(|(_, s)| prepare(s)).collect();
+    let params: Vec<[pool::Param<'_>; 5]> = prepared.iter().map(|p| p.params(&agent_id)).collect();
+    let statements: Vec<(&str, &str, &[pool::Param<'_>])> = prepared
+        .iter()
+        .zip(&params)
+        .flat_map(|(p, params)| {
+            [
+                (p.what.as_str(), p.statements.store.as_str(), &params[..]),
+                (p.what.as_str(), p.statements.prune.as_str(), &params[..]),
+            ]
+        })
+        .collect();
     let mut tx = session.begin("a delivery").await?;
-    let whole = async {
-        for (_, s) in &known {
-            store_sample(&mut tx, agent_id, s).await?;
-        }
-        Ok::<_, Error>(())
-    }
-    .await;
+    // The whole batch in one exchange with the server; a refusal shows as the first error.
+    let whole = tx.execute_all(&statements).await.map(drop);
     match whole {
         Ok(()) => {
             tx.commit().await?;
@@ -204,27 +211,53 @@ pub async fn store(
     Ok(rejected)
 }
 
-/// The statements of one sample of a known probe.
-async fn store_sample(tx: &mut Transaction<'_>, agent_id: i32, s: &Sample) -> Result<(), Error> {
-    let (Some(spec), Some(st)) = (
+/// One sample of a known probe, ready to send: its statements and the text parameters they
+/// share.
+struct Prepared<'a> {
+    statements: &'static Statements,
+    sample: &'a Sample,
+    json: String,
+    at: String,
+    what: String,
+}
+
+impl Prepared<'_> {
+    /// Every parameter's type is declared, so a statement may leave some unused.
+    fn params<'p>(&'p self, agent_id: &'p i32) -> [pool::Param<'p>; 5] {
+        [
+            (&self.json, Type::TEXT),
+            (agent_id, Type::INT4),
+            (&self.sample.server_id, Type::INT4),
+            (&self.sample.pgbouncer, Type::TEXT),
+            (&self.at, Type::TEXT),
+        ]
+    }
+}
+
+fn prepare(s: &Sample) -> Option<Prepared<'_>> {
+    let (Some(spec), Some(statements)) = (
         crate::probes::spec(&s.probe),
         STATEMENTS.get(s.probe.as_str()),
     ) else {
+        return None;
+    };
+    Some(Prepared {
+        statements,
+        sample: s,
+        json: rows_json(spec, s),
+        at: s.collected_at.to_rfc3339(),
+        what: format!("storing a {} sample", s.probe),
+    })
+}
+
+/// The statements of one sample of a known probe, on their own (after a refusal).
+async fn store_sample(tx: &mut Transaction<'_>, agent_id: i32, s: &Sample) -> Result<(), Error> {
+    let Some(p) = prepare(s) else {
         return Ok(());
     };
-    let json = rows_json(spec, s);
-    let at = s.collected_at.to_rfc3339();
-    let params: [pool::Param<'_>; 5] = [
-        (&json, Type::TEXT),
-        (&agent_id, Type::INT4),
-        (&s.server_id, Type::INT4),
-        (&s.pgbouncer, Type::TEXT),
-        (&at, Type::TEXT),
-    ];
-    let what = format!("storing a {} sample", s.probe);
-    // Every parameter's type is declared, so a statement may leave some unused.
-    tx.execute(&what, &st.store, &params).await?;
-    tx.execute(&what, &st.prune, &params).await?;
+    let params = p.params(&agent_id);
+    tx.execute(&p.what, &p.statements.store, &params).await?;
+    tx.execute(&p.what, &p.statements.prune, &params).await?;
     Ok(())
 }
 
