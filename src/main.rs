@@ -224,6 +224,8 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
         println!("config valid");
         return ExitCode::SUCCESS;
     }
+    // Before the log writer's and the runtime's threads exist.
+    pemworker::worker::memory::one_arena();
     // One worker per state directory: refused here, on the terminal, before detaching.
     let mut lock = match pemworker::spool::StateLock::acquire(&config.state_dir) {
         Ok(l) => l,

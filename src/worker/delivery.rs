@@ -330,6 +330,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         };
         shared.stats.set_spool(&shared.spool.figures());
         shared.stats.write_if_changed(&stats_file).await;
+        if let Next::Idle = next {
+            // The round's samples are stored: what it allocated goes back to the system.
+            super::memory::trim();
+        }
         match next {
             Next::Idle => tokio::select! {
                 _ = stop.cancelled() => return,

@@ -10,6 +10,7 @@
 //!
 //! Each loop checks its own session out of the connection manager, so none waits behind
 //! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
+//! The allocator keeps one arena and gives freed memory back after each delivery ([`memory`]).
 //! SIGHUP re-reads agent.cfg (log level and intervals at once, connection settings by
 //! reconnecting); SIGTERM and SIGINT stop collecting, deliver what they can within the grace
 //! period and leave the rest in the spool for the next start.
@@ -17,6 +18,7 @@
 pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
+pub mod memory;
 pub mod stats;
 pub mod tasks;
 
