@@ -38,6 +38,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 
 /// Keys agent.cfg may hold besides [`DEFAULTS`].
 pub const OTHER_KEYS: &[&str] = &[
+    "agent_secret_file",
     "enable_webhook",
     "batch_script_dir",
     "batch_script_user",

@@ -259,6 +259,32 @@ pub enum PoolerCommand {
     CreateProxyUser(CreateProxyUserArgs),
     /// Write pgbouncer.ini, its HBA file and user list.
     Configure(Box<ConfigureArgs>),
+    /// Inspect the PEM server, pgBouncer's files and a certificate login through pgBouncer;
+    /// print each problem with its fix; exit 1 if any is left. --fix repairs what is safe.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A superuser session with the PEM database (as for prepare-server).
+    #[command(flatten)]
+    pub server: PemServerArgs,
+    /// pgBouncer's configuration directory [default: /etc/pgbouncer, if it has a pgbouncer.ini].
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// The server's pg_hba.conf, so that --fix can put pemworker's lines first.
+    #[arg(long, value_name = "FILE")]
+    pub pg_hba: Option<PathBuf>,
+    /// pgBouncer's host, for a certificate login through it [default: --pem-server].
+    #[arg(long, value_name = "HOST")]
+    pub pgbouncer_host: Option<String>,
+    /// pgBouncer's port: try a certificate login through it as a pooled agent user.
+    #[arg(long, value_name = "PORT")]
+    pub pgbouncer_port: Option<u16>,
+    /// Repair what is safe to repair (roles, grants, modes, plain-text passwords, pg_hba.conf
+    /// with --pg-hba), then check again.
+    #[arg(long)]
+    pub fix: bool,
 }
 
 /// How to reach the PEM server, with PEM's flag names. The password comes from
@@ -294,9 +320,18 @@ pub struct PrepareServerArgs {
     /// without it the lines are printed.
     #[arg(long, value_name = "FILE")]
     pub pg_hba: Option<PathBuf>,
-    /// Where pgBouncer connects from: `local` (Unix socket) or an address/CIDR.
+    /// Where pgBouncer connects from: `local` (Unix socket, peer authentication, no
+    /// passwords) or an address/CIDR (TLS).
     #[arg(long, default_value = "local", value_name = "local|CIDR")]
     pub pgbouncer_address: String,
+    /// The operating-system user pgBouncer runs as (with `--pgbouncer-address local`): only it
+    /// may log in over the socket as the auth user, the admin and the pooled agent users.
+    #[arg(long, default_value = "postgres", value_name = "USER")]
+    pub pgbouncer_os_user: String,
+    /// Keep CREATEROLE on an admin that has it, as the guide's recipe does. On PostgreSQL 15
+    /// and older that makes the admin superuser-equivalent; prefer the default, which removes it.
+    #[arg(long)]
+    pub keep_guide_createrole: bool,
     /// Set the passwords of existing auth and admin users again.
     #[arg(long)]
     pub reset_passwords: bool,
@@ -329,9 +364,13 @@ pub struct ConfigureArgs {
     /// Password: PEMWORKER_AUTH_USER_PASSWORD or a prompt.
     #[arg(long, default_value = "pgbouncer", value_name = "USER")]
     pub auth_user: String,
-    /// Admin and stats user. Password: PEMWORKER_ADMIN_USER_PASSWORD or a prompt.
+    /// The only admin console user. Password: PEMWORKER_ADMIN_USER_PASSWORD or a prompt.
     #[arg(long, default_value = "pem_admin1", value_name = "USER")]
     pub admin_user: String,
+    /// Console user for statistics only (SHOW; no PAUSE, no database login), for the agents'
+    /// pgBouncer probes. Password: PEMWORKER_STATS_USER_PASSWORD or a prompt.
+    #[arg(long, default_value = "pgbouncer_stats", value_name = "USER")]
+    pub stats_user: String,
     #[arg(long, default_value_t = 80)]
     pub pool_size: u32,
     #[arg(long, default_value_t = 10)]
@@ -359,6 +398,13 @@ pub struct ConfigureArgs {
     pub server_idle_timeout: u32,
     #[arg(long, default_value = "DISCARD ALL")]
     pub server_reset_query: String,
+    /// Run server_reset_query after every transaction also in transaction pooling (1), so no
+    /// session state passes between agents; 0 as pgBouncer's default.
+    #[arg(long, default_value_t = 1, value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub server_reset_query_always: u8,
+    /// Seconds a client may stay idle inside a transaction (0 = no limit).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub idle_transaction_timeout: u32,
     /// Seconds before pgBouncer retries a failed server login (pgBouncer's default: 15).
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     pub server_login_retry: u32,
@@ -414,9 +460,33 @@ pub fn resolve_prepare(
         install_schema: a.install_schema,
         pg_hba: a.pg_hba.clone(),
         pgbouncer_from,
+        pgbouncer_os_user: a.pgbouncer_os_user.clone(),
         reset_passwords: a.reset_passwords,
+        keep_guide_createrole: a.keep_guide_createrole,
     };
     Ok((resolve_server(&a.server)?, opts))
+}
+
+pub fn resolve_check(a: &CheckArgs) -> Result<crate::pooler::check::Options, Error> {
+    let config_dir = a.config_dir.clone().or_else(|| {
+        let d = PathBuf::from("/etc/pgbouncer");
+        d.join("pgbouncer.ini").is_file().then_some(d)
+    });
+    let pgbouncer = a.pgbouncer_port.map(|p| {
+        (
+            a.pgbouncer_host
+                .clone()
+                .unwrap_or_else(|| a.server.pem_server.clone()),
+            p,
+        )
+    });
+    Ok(crate::pooler::check::Options {
+        server: resolve_server(&a.server)?,
+        config_dir,
+        pg_hba: a.pg_hba.clone(),
+        pgbouncer,
+        fix: a.fix,
+    })
 }
 
 pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> {
@@ -433,6 +503,7 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         pem_db_name: a.pem_db_name.clone(),
         auth_user: a.auth_user.clone(),
         admin_user: a.admin_user.clone(),
+        stats_user: a.stats_user.clone(),
         pool_size: a.pool_size,
         fallback_pool_size: a.fallback_pool_size,
         listen_addr: a.listen_addr.clone(),
@@ -446,6 +517,8 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         max_client_conn: a.max_client_conn,
         server_idle_timeout: a.server_idle_timeout,
         server_reset_query: a.server_reset_query.clone(),
+        server_reset_query_always: a.server_reset_query_always == 1,
+        idle_transaction_timeout: a.idle_transaction_timeout,
         server_login_retry: a.server_login_retry,
         logfile: a.logfile.clone(),
         pidfile: a.pidfile.clone(),

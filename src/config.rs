@@ -55,6 +55,9 @@ pub struct AgentConfig {
     pub agent_user: String,
     pub agent_ssl_key: PathBuf,
     pub agent_ssl_crt: PathBuf,
+    /// The secret every write is authenticated with (`agent_secret_file`); `None` for an agent
+    /// registered before per-agent secrets, whose writes the server refuses.
+    pub agent_secret: Option<crate::mac::AgentKey>,
     pub ca_file: Option<PathBuf>,
     pub log_level: LogLevel,
     pub log_location: Option<PathBuf>,
@@ -297,6 +300,15 @@ impl AgentConfig {
                 problem(Some(*line), format!("agent_ssl_crt {}: {e}", c.display()));
             }
         }
+        let agent_secret = find("agent_secret_file")
+            .filter(|(_, v)| !v.is_empty())
+            .and_then(|(line, v)| match crate::mac::AgentKey::load(Path::new(v)) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    problem(Some(line), e.to_string());
+                    None
+                }
+            });
         let ca_file = find("ca_file")
             .filter(|(_, v)| !v.is_empty())
             .map(|(line, v)| {
@@ -399,6 +411,7 @@ impl AgentConfig {
                         agent_user: agent_user.unwrap_or_else(|| format!("agent{agent_id}")),
                         agent_ssl_key,
                         agent_ssl_crt,
+                        agent_secret,
                         ca_file,
                         log_level,
                         log_location,

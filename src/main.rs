@@ -88,6 +88,14 @@ async fn run(cli: Cli) -> Result<(), pemworker::Error> {
             };
             pemworker::sandbox::run(&settings).await?;
         }
+        Command::Pooler(PoolerCommand::Check(a)) => {
+            let opts = cli::resolve_check(&a)?;
+            let outcome = pemworker::pooler::check::run(&opts).await?;
+            println!("{outcome}");
+            if !outcome.problems.is_empty() {
+                return Err(pemworker::pooler::Error::Findings(outcome.problems.len()).into());
+            }
+        }
         Command::Pooler(PoolerCommand::Configure(a)) => {
             let settings = cli::resolve_configure(&a)?;
             let outcome = bouncer::configure(&settings)?;

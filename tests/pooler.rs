@@ -103,30 +103,46 @@ async fn proxy_user_logs_in_through_pgbouncer_with_a_signed_certificate() {
     );
 }
 
+/// Runs the auth query exactly as pgBouncer does: as its auth user, over the server's Unix
+/// socket, as the OS user pgBouncer runs as (peer authentication, no password).
+pub fn auth_query(bed: &TestBed, name: &str) -> Vec<String> {
+    use std::io::Write;
+    let mut child = bed
+        .server_command(&bed.bin_dir.join("psql"))
+        .arg(format!(
+            "host={} port={} dbname=pem user={AUTH_USER}",
+            bed.pg_socket_dir.display(),
+            bed.pg_port
+        ))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v"])
+        .arg(format!("name={name}"))
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"SELECT usename || ' ' || coalesce(passwd, '<none>') FROM pem.get_agent_pool_auth(:'name');\n",
+        )
+        .unwrap();
+    let (code, out, err) = outcome(&child.wait_with_output().unwrap());
+    assert_eq!(code, 0, "auth query for {name}: {err}");
+    out.lines().map(str::to_string).collect()
+}
+
 #[tokio::test]
 async fn auth_query_function_answers_only_for_pooled_agent_users() {
     let bed = TestBed::start();
     assert_eq!(create_proxy_user(&bed, "pem_agent_user1").0, 0);
-    // As pgBouncer's auth user, over the server's Unix socket, exactly as pgBouncer runs it.
-    let mut s = bed.direct(AUTH_USER, AUTH_PASSWORD);
-    s.host = bed.pg_socket_dir.display().to_string();
-    let client = bed.connect(&s).await;
-    let lookup = async |name: &str| {
-        pool::query(
-            &client,
-            "auth_query",
-            "SELECT usename::text, passwd FROM pem.get_agent_pool_auth($1)",
-            &[(&name, Type::TEXT)],
-        )
-        .await
-        .unwrap()
-    };
-    let agent = lookup("pem_agent_user1").await;
-    assert_eq!(agent.len(), 1);
-    assert_eq!(agent[0].get::<_, String>(0), "pem_agent_user1");
-    assert!(
-        agent[0].get::<_, String>(1).starts_with("md5"),
-        "agent secrets are md5 for cert + auth_query"
+    // pgBouncer reaches PostgreSQL by peer, so the agent user has no secret to hand out.
+    assert_eq!(
+        auth_query(&bed, "pem_agent_user1"),
+        vec!["pem_agent_user1 <none>"]
     );
     for name in [
         "postgres",
@@ -137,10 +153,19 @@ async fn auth_query_function_answers_only_for_pooled_agent_users() {
         "no_such_user",
     ] {
         assert!(
-            lookup(name).await.is_empty(),
+            auth_query(&bed, name).is_empty(),
             "get_agent_pool_auth answered for {name}"
         );
     }
+    // The auth user's password (the guide gives it one) opens nothing: it has none any more,
+    // and the password the DBA set in the environment logs in nowhere.
+    let e = pemworker::connection::connect(&bed.direct(AUTH_USER, AUTH_PASSWORD))
+        .await
+        .expect_err("the auth user by password");
+    assert!(
+        e.to_string().contains("password authentication failed"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -272,6 +297,9 @@ async fn server_state(bed: &TestBed) -> (Vec<String>, String, Vec<String>) {
          UNION ALL SELECT format('schema acl %s', nspacl) FROM pg_namespace WHERE nspname = 'pem' \
          UNION ALL SELECT format('proc acl %s', proacl) FROM pg_proc WHERE oid = 'pem.get_agent_pool_auth(text)'::regprocedure \
          UNION ALL SELECT format('schema version %s', version) FROM pem.schema_version \
+         UNION ALL SELECT format('pooler %s', c) FROM pem.pooler_config c \
+         UNION ALL SELECT format('agent role %s', r) FROM pem.agent_role r \
+         UNION ALL SELECT format('ident %s', pg_read_file(current_setting('ident_file'))) \
          ORDER BY 1",
         &[],
     )
@@ -351,7 +379,12 @@ async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
         .collect();
     let (code, out, _) = outcome(&bed.pemworker(&printed));
     assert_eq!(code, 0);
-    assert!(out.contains("local \"pem\" +pem_agent_pool md5"), "{out}");
+    assert!(
+        out.contains(
+            "local \"pem\" \"pgbouncer\",\"pem_admin1\",+pem_agent_pool peer map=pemworker"
+        ) && !out.contains("md5"),
+        "{out}"
+    );
 
     // configure refuses to overwrite without --force, and keeps backups with it.
     let args = bed.configure_args();

@@ -91,13 +91,15 @@ impl Error {
 
     /// True when retrying later may succeed: the connection is gone, or the server answered
     /// with a connection, resource, operator-intervention, system or serialization error
-    /// (SQLSTATE classes 08, 53, 57, 58, 40), as during restarts and pool pauses.
+    /// (SQLSTATE classes 08, 53, 57, 58, 40), as during restarts and pool pauses, or refused
+    /// the agent's credentials for a write (class 28: no or another per-agent secret), where
+    /// the data is fine and waits for the agent to be registered again.
     pub fn is_transient(&self) -> bool {
         if self.is_connect() || self.is_closed() {
             return true;
         }
         self.code().is_some_and(|c| {
-            ["08", "53", "57", "58", "40"]
+            ["08", "53", "57", "58", "40", "28"]
                 .iter()
                 .any(|class| c.code().starts_with(class))
         })

@@ -22,6 +22,7 @@ use crate::config::AgentConfig;
 use crate::connection::{self, ConnectSettings, pool};
 use crate::error::{ExitCode, connection_exit_code, files_exit_code};
 use crate::fsutil::{self, Staged};
+use crate::mac::AgentKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,6 +60,19 @@ pub enum Error {
     NotRegistered { agent_id: i32, target: String },
     #[error("agent {agent_id} is registered on {target} but inactive")]
     Inactive { agent_id: i32, target: String },
+    #[error(
+        "the PEM schema in database {database} on {target} is older than this pemworker; upgrade it with pemworker pooler prepare-server --install-schema"
+    )]
+    SchemaOutdated { database: String, target: String },
+    #[error(
+        "{what} on {target} gave up waiting for a lock on pem.agent_role (lock_timeout), held by another registration or role change; try again when it is done"
+    )]
+    LockTimeout { what: String, target: String },
+    #[error(
+        "{} names no agent_secret_file: agent {agent_id} was registered before per-agent secrets; register it again with --register-agent --force-registration (it keeps agent id {agent_id})",
+        config_file.display()
+    )]
+    NoSecret { agent_id: i32, config_file: PathBuf },
     #[error("{what}; {restored}")]
     MigrationFailed {
         what: String,
@@ -76,10 +90,13 @@ impl Error {
             Error::Config(_)
             | Error::Invalid { .. }
             | Error::Missing(_)
-            | Error::NotRegistered { .. } => ExitCode::Config,
+            | Error::NotRegistered { .. }
+            | Error::NoSecret { .. } => ExitCode::Config,
             Error::SchemaMissing { .. }
+            | Error::SchemaOutdated { .. }
             | Error::MissingRight { .. }
-            | Error::BadCertificate { .. } => ExitCode::Server,
+            | Error::BadCertificate { .. }
+            | Error::LockTimeout { .. } => ExitCode::Server,
             Error::Inactive { .. } => ExitCode::Inactive,
             Error::MigrationFailed { code, .. } => *code,
         }
@@ -261,58 +278,103 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
             "not a member of pem_admin (run GRANT pem_admin TO {user} on the PEM server)"
         )));
     }
-    let row = &pool::query(
+    let current: bool = pool::get(
+        &pool::query_one(
+            client,
+            "checking the PEM schema version",
+            "SELECT pg_catalog.to_regprocedure('pem.ensure_agent_user(text,integer)') IS NOT NULL",
+            &[],
+        )
+        .await?,
+        0,
+        "checking the PEM schema version",
+    )?;
+    if !current {
+        return Err(Error::SchemaOutdated {
+            database: settings.dbname.clone(),
+            target,
+        });
+    }
+    let what = "checking the registering user's rights";
+    let row = pool::query_one(
         client,
-        "checking the registering user's rights",
+        what,
         "SELECT has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
                 has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
-                has_function_privilege('pem.create_proxy_agent_user(varchar)', 'EXECUTE')",
+                has_function_privilege('pem.ensure_agent_user(text, integer)', 'EXECUTE'), \
+                has_function_privilege('pem.issue_agent_secret(integer)', 'EXECUTE'), \
+                has_function_privilege('pem.unregister_agent(integer)', 'EXECUTE')",
         &[],
     )
-    .await?[0];
-    for (i, what) in [
+    .await?;
+    for (i, right) in [
         (0, "no INSERT or UPDATE on pem.agent"),
         (1, "no EXECUTE on pem.sign_agent_csr(text)"),
-        (2, "no EXECUTE on pem.create_proxy_agent_user(varchar)"),
+        (2, "no EXECUTE on pem.ensure_agent_user(text, integer)"),
+        (3, "no EXECUTE on pem.issue_agent_secret(integer)"),
+        (4, "no EXECUTE on pem.unregister_agent(integer)"),
     ] {
-        if !row.get::<_, bool>(i) {
+        if !pool::get::<bool>(&row, i, what)? {
             return Err(missing(format!(
-                "{what} (grant it to pem_admin on the PEM server)"
+                "{right} (grant it to pem_admin on the PEM server)"
             )));
         }
     }
     Ok(())
 }
 
-/// Makes sure `agent_user` exists as an agent user; true when this call created it.
-/// Serialized with the server function's own lock, so concurrent registrations never race on
-/// CREATE ROLE or GRANT (PEM's "tuple concurrently updated").
-pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Result<bool, Error> {
-    let exists = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)";
-    let what = format!("checking agent user {agent_user}");
-    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
-    {
-        return Ok(false);
-    }
-    pool::execute(
+/// Makes sure `agent_user` exists as an agent user; true when this call created it. The server
+/// function serializes creators with a table lock no agent can take, so concurrent
+/// registrations never race on CREATE ROLE or GRANT (PEM's "tuple concurrently updated"), and
+/// a lock held too long is a one-line error rather than a hang.
+pub(crate) async fn ensure_agent_user(
+    client: &Client,
+    settings: &ConnectSettings,
+    agent_user: &str,
+    dedicated_to: Option<i32>,
+) -> Result<bool, Error> {
+    let what = format!("creating agent user {agent_user}");
+    let row = pool::query_one(
         client,
         &what,
-        "SELECT pg_advisory_xact_lock(hashtext('pem.create_proxy_agent_user'))",
-        &[],
+        "SELECT pem.ensure_agent_user($1, $2)",
+        &[(&agent_user, Type::TEXT), (&dedicated_to, Type::INT4)],
     )
-    .await?;
-    if pool::query(client, &what, exists, &[(&agent_user, Type::TEXT)]).await?[0].get::<_, bool>(0)
-    {
-        return Ok(false);
+    .await
+    .map_err(|e| lock_timeout(e, &what, settings))?;
+    Ok(pool::get(&row, 0, &what)?)
+}
+
+/// A lock wait over lock_timeout (SQLSTATE 55P03) as the one-line error that says so.
+fn lock_timeout(e: connection::Error, what: &str, settings: &ConnectSettings) -> Error {
+    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        Error::LockTimeout {
+            what: what.to_string(),
+            target: settings.target(),
+        }
+    } else {
+        e.into()
     }
-    pool::execute(
+}
+
+/// A new write secret for the agent (replacing any earlier one), made by the server.
+pub(crate) async fn issue_secret(client: &Client, agent_id: i32) -> Result<AgentKey, Error> {
+    let what = format!("making the write secret of agent {agent_id}");
+    let row = pool::query_one(
         client,
-        &format!("creating agent user {agent_user}"),
-        "SELECT pem.create_proxy_agent_user($1::varchar)",
-        &[(&agent_user, Type::TEXT)],
+        &what,
+        "SELECT pem.issue_agent_secret($1)",
+        &[(&agent_id, Type::INT4)],
     )
     .await?;
-    Ok(true)
+    let hex: String = pool::get(&row, 0, &what)?;
+    AgentKey::from_hex(&hex).ok_or_else(|| {
+        connection::Error::Reply {
+            what,
+            why: "not a 32-byte secret in hexadecimal".into(),
+        }
+        .into()
+    })
 }
 
 /// Generates a key, has the server sign a CSR for `agent_user`, and checks the result.
@@ -323,14 +385,15 @@ pub(crate) async fn obtain_certificate(
 ) -> Result<(KeyPair, String), Error> {
     let key = certs::generate_key()?;
     let csr = certs::csr_pem(&key, agent_user)?;
-    let cert: String = pool::query(
+    let what = format!("signing the certificate of {agent_user}");
+    let row = pool::query_one(
         client,
-        &format!("signing the certificate of {agent_user}"),
+        &what,
         "SELECT pem.sign_agent_csr($1)",
         &[(&csr, Type::TEXT)],
     )
-    .await?[0]
-        .get(0);
+    .await?;
+    let cert: String = pool::get(&row, 0, &what)?;
     cert_check::check(&cert, &key, agent_user, root_cert).map_err(|why| Error::BadCertificate {
         agent_user: agent_user.to_string(),
         why,
@@ -393,17 +456,37 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
             &[(&agent_id, Type::INT4), (&agent_user, Type::TEXT)],
         )
         .await?;
-        let created_role = ensure_agent_user(&client, &agent_user).await?;
+        let dedicated = opts.agent_user.is_none().then_some(agent_id);
+        let created_role = ensure_agent_user(&client, &opts.server, &agent_user, dedicated).await?;
         let (key, cert) =
             obtain_certificate(&client, &agent_user, opts.server.root_cert.as_deref()).await?;
+        let secret = issue_secret(&client, agent_id).await?;
+        let secret_path = crate::mac::secret_file(&opts.cert_path, agent_id);
+        refuse_existing(&secret_path, opts.force)?;
         let deactivated = if kept_id {
             deactivate_duplicates(&client, agent_id, opts).await?
         } else {
             Vec::new()
         };
 
-        let cfg = agent_config(opts, agent_id, &agent_user, &key_path, &crt_path);
+        let cfg = agent_config(
+            opts,
+            agent_id,
+            &agent_user,
+            &key_path,
+            &crt_path,
+            &secret_path,
+        );
         let staged = vec![
+            (
+                secret_path.clone(),
+                Staged::write(
+                    &secret_path,
+                    secret.file_contents().expose().as_bytes(),
+                    0o600,
+                    None,
+                )?,
+            ),
             (
                 key_path.clone(),
                 Staged::write(&key_path, key.serialize_pem().as_bytes(), 0o600, None)?,
@@ -498,14 +581,16 @@ async fn upsert_agent(
     Ok((row[0].get(0), false))
 }
 
-/// Marks other active registrations of the same host and display name inactive: the row a
-/// plain re-registration would have left for the DBA to disable by hand.
+/// Unregisters other active registrations of the same host and display name (inactive, no
+/// write secret, dedicated role dropped): the row a plain re-registration would have left for
+/// the DBA to disable by hand.
 async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Result<Vec<i32>, Error> {
+    let what = "deactivating duplicate registrations";
     let rows = pool::query(
         client,
-        "deactivating duplicate registrations",
-        "UPDATE pem.agent SET active = false, unregistered_at = now() \
-          WHERE active AND id <> $1 AND host_name = $2 AND display_name = $3 RETURNING id",
+        what,
+        "SELECT id FROM pem.agent \
+          WHERE active AND id <> $1 AND host_name = $2 AND display_name = $3 ORDER BY id",
         &[
             (&keep, Type::INT4),
             (&o.host_name, Type::TEXT),
@@ -513,7 +598,19 @@ async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Resul
         ],
     )
     .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let mut ids = Vec::new();
+    for r in &rows {
+        let id: i32 = pool::get(r, 0, what)?;
+        pool::execute(
+            client,
+            what,
+            "SELECT pem.unregister_agent($1)",
+            &[(&id, Type::INT4)],
+        )
+        .await?;
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Best effort after the server committed but a file could not be put in place.
@@ -533,25 +630,24 @@ async fn undo_registration(
         .await;
     }
     if let Some(role) = created_role {
-        if let Ok(rows) = pool::query(
+        let _ = pool::execute(
             client,
-            "undo",
-            "SELECT format('DROP ROLE %I', $1::text)",
+            "undoing the agent user",
+            "SELECT pem.drop_agent_user($1)",
             &[(&role, Type::TEXT)],
         )
-        .await
-        {
-            let _ = pool::batch(
-                client,
-                "undoing the agent user",
-                &rows[0].get::<_, String>(0),
-            )
-            .await;
-        }
+        .await;
     }
 }
 
-fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &Path) -> Document {
+fn agent_config(
+    o: &Options,
+    agent_id: i32,
+    agent_user: &str,
+    key: &Path,
+    crt: &Path,
+    secret: &Path,
+) -> Document {
     let mut d = Document::with_defaults();
     let b = |v: bool| if v { "true" } else { "false" };
     d.set("pem_host", &o.server.host, None);
@@ -560,6 +656,7 @@ fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &
     d.set("agent_user", agent_user, None);
     d.set("agent_ssl_key", &key.display().to_string(), None);
     d.set("agent_ssl_crt", &crt.display().to_string(), None);
+    d.set("agent_secret_file", &secret.display().to_string(), None);
     d.set("allow_server_restart", b(o.allow_server_restart), None);
     d.set("allow_batch_probes", b(o.allow_batch_probes), None);
     d.set("heartbeat_connection", b(o.heartbeat_connection), None);
@@ -594,14 +691,27 @@ pub(crate) async fn check_active(
     id: &AgentConfig,
     target: &str,
 ) -> Result<(), Error> {
+    let Some(key) = id.agent_secret.as_ref() else {
+        return Err(Error::NoSecret {
+            agent_id: id.agent_id,
+            config_file: id.path.clone(),
+        });
+    };
+    let sent_at = crate::mac::now();
+    let signature = key.sign(crate::mac::Kind::Verify, id.agent_id, &sent_at, "");
+    let what = "reading the agent's registration";
     let row = pool::query_opt(
         client,
-        "reading the agent's registration",
-        "SELECT active FROM pem.agent WHERE id = $1",
-        &[(&id.agent_id, Type::INT4)],
+        what,
+        "SELECT active FROM pem.check_agent($1, $2, $3)",
+        &[
+            (&id.agent_id, Type::INT4),
+            (&sent_at, Type::TEXT),
+            (&signature, Type::TEXT),
+        ],
     )
     .await?;
-    match row.map(|r| r.get::<_, bool>(0)) {
+    match row.map(|r| pool::get::<bool>(&r, 0, what)).transpose()? {
         Some(true) => Ok(()),
         Some(false) => Err(Error::Inactive {
             agent_id: id.agent_id,
@@ -623,18 +733,23 @@ pub async fn unregister(
     let (_, id) = AgentConfig::load_with_document(config_file)?;
     let client = connection::connect(server).await?;
     check_rights(&client, server).await?;
-    let n = pool::execute(
+    let what = "unregistering the agent";
+    let row = pool::query_opt(
         &client,
-        "unregistering the agent",
-        "UPDATE pem.agent SET active = false, unregistered_at = now() WHERE id = $1",
+        what,
+        "SELECT dropped_role FROM pem.unregister_agent($1)",
         &[(&id.agent_id, Type::INT4)],
     )
-    .await?;
-    if n == 0 {
+    .await
+    .map_err(|e| lock_timeout(e, what, server))?;
+    let Some(row) = row else {
         return Err(Error::NotRegistered {
             agent_id: id.agent_id,
             target: server.target(),
         });
+    };
+    if let Some(role) = pool::get::<Option<String>>(&row, 0, what)? {
+        tracing::info!("dropped the dedicated agent role {role}");
     }
     let backup = fsutil::backup(config_file)?;
     std::fs::remove_file(config_file).map_err(fsutil::Error::io("remove", config_file))?;

@@ -188,6 +188,7 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
         .env_remove("PEM_SERVER_PASSWORD")
         .env_remove("PEMWORKER_AUTH_USER_PASSWORD")
         .env_remove("PEMWORKER_ADMIN_USER_PASSWORD")
+        .env_remove("PEMWORKER_STATS_USER_PASSWORD")
         .arg("-c")
         .arg(&cfg)
         .arg("-f")
@@ -210,8 +211,9 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
 }
 
 /// Binds the sandbox's own PostgreSQL (through a `monitor` login in pg_monitor) and pgBouncer
-/// to agent `agent_id`, schedules their probes every `interval` seconds, and keeps the
-/// passwords those logins need in the agent's `<home>/.pgpass` (never on the PEM server).
+/// (through its statistics console user, never the admin) to agent `agent_id`, schedules their
+/// probes every `interval` seconds, and keeps the passwords those logins need in the agent's
+/// `<home>/.pgpass` (never on the PEM server).
 /// Returns the monitored server's id.
 pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Result<i32, Error> {
     let su = connection::connect(&servers.superuser()).await?;
@@ -242,7 +244,7 @@ pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Re
             (&agent_id, Type::INT4),
             (&pg_port, Type::INT4),
             (&pgb_port, Type::INT4),
-            (&servers::ADMIN_USER, Type::TEXT),
+            (&servers::STATS_USER, Type::TEXT),
             (&interval, Type::INT4),
         ],
     )
@@ -257,8 +259,8 @@ pub async fn bind_servers(servers: &Servers, agent_id: i32, interval: i32) -> Re
             servers.pg_port,
             esc(&monitor_pw),
             servers.pgb_port,
-            servers::ADMIN_USER,
-            esc(servers.passwords.admin.expose())
+            servers::STATS_USER,
+            esc(servers.passwords.stats.expose())
         )
         .as_bytes(),
         0o600,

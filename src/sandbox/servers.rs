@@ -20,6 +20,9 @@ use crate::secret::Secret;
 /// The auth and admin users `prepare-server` creates, under the guide's names.
 pub const AUTH_USER: &str = "pgbouncer";
 pub const ADMIN_USER: &str = "pem_admin1";
+/// pgBouncer's statistics console user (`configure`'s default), whose password agent hosts keep
+/// for their pgBouncer probes instead of the admin's.
+pub const STATS_USER: &str = "pgbouncer_stats";
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -53,12 +56,14 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// The passwords of the three users the servers are set up with.
+/// The passwords of the users the servers are set up with. The auth user's is offered to the
+/// commands but not used: pgBouncer logs in to PostgreSQL by peer.
 #[derive(Debug, Clone)]
 pub struct Passwords {
     pub superuser: Secret,
     pub auth: Secret,
     pub admin: Secret,
+    pub stats: Secret,
 }
 
 impl Passwords {
@@ -75,6 +80,7 @@ impl Passwords {
             superuser: r(),
             auth: r(),
             admin: r(),
+            stats: r(),
         }
     }
 }
@@ -356,6 +362,10 @@ impl Servers {
                 "PEMWORKER_ADMIN_USER_PASSWORD",
                 self.passwords.admin.expose(),
             )
+            .env(
+                "PEMWORKER_STATS_USER_PASSWORD",
+                self.passwords.stats.expose(),
+            )
             .env("PGSSLMODE", "verify-full")
             .env("PGSSLROOTCERT", &self.root_crt)
             .stdin(Stdio::null());
@@ -389,7 +399,15 @@ impl Servers {
         a.extend(self.superuser_args());
         a.extend(["--install-schema".into(), "--pg-hba".into()]);
         a.push(self.data_dir.join("pg_hba.conf").display().to_string());
+        a.extend(["--pgbouncer-os-user".into(), self.os_user()]);
         a
+    }
+
+    /// The operating-system user both servers run as.
+    pub fn os_user(&self) -> String {
+        self.run_as
+            .clone()
+            .unwrap_or_else(|| crate::fsutil::Owner::current().name)
     }
 
     pub fn configure_args(&self) -> Vec<String> {
@@ -419,6 +437,7 @@ impl Servers {
                 d(&self.data_dir.join("server.crt")),
             ),
             ("--pgbouncer-bin", d(&self.pgbouncer_bin)),
+            ("--stats-user", STATS_USER.into()),
             ("--agent-network", "127.0.0.0/8".into()),
             ("--admin-network", "127.0.0.0/8".into()),
             // Back within seconds after a PostgreSQL restart, not pgBouncer's default 15.
@@ -527,6 +546,14 @@ impl Servers {
     pub fn console(&self) -> ConnectSettings {
         let mut s = self.admin_via_pooler();
         s.dbname = "pgbouncer".into();
+        s
+    }
+
+    /// pgBouncer's console as the statistics user, as agents' probes log in.
+    pub fn stats_console(&self) -> ConnectSettings {
+        let mut s = self.tls_settings(self.pgb_port, STATS_USER);
+        s.dbname = "pgbouncer".into();
+        s.password = Some(self.passwords.stats.clone());
         s
     }
 

@@ -26,13 +26,11 @@ const FALLBACK_INTERVAL: Duration = Duration::from_secs(60);
 
 const SCHEDULE: &str = "SELECT probe, target_type, server_id, pgbouncer, interval_seconds, enabled \
                           FROM pem.agent_schedule($1)";
-const SERVERS: &str = "SELECT b.server_id, coalesce(b.host, s.server_addr), coalesce(b.port, s.port), \
-                              coalesce(b.database, s.database)::text, coalesce(b.username, s.username)::text, \
-                              coalesce(b.sslmode, 'prefer') \
-                         FROM pem.agent_server_binding b JOIN pem.server s ON s.id = b.server_id \
-                        WHERE b.agent_id = $1 AND s.active";
-const PGBOUNCERS: &str = "SELECT host || ':' || port::text, host, port, username::text, coalesce(sslmode, 'prefer') \
-                            FROM pem.agent_pgbouncer_binding WHERE agent_id = $1";
+// Agents hold no table privileges: what is bound to them comes from pem.agent_targets.
+const SERVERS: &str = "SELECT server_id, host, port, database, username, sslmode \
+                         FROM pem.agent_targets($1) WHERE target_type = 'server'";
+const PGBOUNCERS: &str = "SELECT pgbouncer, host, port, username, sslmode \
+                            FROM pem.agent_targets($1) WHERE target_type = 'pgbouncer'";
 
 /// Where a job runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,6 +1,8 @@
-//! The heartbeat loop: records `pem.record_heartbeat(agent_id)` at the interval the server
-//! holds for this agent (`pem.agent.heartbeat_interval`, re-read with every beat). A failed beat
-//! is logged and the loop goes on; heartbeats are liveness, so none is ever spooled.
+//! The heartbeat loop: records `pem.record_heartbeat(agent_id, version, sent_at, mac)` at the
+//! interval the server holds for this agent (`pem.agent.heartbeat_interval`, returned with every
+//! beat). Each beat is its own READ WRITE transaction and carries a MAC made with the agent's
+//! secret, so no other agent can beat for it. A failed beat is logged and the loop goes on;
+//! heartbeats are liveness, so none is ever spooled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::connection::pool;
+use crate::mac::{self, Kind};
 
-const BEAT: &str = "SELECT pem.record_heartbeat($1, $2), \
-                           (SELECT heartbeat_interval FROM pem.agent WHERE id = $1), \
-                           inet_server_port()";
+const BEAT: &str = "SELECT h.active, h.heartbeat_interval, pg_catalog.inet_server_port() \
+                      FROM pem.record_heartbeat($1, $2, $3, $4) AS h";
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -31,13 +33,22 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 tracing::debug!("heartbeat skipped: {e}");
             }
             Ok(client) => {
-                let r = pool::query(
-                    &client,
-                    "recording a heartbeat",
-                    BEAT,
-                    &[(&config.agent_id, Type::INT4), (&version, Type::TEXT)],
-                )
-                .await;
+                let sent_at = mac::now();
+                let signature = mac::sign(
+                    config.agent_secret.as_ref(),
+                    Kind::Heartbeat,
+                    config.agent_id,
+                    &sent_at,
+                    &version,
+                );
+                let params: [pool::Param<'_>; 4] = [
+                    (&config.agent_id, Type::INT4),
+                    (&version, Type::TEXT),
+                    (&sent_at, Type::TEXT),
+                    (&signature, Type::TEXT),
+                ];
+                let beat = pool::query(&client, "recording a heartbeat", BEAT, &params);
+                let r = pool::transaction(&client, "a heartbeat", beat).await;
                 match r {
                     Ok(rows) => {
                         let active: bool = rows[0].get(0);

@@ -189,6 +189,16 @@ pub async fn run(
         c.pem_port,
         c.agent_user
     );
+    if c.agent_secret.is_none() {
+        tracing::error!(
+            "{} names no agent_secret_file: agent {} was registered before per-agent secrets, so the PEM server \
+             refuses its heartbeats and samples (they stay in the spool); register it again with \
+             --register-agent --force-registration, which keeps agent id {}",
+            c.path.display(),
+            c.agent_id,
+            c.agent_id
+        );
+    }
 
     let tracker = TaskTracker::new();
     let collect_stop = shutdown.child_token();
@@ -339,8 +349,15 @@ async fn drain(shared: &Shared, stop: &CancellationToken) {
             }
         };
         shared.stats.set_connected(true);
-        let agent_id = shared.config().agent_id;
-        match delivery::deliver(&client, agent_id, &entry.samples).await {
+        let config = shared.config();
+        match delivery::deliver(
+            &client,
+            config.agent_id,
+            config.agent_secret.as_ref(),
+            &entry.samples,
+        )
+        .await
+        {
             Ok(()) => {
                 tracing::debug!(
                     "delivered spool batch {} ({} samples)",

@@ -20,11 +20,12 @@ use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
 #[allow(unused_imports)]
-pub use pemworker::sandbox::servers::{ADMIN_USER, AUTH_USER};
+pub use pemworker::sandbox::servers::{ADMIN_USER, AUTH_USER, STATS_USER};
 
 pub const SUPERUSER_PASSWORD: &str = "super secret 'pw";
 pub const AUTH_PASSWORD: &str = "bouncer pw \"quoted\"";
 pub const ADMIN_PASSWORD: &str = "admin:pw\\1";
+pub const STATS_PASSWORD: &str = "stats 'pw' #1";
 
 pub struct TestBed {
     servers: Servers,
@@ -56,6 +57,7 @@ impl TestBed {
                 superuser: Secret::new(SUPERUSER_PASSWORD),
                 auth: Secret::new(AUTH_PASSWORD),
                 admin: Secret::new(ADMIN_PASSWORD),
+                stats: Secret::new(STATS_PASSWORD),
             },
             pgbouncer_port: None,
         };
