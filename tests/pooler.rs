@@ -103,45 +103,13 @@ async fn proxy_user_logs_in_through_pgbouncer_with_a_signed_certificate() {
     );
 }
 
-/// Runs the auth query exactly as pgBouncer does: as its auth user, over the server's Unix
-/// socket, as the OS user pgBouncer runs as (peer authentication, no password).
-pub fn auth_query(bed: &TestBed, name: &str) -> Vec<String> {
-    use std::io::Write;
-    let mut child = bed
-        .server_command(&bed.bin_dir.join("psql"))
-        .arg(format!(
-            "host={} port={} dbname=pem user={AUTH_USER}",
-            bed.pg_socket_dir.display(),
-            bed.pg_port
-        ))
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v"])
-        .arg(format!("name={name}"))
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            b"SELECT usename || ' ' || coalesce(passwd, '<none>') FROM pem.get_agent_pool_auth(:'name');\n",
-        )
-        .unwrap();
-    let (code, out, err) = outcome(&child.wait_with_output().unwrap());
-    assert_eq!(code, 0, "auth query for {name}: {err}");
-    out.lines().map(str::to_string).collect()
-}
-
 #[tokio::test]
 async fn auth_query_function_answers_only_for_pooled_agent_users() {
     let bed = TestBed::start();
     assert_eq!(create_proxy_user(&bed, "pem_agent_user1").0, 0);
     // pgBouncer reaches PostgreSQL by peer, so the agent user has no secret to hand out.
     assert_eq!(
-        auth_query(&bed, "pem_agent_user1"),
+        bed.auth_query("pem_agent_user1"),
         vec!["pem_agent_user1 <none>"]
     );
     for name in [
@@ -153,7 +121,7 @@ async fn auth_query_function_answers_only_for_pooled_agent_users() {
         "no_such_user",
     ] {
         assert!(
-            auth_query(&bed, name).is_empty(),
+            bed.auth_query(name).is_empty(),
             "get_agent_pool_auth answered for {name}"
         );
     }
@@ -284,37 +252,6 @@ async fn hostile_proxy_user_names_create_exactly_that_role() {
     );
 }
 
-/// What the second `prepare-server` run could change: roles and their secrets, grants, the
-/// schema version, pg_hba.conf and its backups.
-async fn server_state(bed: &TestBed) -> (Vec<String>, String, Vec<String>) {
-    let su = bed.connect(&bed.superuser()).await;
-    let rows = pool::query(
-        &su,
-        "state",
-        "SELECT format('%s %s %s %s', rolname, rolcanlogin, rolcreaterole, rolpassword) FROM pg_authid \
-         UNION ALL SELECT format('member %s of %s', member::regrole, roleid::regrole) FROM pg_auth_members \
-         UNION ALL SELECT format('db acl %s', datacl) FROM pg_database WHERE datname = 'pem' \
-         UNION ALL SELECT format('schema acl %s', nspacl) FROM pg_namespace WHERE nspname = 'pem' \
-         UNION ALL SELECT format('proc acl %s', proacl) FROM pg_proc WHERE oid = 'pem.get_agent_pool_auth(text)'::regprocedure \
-         UNION ALL SELECT format('schema version %s', version) FROM pem.schema_version \
-         UNION ALL SELECT format('pooler %s', c) FROM pem.pooler_config c \
-         UNION ALL SELECT format('agent role %s', r) FROM pem.agent_role r \
-         UNION ALL SELECT format('ident %s', pg_read_file(current_setting('ident_file'))) \
-         ORDER BY 1",
-        &[],
-    )
-    .await
-    .unwrap();
-    let hba = std::fs::read_to_string(bed.data_dir.join("pg_hba.conf")).unwrap();
-    let mut files: Vec<String> = std::fs::read_dir(&bed.data_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("pg_hba.conf"))
-        .collect();
-    files.sort();
-    (rows.iter().map(|r| r.get(0)).collect(), hba, files)
-}
-
 #[tokio::test]
 async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
     let bed = TestBed::start();
@@ -362,14 +299,14 @@ async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
     assert_eq!(hba.matches(pemworker::pooler::hba::BEGIN_MARK).count(), 1);
 
     // A second run succeeds and changes nothing.
-    let before = server_state(&bed).await;
+    let before = bed.server_state().await;
     let args = bed.prepare_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, out, err) = outcome(&bed.pemworker(&args));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.trim_end().ends_with("nothing to change"), "{out}");
     assert!(!out.lines().any(|l| l.starts_with("changed:")), "{out}");
-    assert_eq!(server_state(&bed).await, before);
+    assert_eq!(bed.server_state().await, before);
 
     // Without --pg-hba the lines are printed for the DBA instead.
     let printed: Vec<&str> = args

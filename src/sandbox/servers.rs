@@ -181,6 +181,22 @@ impl Servers {
     /// Starts PostgreSQL, prepares it with `prepare-server --install-schema --pg-hba`, writes
     /// pgBouncer's files with `configure`, and starts pgBouncer.
     pub fn start(opts: &Options) -> Result<Servers, Error> {
+        let mut s = Servers::start_postgres_only(opts)?;
+        s.prepare_and_start_pgbouncer()?;
+        Ok(s)
+    }
+
+    /// `prepare-server`, `configure` and pgBouncer, on a PostgreSQL started with
+    /// [`Servers::start_postgres_only`] (an upgrade test prepares the server its own way first).
+    pub fn prepare_and_start_pgbouncer(&mut self) -> Result<(), Error> {
+        self.run_pemworker("pemworker pooler prepare-server", &self.prepare_args())?;
+        self.run_pemworker("pemworker pooler configure", &self.configure_args())?;
+        self.start_pgbouncer()
+    }
+
+    /// PostgreSQL with TLS and the CA in its data directory, and nothing else: no database, no
+    /// schema, no pgBouncer.
+    pub fn start_postgres_only(opts: &Options) -> Result<Servers, Error> {
         let bin_dir = pg_bin_dir()?;
         let pgbouncer_bin = find_pgbouncer()?;
         let run_as = is_root().then(|| "postgres".to_string());
@@ -214,9 +230,6 @@ impl Servers {
             keep: false,
         };
         s.init_postgres()?;
-        s.run_pemworker("pemworker pooler prepare-server", &s.prepare_args())?;
-        s.run_pemworker("pemworker pooler configure", &s.configure_args())?;
-        s.start_pgbouncer()?;
         Ok(s)
     }
 
@@ -372,7 +385,9 @@ impl Servers {
         c
     }
 
-    fn run_pemworker(&self, what: &str, args: &[String]) -> Result<Output, Error> {
+    /// Runs this program (see [`Servers::pemworker_command`]); a failure is an error with its
+    /// output.
+    pub fn run_pemworker(&self, what: &str, args: &[String]) -> Result<Output, Error> {
         let out = self
             .pemworker_command()
             .args(args)
