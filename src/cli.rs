@@ -396,7 +396,9 @@ pub struct ConfigureArgs {
     pub max_client_conn: u32,
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub server_idle_timeout: u32,
-    #[arg(long, default_value = "DISCARD ALL")]
+    /// Run on a server connection before the next client gets it [default: DISCARD ALL
+    /// without DISCARD PLANS, which keeps the server functions' plans; see the README].
+    #[arg(long, default_value = crate::pooler::bouncer::RESET_QUERY)]
     pub server_reset_query: String,
     /// Run server_reset_query after every transaction also in transaction pooling (1), so no
     /// session state passes between agents; 0 as pgBouncer's default.

@@ -17,6 +17,15 @@ use super::{
 use crate::fsutil::{self, Owner, Staged};
 use crate::secret::Secret;
 
+/// What pgBouncer runs on a server connection after every transaction (with
+/// `server_reset_query_always`): DISCARD ALL without DISCARD PLANS. Everything a client can
+/// leave behind for the next (settings, prepared statements, cursors, LISTEN, advisory locks,
+/// temporary objects, sequence state, SET ROLE/SESSION AUTHORIZATION) is undone, but the
+/// plans of the server functions agents call stay cached: DISCARD PLANS made every delivery
+/// re-plan them, 2.7 times as slow (`cargo test --release --test bench_server -- --ignored`).
+pub const RESET_QUERY: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+DEALLOCATE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
 /// The oldest pgBouncer with certificate authentication (`auth_type = cert` / hba `cert`).
 pub const MIN_VERSION: (u32, u32) = (1, 9);
 
@@ -490,7 +499,7 @@ mod tests {
             auth_query: "SELECT * FROM pem.get_agent_pool_auth($1)".into(),
             max_client_conn: 500,
             server_idle_timeout: 60,
-            server_reset_query: "DISCARD ALL".into(),
+            server_reset_query: RESET_QUERY.into(),
             server_reset_query_always: true,
             idle_transaction_timeout: 60,
             server_login_retry: 15,
@@ -526,7 +535,7 @@ mod tests {
             "auth_query = SELECT * FROM pem.get_agent_pool_auth($1)",
             "admin_users = pem_admin1",
             "stats_users = pgbouncer_stats",
-            "server_reset_query = DISCARD ALL",
+            "server_reset_query = CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES",
             "server_reset_query_always = 1",
             "idle_transaction_timeout = 60",
             "max_client_conn = 500",
@@ -568,7 +577,7 @@ mod tests {
         tcp.pem_db_host = "10.0.0.1".into();
         let r = render(&tcp, &passwords()).unwrap();
         assert!(r.userlist.starts_with(
-            "\"pgbouncer\" \"a\"\"b\"\"\n\"pem_admin1\" \"admin pw\"\n\"pgbouncer_stats\" \"SCRAM-SHA-256$"
+            "\"pgbouncer\" \"a\"\"b\"\n\"pem_admin1\" \"admin pw\"\n\"pgbouncer_stats\" \"SCRAM-SHA-256$"
         ));
     }
 
