@@ -390,6 +390,10 @@ pub struct ConfigureArgs {
     pub client_tls_key_file: PathBuf,
     #[arg(long, value_name = "FILE")]
     pub client_tls_cert_file: PathBuf,
+    /// CA of the PEM server's own certificate, when --pem-db-host is a TCP host: pgBouncer
+    /// then logs in over TLS and verifies it [default: --client-tls-ca-file].
+    #[arg(long, value_name = "FILE")]
+    pub server_tls_ca_file: Option<PathBuf>,
     #[arg(long, default_value = "SELECT * FROM pem.get_agent_pool_auth($1)")]
     pub auth_query: String,
     #[arg(long, default_value_t = 500)]
@@ -515,6 +519,7 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         client_tls_ca_file: a.client_tls_ca_file.clone(),
         client_tls_key_file: a.client_tls_key_file.clone(),
         client_tls_cert_file: a.client_tls_cert_file.clone(),
+        server_tls_ca_file: a.server_tls_ca_file.clone(),
         auth_query: a.auth_query.clone(),
         max_client_conn: a.max_client_conn,
         server_idle_timeout: a.server_idle_timeout,

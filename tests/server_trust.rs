@@ -990,3 +990,67 @@ async fn pooler_check_reports_each_problem_and_fix_repairs_it() {
     }
     bed.legitimate_flow("check").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgbouncer_on_another_host_gets_md5_secrets_only_over_tls_and_they_are_repaired() {
+    // pgBouncer reaching PostgreSQL over TCP, as from another host (the bed has one address).
+    let mut bed = TestBed::start_postgres_only();
+    let mut prepare = bed.prepare_args();
+    prepare.extend(["--pgbouncer-address".into(), "127.0.0.1".into()]);
+    let prepare: Vec<&str> = prepare.iter().map(String::as_str).collect();
+    let (code, out, err) = outcome(&bed.pemworker(&prepare));
+    assert_eq!(code, 0, "{out}{err}");
+    let hba = std::fs::read_to_string(bed.data_dir.join("pg_hba.conf")).unwrap();
+    assert!(
+        hba.contains("hostssl \"pem\" +pem_agent_pool 127.0.0.1/32 md5\n")
+            && hba.contains(
+                "hostssl \"pem\" \"pgbouncer\",\"pem_admin1\" 127.0.0.1/32 scram-sha-256\n"
+            ),
+        "{hba}"
+    );
+    let mut configure = bed.configure_args();
+    let at = configure.iter().position(|a| a == "--pem-db-host").unwrap() + 1;
+    configure[at] = "127.0.0.1".into();
+    let configure: Vec<&str> = configure.iter().map(String::as_str).collect();
+    let (code, out, err) = outcome(&bed.pemworker(&configure));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("in plain text"), "the warning: {err}");
+    bed.start_pgbouncer();
+    let (cfg, _) = bed.register_agent("remote");
+
+    // The auth query hands pgBouncer the md5 secret it needs here, and the secret logs in
+    // nowhere but from pgBouncer's address over TLS: not over the socket, not without TLS.
+    let secret = bed.auth_query_over_tcp("pem_agent_user1").await;
+    assert!(secret.starts_with("md5"), "{secret}");
+    let mut plain = bed.direct("pem_agent_user1", "unknown");
+    plain.sslmode = pemworker::connection::SslMode::Disable;
+    let e = connection::connect(&plain)
+        .await
+        .expect_err("a login without TLS");
+    assert!(e.to_string().contains("rejects connection"), "{e}");
+
+    // An agent replaces the secret with a password of its own; the next heartbeat puts the
+    // recorded secret back, and pgBouncer's fresh server logins go on working.
+    let attacker = bed.agent_session(&cfg).await;
+    pool::batch(
+        &attacker,
+        "password",
+        "BEGIN READ WRITE; ALTER ROLE CURRENT_USER PASSWORD 'mine'; COMMIT",
+    )
+    .await
+    .unwrap();
+    drop(attacker);
+    bed.legitimate_flow("remote").await;
+    assert_eq!(
+        bed.scalar_i64(
+            "SELECT count(*) FROM pg_authid a JOIN pem.agent_role r ON r.role_oid = a.oid \
+              WHERE a.rolname = 'pem_agent_user1' AND a.rolpassword = r.password AND r.password LIKE 'md5%'"
+        )
+        .await,
+        1,
+        "the recorded md5 secret is back"
+    );
+    bed.console("RECONNECT pem").await;
+    let agent = bed.agent_session(&cfg).await;
+    pool::batch(&agent, "select", "SELECT 1").await.unwrap();
+}

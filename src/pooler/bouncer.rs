@@ -50,6 +50,9 @@ pub struct Settings {
     pub client_tls_ca_file: PathBuf,
     pub client_tls_key_file: PathBuf,
     pub client_tls_cert_file: PathBuf,
+    /// CA of the PEM server's certificate, when pgBouncer reaches it over TCP (verify-full);
+    /// `None` = `client_tls_ca_file`.
+    pub server_tls_ca_file: Option<PathBuf>,
     pub auth_query: String,
     pub max_client_conn: u32,
     pub server_idle_timeout: u32,
@@ -288,6 +291,20 @@ pub fn render(s: &Settings, passwords: &Passwords) -> Result<Rendered, Error> {
             path_value("unix socket directory", dir)?
         ));
     }
+    if s.server_login() == ServerLogin::Password {
+        // pg_hba.conf admits pgBouncer from its address over TLS only (hostssl).
+        ini.push_str(&format!(
+            "; pgBouncer logs in to the PEM database over TCP: by TLS, with the server verified.\n\
+             server_tls_sslmode = verify-full\n\
+             server_tls_ca_file = {}\n",
+            path_value(
+                "server_tls_ca_file",
+                s.server_tls_ca_file
+                    .as_ref()
+                    .unwrap_or(&s.client_tls_ca_file)
+            )?
+        ));
+    }
     ini.push_str(&format!(
         "; Agents authenticate with client certificates signed by the PEM server's CA.\n\
          client_tls_sslmode = {sslmode}\n\
@@ -496,6 +513,7 @@ mod tests {
             client_tls_ca_file: "/srv/pem/root.crt".into(),
             client_tls_key_file: "/srv/pem/server.key".into(),
             client_tls_cert_file: "/srv/pem/server.crt".into(),
+            server_tls_ca_file: None,
             auth_query: "SELECT * FROM pem.get_agent_pool_auth($1)".into(),
             max_client_conn: 500,
             server_idle_timeout: 60,
@@ -576,6 +594,9 @@ mod tests {
         let mut tcp = settings();
         tcp.pem_db_host = "10.0.0.1".into();
         let r = render(&tcp, &passwords()).unwrap();
+        assert!(r.ini.contains(
+            "server_tls_sslmode = verify-full\nserver_tls_ca_file = /srv/pem/root.crt\n"
+        ));
         assert!(r.userlist.starts_with(
             "\"pgbouncer\" \"a\"\"b\"\n\"pem_admin1\" \"admin pw\"\n\"pgbouncer_stats\" \"SCRAM-SHA-256$"
         ));

@@ -547,3 +547,22 @@ impl TestBed {
         (rows.iter().map(|r| r.get(0)).collect(), hba, files)
     }
 }
+
+impl TestBed {
+    /// The auth query as a pgBouncer on another host runs it: over TCP with TLS, as the auth
+    /// user with its password. Returns the secret handed out for `name`.
+    pub async fn auth_query_over_tcp(&self, name: &str) -> String {
+        let auth = self.connect(&self.direct(AUTH_USER, AUTH_PASSWORD)).await;
+        let row = pool::query_one(
+            &auth,
+            "auth query",
+            "SELECT passwd FROM pem.get_agent_pool_auth($1)",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .unwrap();
+        pool::get::<Option<String>>(&row, 0, "auth query")
+            .unwrap()
+            .unwrap_or_default()
+    }
+}
