@@ -900,7 +900,7 @@ LANGUAGE plpython3u
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-import errno, os, re, stat
+import errno, os, stat
 from datetime import datetime, timedelta, timezone
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -1051,9 +1051,10 @@ if isinstance(csr_key, rsa.RSAPublicKey) and csr_key.key_size < 2048:
 # --- 2. The CN is the login this certificate authenticates as (pgBouncer/PostgreSQL "cert"):
 # only an agent role made by the agent-role functions, and only the one asked for.
 if p_agent_user is not None and cn != p_agent_user:
-    # A request made before the agent's id was known (enrolment with a dedicated agent<ID>
-    # role) names just "agent"; the certificate is then for that one role.
-    if not (cn == 'agent' and re.fullmatch(r'agent[0-9]+', p_agent_user)):
+    # A request made before the caller decided the agent user (an enrolment that gets a
+    # dedicated agent<ID> role, or the user its token names) says just "agent"; the
+    # certificate is then for the user the caller decided, and for no other.
+    if cn != 'agent':
         fail('42501', 'refusing to sign a certificate for "%s": this request may only be for "%s"'
              % (cn, p_agent_user))
     cn = p_agent_user
