@@ -933,18 +933,24 @@ if plans is None:
             "  FROM pg_catalog.pg_roles r"
             "  JOIN pem.agent_role ar ON ar.role_oid = r.oid AND ar.role_name = r.rolname"
             " WHERE r.rolname::pg_catalog.text OPERATOR(pg_catalog.=) $1", ['text']),
-        # The files' value only: pg_file_settings ignores SET, role and database settings.
-        'setting': plpy.prepare(
-            "SELECT setting AS v FROM pg_catalog.pg_file_settings"
-            " WHERE name OPERATOR(pg_catalog.=) $1 AND error IS NULL"
-            " ORDER BY seqno DESC LIMIT 1", ['text']),
+        # The files' values only: pg_file_settings ignores SET, role and database settings.
+        # It parses the files on every read, so all three are read at once; the last entry
+        # of a name wins, as when the server loads them.
+        'settings': plpy.prepare(
+            "SELECT name, setting FROM pg_catalog.pg_file_settings"
+            " WHERE name OPERATOR(pg_catalog.=) ANY (ARRAY['pem.ca_cert_file', 'pem.ca_key_file',"
+            "                                              'pem.agent_cert_validity_days'])"
+            "   AND error IS NULL ORDER BY seqno"),
         'data_dir': plpy.prepare("SELECT pg_catalog.current_setting('data_directory') AS v"),
     }
     SD['plans'] = plans
 
+file_settings = {}
+for row in plpy.execute(plans['settings']):
+    file_settings[row['name']] = (row['setting'] or '').strip()
+
 def setting(name):
-    rows = plpy.execute(plans['setting'], [name])
-    return rows[0]['v'].strip() if rows and rows[0]['v'] else ''
+    return file_settings.get(name, '')
 
 def not_after_of(cert):
     # cryptography >= 42 has the aware *_utc properties; 38 (bookworm) has naive UTC only.

@@ -278,41 +278,35 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
             "not a member of pem_admin (run GRANT pem_admin TO {user} on the PEM server)"
         )));
     }
-    let current: bool = pool::get(
-        &pool::query_one(
-            client,
-            "checking the PEM schema version",
-            "SELECT pg_catalog.to_regprocedure('pem.ensure_agent_user(text,integer)') IS NOT NULL",
-            &[],
-        )
-        .await?,
-        0,
-        "checking the PEM schema version",
-    )?;
-    if !current {
+    // One round trip: whether the schema has the functions this build calls (an older one
+    // gets the upgrade advice, not "function does not exist"), and the rights on them.
+    let what = "checking the registering user's rights";
+    let row = pool::query_one(
+        client,
+        what,
+        "SELECT pg_catalog.to_regprocedure('pem.ensure_agent_user(text,integer)') IS NOT NULL, \
+                has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
+                has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
+                CASE WHEN pg_catalog.to_regprocedure('pem.ensure_agent_user(text,integer)') IS NOT NULL THEN \
+                     has_function_privilege('pem.ensure_agent_user(text, integer)', 'EXECUTE') \
+                      AND has_function_privilege('pem.issue_agent_secret(integer)', 'EXECUTE') \
+                      AND has_function_privilege('pem.unregister_agent(integer)', 'EXECUTE') END",
+        &[],
+    )
+    .await?;
+    if !pool::get::<bool>(&row, 0, what)? {
         return Err(Error::SchemaOutdated {
             database: settings.dbname.clone(),
             target,
         });
     }
-    let what = "checking the registering user's rights";
-    let row = pool::query_one(
-        client,
-        what,
-        "SELECT has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
-                has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
-                has_function_privilege('pem.ensure_agent_user(text, integer)', 'EXECUTE'), \
-                has_function_privilege('pem.issue_agent_secret(integer)', 'EXECUTE'), \
-                has_function_privilege('pem.unregister_agent(integer)', 'EXECUTE')",
-        &[],
-    )
-    .await?;
     for (i, right) in [
-        (0, "no INSERT or UPDATE on pem.agent"),
-        (1, "no EXECUTE on pem.sign_agent_csr(text)"),
-        (2, "no EXECUTE on pem.ensure_agent_user(text, integer)"),
-        (3, "no EXECUTE on pem.issue_agent_secret(integer)"),
-        (4, "no EXECUTE on pem.unregister_agent(integer)"),
+        (1, "no INSERT or UPDATE on pem.agent"),
+        (2, "no EXECUTE on pem.sign_agent_csr(text)"),
+        (
+            3,
+            "no EXECUTE on pem.ensure_agent_user, pem.issue_agent_secret or pem.unregister_agent",
+        ),
     ] {
         if !pool::get::<bool>(&row, i, what)? {
             return Err(missing(format!(
