@@ -181,12 +181,16 @@ async fn the_auth_users_password_is_no_skeleton_key() {
         .await
         .expect_err("the auth user by password over TCP");
     assert!(e.is_connect(), "{e}");
-    let mut socket = bed.direct(AUTH_USER, AUTH_PASSWORD);
-    socket.host = bed.pg_socket_dir.display().to_string();
-    let e = connection::connect(&socket)
-        .await
-        .expect_err("the auth user by password over the socket");
-    assert!(e.is_connect(), "{e}");
+    // Over the socket only pgBouncer's OS user gets in (by peer). When the test runs as that
+    // very user (not as root) there is no other OS user to try it with.
+    if bed.run_as.is_some() {
+        let mut socket = bed.direct(AUTH_USER, AUTH_PASSWORD);
+        socket.host = bed.pg_socket_dir.display().to_string();
+        let e = connection::connect(&socket)
+            .await
+            .expect_err("the auth user by password over the socket");
+        assert!(e.is_connect(), "{e}");
+    }
 
     // As pgBouncer runs it, the auth query hands out no secret for the agent user ...
     assert_eq!(
@@ -243,10 +247,12 @@ async fn the_auth_users_password_is_no_skeleton_key() {
     )
     .await
     .unwrap();
-    for host in [
-        "127.0.0.1".to_string(),
-        bed.pg_socket_dir.display().to_string(),
-    ] {
+    let mut hosts = vec!["127.0.0.1".to_string()];
+    if bed.run_as.is_some() {
+        // Over the socket as another OS user than pgBouncer's (see above).
+        hosts.push(bed.pg_socket_dir.display().to_string());
+    }
+    for host in hosts {
         let mut s = bed.direct("pem_agent_user1", "guide pw");
         s.host = host.clone();
         let e = connection::connect(&s)
@@ -1054,4 +1060,82 @@ async fn a_pgbouncer_on_another_host_gets_md5_secrets_only_over_tls_and_they_are
     bed.console("RECONNECT pem").await;
     let agent = bed.agent_session(&cfg).await;
     pool::batch(&agent, "select", "SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registered_before_secrets_is_refused_keeps_its_samples_and_is_told_the_fix() {
+    let bed = TestBed::start();
+    let (cfg, id) = bed.register_agent("old");
+    // An agent.cfg from before per-agent secrets: no agent_secret_file.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let old: String = text
+        .lines()
+        .filter(|l| !l.starts_with("agent_secret_file="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cfg, old).unwrap();
+    bed.bind_pgbouncer_fast(id).await;
+    let site = cfg.parent().unwrap().parent().unwrap().to_path_buf();
+    let log = site.join("worker.log");
+    let worker = Worker::start(&bed, &cfg, id);
+    common::wait_for(
+        "the worker's log to say how to fix it",
+        Duration::from_secs(30),
+        || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("names no agent_secret_file")
+                && text.contains("--force-registration")
+                && text.contains("failed authentication")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = worker.stop();
+    assert!(first.spooled_samples > 0, "{first:?}");
+    for sql in [
+        "SELECT count(*) FROM pem.agent_heartbeat",
+        "SELECT count(*) FROM pemhistory.cpu_usage",
+    ] {
+        assert_eq!(bed.scalar_i64(sql).await, 0, "{sql}: refused writes stored");
+    }
+
+    // Registering again keeps the agent id and brings the secret; the spool is delivered.
+    let mut args = bed.register_args("old");
+    args.push("--force-registration".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) =
+        outcome(&bed.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", ADMIN_PASSWORD)]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("kept from the existing agent.cfg"), "{out}");
+    let again = agent_config(&cfg);
+    assert_eq!(again.agent_id, id);
+    assert!(again.agent_secret.is_some());
+    let worker = Worker::start(&bed, &cfg, id);
+    let spool = site.join("state/spool");
+    common::wait_for("the spool to drain", Duration::from_secs(60), || async {
+        std::fs::read_dir(&spool)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "json")
+                })
+                .count()
+                    == 0
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    let second = worker.stop();
+    let rows = |s: &pemworker::worker::stats::Snapshot| {
+        s.collected.get("cpu_usage").map_or(0, |c| c.rows) as i64
+    };
+    assert_eq!(
+        bed.scalar_i64("SELECT count(*) FROM pemhistory.cpu_usage")
+            .await,
+        rows(&first) + rows(&second),
+        "every sample of both runs stored once"
+    );
 }

@@ -93,13 +93,15 @@ impl Error {
     /// with a connection, resource, operator-intervention, system or serialization error
     /// (SQLSTATE classes 08, 53, 57, 58, 40), as during restarts and pool pauses, or refused
     /// the agent's credentials for a write (class 28: no or another per-agent secret), where
-    /// the data is fine and waits for the agent to be registered again.
+    /// the data is fine and waits for the agent to be registered again, or refused it for the
+    /// session's transaction state (class 25: a transaction another task on the same session
+    /// aborted, a server that turned read-only), which a new session does not have.
     pub fn is_transient(&self) -> bool {
         if self.is_connect() || self.is_closed() {
             return true;
         }
         self.code().is_some_and(|c| {
-            ["08", "53", "57", "58", "40", "28"]
+            ["08", "53", "57", "58", "40", "28", "25"]
                 .iter()
                 .any(|class| c.code().starts_with(class))
         })
