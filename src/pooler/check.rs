@@ -20,7 +20,7 @@ use tokio_postgres::types::Type;
 use super::hba::{self, Source};
 use super::{Error, prepare};
 use crate::connection::{self, ConnectSettings, pool};
-use crate::{certs, fsutil, schema};
+use crate::{fsutil, schema};
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -804,26 +804,20 @@ async fn check_certificate_login(
         return Ok(());
     };
     let user: String = pool::get(&row, 0, what)?;
-    // A key that never leaves this process and a certificate the server signs for it.
-    let key = certs::generate_key().map_err(|e| Error::Invalid {
-        what: "generated key",
-        value: user.clone(),
-        why: e.to_string(),
-    })?;
-    let csr = certs::csr_pem(&key, &user).map_err(|e| Error::Invalid {
-        what: "certificate signing request",
-        value: user.clone(),
-        why: e.to_string(),
-    })?;
-    let what = format!("signing a certificate for {user}");
-    let row = pool::query_one(
-        client,
-        &what,
-        "SELECT pem.sign_agent_csr($1)",
-        &[(&csr, Type::TEXT)],
-    )
-    .await?;
-    let cert: String = pool::get(&row, 0, &what)?;
+    // A key that never leaves this process and a certificate the server signs for it, checked
+    // as registration checks it.
+    let root = opts.server.root_cert.as_deref();
+    let (key, cert) = match crate::registration::obtain_certificate(client, &user, root).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            c.problem(
+                format!("the server cannot sign a certificate for {user}: {e}"),
+                "check the CA files and pem.ca_cert_file / pem.ca_key_file in postgresql.conf",
+                None,
+            );
+            return Ok(());
+        }
+    };
     let dir = tempfile::tempdir().map_err(fsutil::Error::io("create", Path::new("/tmp")))?;
     let (crt_path, key_path) = (dir.path().join("check.crt"), dir.path().join("check.key"));
     fsutil::Staged::write(&crt_path, cert.as_bytes(), 0o600, None)?.commit()?;
