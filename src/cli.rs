@@ -51,9 +51,14 @@ pub struct AgentArgs {
     /// PEM server (or pgBouncer) port [default: 5432].
     #[arg(long = "pem-port", value_name = "PORT")]
     pub pem_port: Option<u16>,
-    /// PEM admin user that registers the agent.
+    /// PEM admin user that registers the agent (with an enrolment token: the enrolment login,
+    /// default pem_enrolment).
     #[arg(long = "pem-user", value_name = "USER")]
     pub pem_user: Option<String>,
+    /// Register with the enrolment token in this file (mode 0600) instead of the admin's
+    /// password; or set PEMWORKER_ENROLMENT_TOKEN. Never on the command line.
+    #[arg(long = "enrolment-token-file", value_name = "FILE")]
+    pub enrolment_token_file: Option<PathBuf>,
     /// Common agent user to log in as (through pgBouncer); default: a dedicated agent<ID>.
     #[arg(long = "pem-agent-user", value_name = "USER")]
     pub pem_agent_user: Option<String>,
@@ -259,9 +264,62 @@ pub enum PoolerCommand {
     CreateProxyUser(CreateProxyUserArgs),
     /// Write pgbouncer.ini, its HBA file and user list.
     Configure(Box<ConfigureArgs>),
+    /// Registration tokens: agent hosts enrol with one instead of the admin's password.
+    #[command(subcommand, name = "enrolment-token")]
+    EnrolmentToken(TokenCommand),
     /// Inspect the PEM server, pgBouncer's files and a certificate login through pgBouncer;
     /// print each problem with its fix; exit 1 if any is left. --fix repairs what is safe.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (once: the server keeps only its hash).
+    Create(TokenCreateArgs),
+    /// List the tokens with their state and the agents they enrolled.
+    List(TokenServerArgs),
+    /// Revoke a token so it enrols nothing more.
+    Revoke(TokenRevokeArgs),
+}
+
+/// The PEM admin's session (the same flags as the other admin commands).
+#[derive(Debug, Args)]
+pub struct TokenServerArgs {
+    #[command(flatten)]
+    pub server: PemServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub server: PemServerArgs,
+    /// How long the token is valid: 90s, 15m, 1h, 7d (at most 30d).
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub ttl: String,
+    /// How many agents it may enrol.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub uses: u32,
+    /// The only agent user its agents may log in as (created if missing) [default: each
+    /// agent gets its own agent<ID> role].
+    #[arg(long = "agent-user", value_name = "USER")]
+    pub agent_user: Option<String>,
+    /// The PEM group its agents are put in.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// The PEM team its agents are put in.
+    #[arg(long, value_name = "TEAM")]
+    pub team: Option<String>,
+    /// Write the token to this new file (mode 0600) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    #[command(flatten)]
+    pub server: PemServerArgs,
+    /// The token's number, as `list` shows it.
+    pub id: i32,
 }
 
 #[derive(Debug, Args)]
@@ -495,6 +553,20 @@ pub fn resolve_check(a: &CheckArgs) -> Result<crate::pooler::check::Options, Err
     })
 }
 
+pub fn resolve_token_create(
+    a: &TokenCreateArgs,
+) -> Result<(ConnectSettings, crate::pooler::token::CreateOptions), Error> {
+    let opts = crate::pooler::token::CreateOptions {
+        ttl: crate::pooler::token::parse_ttl(&a.ttl)?,
+        uses: a.uses,
+        agent_user: a.agent_user.clone(),
+        group: a.group.clone(),
+        team: a.team.clone(),
+        output: a.output.clone(),
+    };
+    Ok((resolve_server(&a.server)?, opts))
+}
+
 pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> {
     let owner = match &a.owner {
         Some(name) => Owner::lookup(name)?,
@@ -601,13 +673,63 @@ fn server_host(a: &AgentArgs) -> Result<String, Error> {
     })
 }
 
+/// Environment variable that may hold an enrolment token.
+pub const ENROLMENT_TOKEN_ENV: &str = "PEMWORKER_ENROLMENT_TOKEN";
+
+/// The login that enrols agents with a token; it holds no credential of its own.
+pub const ENROLMENT_USER: &str = "pem_enrolment";
+
+/// The enrolment token, from `--enrolment-token-file` (which others must not be able to read)
+/// or the environment; `None` when neither is given.
+fn enrolment_token(a: &AgentArgs) -> Result<Option<crate::secret::Secret>, Error> {
+    let text = match &a.enrolment_token_file {
+        Some(file) => {
+            use std::os::unix::fs::PermissionsExt;
+            let read = |e: std::io::Error| {
+                Error::Usage(format!(
+                    "cannot read the enrolment token file {}: {e}",
+                    file.display()
+                ))
+            };
+            let meta = std::fs::metadata(file).map_err(read)?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(Error::Usage(format!(
+                    "the enrolment token file {} has group or world access; run chmod 0600 {}",
+                    file.display(),
+                    file.display()
+                )));
+            }
+            if meta.len() > 4096 {
+                return Err(Error::Usage(format!(
+                    "{} is not an enrolment token file (larger than 4 kB)",
+                    file.display()
+                )));
+            }
+            std::fs::read_to_string(file).map_err(read)?
+        }
+        None => match crate::secret::from_env(&[ENROLMENT_TOKEN_ENV]) {
+            Some(s) => s.expose().to_string(),
+            None => return Ok(None),
+        },
+    };
+    let token = text.trim();
+    if !crate::pooler::token::well_formed(token) {
+        return Err(Error::Usage(format!(
+            "malformed enrolment token: expected {} and 64 hexadecimal digits, as pemworker pooler enrolment-token create prints it",
+            crate::pooler::token::PREFIX
+        )));
+    }
+    Ok(Some(crate::secret::Secret::new(token)))
+}
+
 pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
     // Checked first, and all before a password prompt or any connection.
     let host = server_host(a)?;
-    if a.pem_user.is_none() {
+    let token = enrolment_token(a)?;
+    if a.pem_user.is_none() && token.is_none() {
         return Err(missing(
             "--pem-user",
-            "the PEM admin user that registers agents, for example --pem-user pem_admin1",
+            "the PEM admin user that registers agents, for example --pem-user pem_admin1 (or enrol with --enrolment-token-file)",
         ));
     }
     if let Some(u) = &a.pem_agent_user {
@@ -618,9 +740,28 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         .iter()
         .map(|o| registration::parse_override(o))
         .collect::<Result<Vec<_>, _>>()?;
-    let server = admin_settings(a, &host, a.pem_port.unwrap_or(5432))?;
+    let port = a.pem_port.unwrap_or(5432);
+    let server = match &token {
+        // The enrolment login has no password; the token goes only to a verified server.
+        Some(_) => {
+            let user = a.pem_user.as_deref().unwrap_or(ENROLMENT_USER);
+            let s = ConnectSettings::from_env(&host, port, user, "pem")?;
+            let verified = matches!(
+                s.sslmode,
+                crate::connection::SslMode::VerifyCa | crate::connection::SslMode::VerifyFull
+            );
+            if !verified || s.root_cert.is_none() {
+                return Err(Error::Usage(
+                    "an enrolment token is sent only to a server whose certificate is verified: set PGSSLMODE=verify-full and PGSSLROOTCERT to the PEM server's root certificate".into(),
+                ));
+            }
+            s
+        }
+        None => admin_settings(a, &host, port)?,
+    };
     Ok(registration::Options {
         server,
+        token,
         agent_user: a.pem_agent_user.clone(),
         display_name: a.display_name.clone().unwrap_or_else(host_fqdn),
         host_name: host_fqdn(),

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "server trust: agents write only through authenticated functions, agent roles without CREATEROLE",
         sql: include_str!("../etc/sql/003_server_trust.sql"),
     },
+    Migration {
+        version: 4,
+        description: "enrolment tokens: registration without the admin's password",
+        sql: include_str!("../etc/sql/004_enrolment.sql"),
+    },
 ];
 
 /// The newest version this build knows.

@@ -378,6 +378,20 @@ pub fn render(s: &Settings, passwords: &Passwords) -> Result<Rendered, Error> {
             hba::cidr(net)?
         ));
     }
+    if s.server_login() == ServerLogin::Peer {
+        // A host that enrols has no credential yet: the token it passes is checked inside the
+        // one function this login may call. TLS only, so the host verifies whom it gives it to.
+        hba_text.push_str(
+            "# Agent hosts enrolling with a token (the login may only call pem.enrol_agent).\n",
+        );
+        for net in &s.agent_networks {
+            hba_text.push_str(&format!(
+                "hostssl {db} {} {} trust\n",
+                hba::ENROLMENT_USER,
+                hba::cidr(net)?
+            ));
+        }
+    }
     hba_text.push_str("# PEM agents, by TLS client certificate whose CN is the agent user.\n");
     for net in &s.agent_networks {
         hba_text.push_str(&format!("hostssl {db} {agents} {} cert\n", hba::cidr(net)?));
@@ -398,6 +412,8 @@ pub fn render(s: &Settings, passwords: &Passwords) -> Result<Rendered, Error> {
         userlist.push_str(&userlist_line(&admin, passwords.admin.expose()));
     } else {
         userlist.push_str(&userlist_line(&admin, &scram(&passwords.admin)));
+        // Known to pgBouncer, with no password: its HBA line trusts it over TLS.
+        userlist.push_str(&userlist_line(hba::ENROLMENT_USER, ""));
     }
     userlist.push_str(&userlist_line(&stats, &scram(&passwords.stats)));
     Ok(Rendered {
@@ -584,9 +600,14 @@ mod tests {
     fn with_peer_logins_the_user_list_holds_no_password() {
         let r = render(&settings(), &passwords()).unwrap();
         let lines: Vec<&str> = r.userlist.lines().collect();
-        assert_eq!(lines.len(), 2, "{}", r.userlist);
+        assert_eq!(lines.len(), 3, "{}", r.userlist);
         assert!(lines[0].starts_with("\"pem_admin1\" \"SCRAM-SHA-256$4096:"));
-        assert!(lines[1].starts_with("\"pgbouncer_stats\" \"SCRAM-SHA-256$4096:"));
+        assert_eq!(lines[1], "\"pem_enrolment\" \"\"");
+        assert!(lines[2].starts_with("\"pgbouncer_stats\" \"SCRAM-SHA-256$4096:"));
+        assert!(
+            r.hba
+                .contains("hostssl pem pem_enrolment 0.0.0.0/0 trust\n")
+        );
         for pw in ["admin pw", "stats pw", "a\"b"] {
             assert!(!r.userlist.contains(pw), "{pw} in {}", r.userlist);
         }

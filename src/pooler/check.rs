@@ -666,6 +666,13 @@ fn is_verifier(secret: &str) -> bool {
     secret.starts_with("SCRAM-SHA-256$") || (secret.len() == 35 && secret.starts_with("md5"))
 }
 
+/// A user list entry that holds a password in plain text. The enrolment login's empty entry is
+/// none: pgBouncer trusts that login over TLS, and it can do nothing but present a token.
+fn is_plain_password(user: &str, secret: &str) -> bool {
+    let enrolment = user == hba::ENROLMENT_USER && secret.is_empty();
+    !(is_verifier(secret) || enrolment)
+}
+
 fn check_pgbouncer_files(dir: &Path, c: &mut Collector<'_>) {
     check_mode(dir, 0o700, "pgBouncer's configuration directory", c);
     let ini_path = super::bouncer::ini_path(dir);
@@ -738,7 +745,7 @@ fn check_pgbouncer_files(dir: &Path, c: &mut Collector<'_>) {
     if let Ok(text) = std::fs::read_to_string(&auth_file) {
         let plain: Vec<String> = userlist_entries(&text)
             .into_iter()
-            .filter(|(_, secret)| !is_verifier(secret))
+            .filter(|(user, secret)| is_plain_password(user, secret))
             .map(|(user, _)| user)
             .collect();
         if plain.is_empty() {
@@ -759,14 +766,20 @@ fn check_pgbouncer_files(dir: &Path, c: &mut Collector<'_>) {
         }
     }
     if let Ok(text) = std::fs::read_to_string(&hba_file) {
+        // The enrolment login is the one user pgBouncer may trust, and only over TLS: it can do
+        // nothing but present a token.
         let trust: Vec<String> = text
             .lines()
             .filter(|l| {
                 let l = l.trim();
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let enrolment = f.len() == 5
+                    && f[0] == "hostssl"
+                    && f[2] == hba::ENROLMENT_USER
+                    && f[4] == "trust";
                 !l.starts_with('#')
-                    && l.split_whitespace()
-                        .last()
-                        .is_some_and(|m| m == "trust" || m == "password")
+                    && !enrolment
+                    && f.last().is_some_and(|m| *m == "trust" || *m == "password")
             })
             .map(str::to_string)
             .collect();
@@ -795,7 +808,9 @@ async fn check_certificate_login(
     let row = pool::query_opt(
         client,
         what,
-        "SELECT role_name::text FROM pem.agent_role ORDER BY (agent_id IS NULL) DESC, role_name LIMIT 1",
+        "SELECT role_name::text FROM pem.agent_role \
+          WHERE pg_catalog.pg_has_role(role_oid, 'pem_agent', 'MEMBER') \
+          ORDER BY (agent_id IS NULL) DESC, role_name LIMIT 1",
         &[],
     )
     .await?;
@@ -928,7 +943,7 @@ fn scram_userlist(path: &Path) -> Result<(), Error> {
     let mut out = String::new();
     for line in text.lines() {
         match userlist_entries(line).into_iter().next() {
-            Some((user, secret)) if !is_verifier(&secret) => {
+            Some((user, secret)) if is_plain_password(&user, &secret) => {
                 let verifier = postgres_protocol::password::scram_sha_256(secret.as_bytes());
                 let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
                 out.push_str(&format!("{} {}\n", q(&user), q(&verifier)));

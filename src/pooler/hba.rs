@@ -71,6 +71,9 @@ pub fn quote(name: &str) -> Result<String, Error> {
 /// The ident map (pg_ident.conf) the server keeps for pgBouncer's peer logins.
 pub const IDENT_MAP: &str = "pemworker";
 
+/// The login agent hosts enrol through with a token (migration 4); it holds no credential.
+pub const ENROLMENT_USER: &str = "pem_enrolment";
+
 /// The lines the PEM server needs so that pgBouncer, and only pgBouncer, logs in as its auth
 /// user, the PEM admin and the pooled agent users (members of pem_agent_pool).
 ///
@@ -78,7 +81,9 @@ pub const IDENT_MAP: &str = "pemworker";
 /// per role, PostgreSQL 15 cannot map to a group), so no password is involved at all; from
 /// another host over TLS, the auth user and admin by SCRAM and the agent users by the md5
 /// secret the auth query returns. Either way pooled agent users are rejected everywhere else,
-/// so a password an agent sets for its own role opens nothing.
+/// so a password an agent sets for its own role opens nothing. The enrolment login is admitted
+/// like the pooled agent users, and only over the socket: enrolment with a token needs pgBouncer
+/// on the PEM server's host.
 pub fn server_block(
     database: &str,
     users: &[&str],
@@ -95,7 +100,7 @@ pub fn server_block(
         Source::Local => format!(
             "# pgBouncer logs in over this socket as OS user {os_user} (peer, ident map {IDENT_MAP}):\n\
              # no password is involved for its auth user, the PEM admin or the pooled agent users.\n\
-             local {db} {users},+pem_agent_pool peer map={IDENT_MAP}\n"
+             local {db} {users},\"{ENROLMENT_USER}\",+pem_agent_pool peer map={IDENT_MAP}\n"
         ),
         Source::Network(c) => format!(
             "# pgBouncer at {c} logs in over TLS: its auth user and the PEM admin by password, the\n\
@@ -107,9 +112,9 @@ pub fn server_block(
     Ok(format!(
         "{BEGIN_MARK}\n\
          {access}\
-         # Pooled agent users reach PostgreSQL through pgBouncer only.\n\
-         local all +pem_agent_pool reject\n\
-         host all +pem_agent_pool all reject\n\
+         # Pooled agent users and the enrolment login reach PostgreSQL through pgBouncer only.\n\
+         local all +pem_agent_pool,\"{ENROLMENT_USER}\" reject\n\
+         host all +pem_agent_pool,\"{ENROLMENT_USER}\" all reject\n\
          {END_MARK}\n"
     ))
 }
@@ -168,9 +173,9 @@ mod tests {
         )
         .unwrap();
         assert!(block.contains(
-            "local \"pem\" \"pgbouncer\",\"pem_admin1\",+pem_agent_pool peer map=pemworker\n"
+            "local \"pem\" \"pgbouncer\",\"pem_admin1\",\"pem_enrolment\",+pem_agent_pool peer map=pemworker\n"
         ));
-        assert!(block.contains("host all +pem_agent_pool all reject\n"));
+        assert!(block.contains("host all +pem_agent_pool,\"pem_enrolment\" all reject\n"));
         assert!(!block.contains("md5"), "{block}");
         let original = "# comment\nlocal all postgres peer\n";
         let once = place_block(original, &block).unwrap();

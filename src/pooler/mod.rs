@@ -6,12 +6,15 @@
 //! - [`bouncer`]: writes pgBouncer's ini, HBA and user list, after checking its version.
 //! - [`hba`]: renders and edits pg_hba-style lines, quoting names correctly.
 //! - [`check`]: inspects a running setup end to end and repairs what is safe to repair.
+//! - [`token`]: the admin's enrolment tokens, which agent hosts register with instead of its
+//!   password.
 
 pub mod bouncer;
 pub mod check;
 pub mod hba;
 pub mod prepare;
 pub mod proxy_user;
+pub mod token;
 
 use std::path::PathBuf;
 

@@ -73,6 +73,10 @@ pub enum Error {
         config_file.display()
     )]
     NoSecret { agent_id: i32, config_file: PathBuf },
+    #[error(
+        "agent {agent_id} is enrolled on the PEM server, but {cause}; ask the PEM admin to unregister agent {agent_id}, then enrol again with a new token"
+    )]
+    EnrolledWithoutFiles { agent_id: i32, cause: fsutil::Error },
     #[error("{what}; {restored}")]
     MigrationFailed {
         what: String,
@@ -98,6 +102,7 @@ impl Error {
             | Error::BadCertificate { .. }
             | Error::LockTimeout { .. } => ExitCode::Server,
             Error::Inactive { .. } => ExitCode::Inactive,
+            Error::EnrolledWithoutFiles { cause, .. } => files_exit_code(cause),
             Error::MigrationFailed { code, .. } => *code,
         }
     }
@@ -157,8 +162,11 @@ pub fn parse_override(s: &str) -> Result<(String, String), Error> {
 /// Everything `--register-agent` needs, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The PEM admin's session (host and port as agent.cfg will hold them).
+    /// The PEM admin's session, or with `token` the enrolment login's (host and port as
+    /// agent.cfg will hold them).
     pub server: ConnectSettings,
+    /// An enrolment token: registration without the admin's password.
+    pub token: Option<crate::secret::Secret>,
     pub agent_user: Option<String>,
     pub display_name: String,
     pub host_name: String,
@@ -427,96 +435,30 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     drop(Staged::write(&config_file, b"", 0o644, None)?);
 
     let client = connection::connect(&opts.server).await?;
-    check_rights(&client, &opts.server).await?;
+    match &opts.token {
+        None => check_rights(&client, &opts.server).await?,
+        Some(_) => check_enrolment(&client, &opts.server).await?,
+    }
 
     let work = async {
-        let (agent_id, kept_id) = upsert_agent(&client, opts, previous_id).await?;
-        let agent_user = opts
-            .agent_user
-            .clone()
-            .unwrap_or_else(|| format!("agent{agent_id}"));
-        let (key_path, crt_path) = (
-            key_file(&opts.cert_path, &agent_user),
-            cert_file(&opts.cert_path, &agent_user),
-        );
-        if opts.agent_user.is_none() {
-            refuse_existing(&key_path, opts.force)?;
-            refuse_existing(&crt_path, opts.force)?;
-        }
-        pool::execute(
-            &client,
-            "recording the agent user",
-            "UPDATE pem.agent SET agent_user = $2 WHERE id = $1",
-            &[(&agent_id, Type::INT4), (&agent_user, Type::TEXT)],
-        )
-        .await?;
-        let dedicated = opts.agent_user.is_none().then_some(agent_id);
-        let created_role = ensure_agent_user(&client, &opts.server, &agent_user, dedicated).await?;
-        let (key, cert) =
-            obtain_certificate(&client, &agent_user, opts.server.root_cert.as_deref()).await?;
-        let secret = issue_secret(&client, agent_id).await?;
-        let secret_path = crate::mac::secret_file(&opts.cert_path, agent_id);
-        refuse_existing(&secret_path, opts.force)?;
-        let deactivated = if kept_id {
-            deactivate_duplicates(&client, agent_id, opts).await?
-        } else {
-            Vec::new()
+        let e = match &opts.token {
+            None => with_admin(&client, opts, previous_id).await?,
+            Some(token) => with_token(&client, opts, token).await?,
         };
-
-        let cfg = agent_config(
-            opts,
-            agent_id,
-            &agent_user,
-            &key_path,
-            &crt_path,
-            &secret_path,
-        );
-        let staged = vec![
-            (
-                secret_path.clone(),
-                Staged::write(
-                    &secret_path,
-                    secret.file_contents().expose().as_bytes(),
-                    0o600,
-                    None,
-                )?,
-            ),
-            (
-                key_path.clone(),
-                Staged::write(&key_path, key.serialize_pem().as_bytes(), 0o600, None)?,
-            ),
-            (
-                crt_path.clone(),
-                Staged::write(&crt_path, cert.as_bytes(), 0o600, None)?,
-            ),
-            (
-                config_file.clone(),
-                Staged::write(&config_file, cfg.render().as_bytes(), 0o644, None)?,
-            ),
-        ];
-        let mut backups = Vec::new();
-        for (path, _) in &staged {
-            if path.exists() {
-                backups.push(fsutil::backup(path)?);
-            }
-        }
-        let registered = Registered {
-            agent_id,
-            agent_user,
-            config_file: config_file.clone(),
-            key_file: key_path,
-            cert_file: crt_path,
-            backups,
-            kept_id,
-            deactivated,
-        };
-        Ok::<_, Error>((registered, created_role, staged))
+        stage(opts, &config_file, e)
     };
     let (registered, created_role, staged) =
         pool::transaction(&client, "the registration", work).await?;
 
     for (_, s) in staged {
         if let Err(e) = s.commit() {
+            if opts.token.is_some() {
+                // The enrolment login may undo nothing; say what is left.
+                return Err(Error::EnrolledWithoutFiles {
+                    agent_id: registered.agent_id,
+                    cause: e,
+                });
+            }
             let role = created_role.then_some(registered.agent_user.as_str());
             undo_registration(&client, registered.agent_id, registered.kept_id, role).await;
             return Err(e.into());
@@ -524,6 +466,211 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     }
     dirs.keep();
     Ok(registered)
+}
+
+/// What the server side of a registration produced.
+struct Enrolled {
+    agent_id: i32,
+    agent_user: String,
+    kept_id: bool,
+    created_role: bool,
+    key: KeyPair,
+    cert: String,
+    secret: AgentKey,
+    deactivated: Vec<i32>,
+}
+
+/// The admin's registration: the agent row, its user, certificate and secret, each by its own
+/// statement in the caller's transaction.
+async fn with_admin(
+    client: &Client,
+    opts: &Options,
+    previous_id: Option<i32>,
+) -> Result<Enrolled, Error> {
+    let (agent_id, kept_id) = upsert_agent(client, opts, previous_id).await?;
+    let agent_user = opts
+        .agent_user
+        .clone()
+        .unwrap_or_else(|| format!("agent{agent_id}"));
+    pool::execute(
+        client,
+        "recording the agent user",
+        "UPDATE pem.agent SET agent_user = $2 WHERE id = $1",
+        &[(&agent_id, Type::INT4), (&agent_user, Type::TEXT)],
+    )
+    .await?;
+    let dedicated = opts.agent_user.is_none().then_some(agent_id);
+    let created_role = ensure_agent_user(client, &opts.server, &agent_user, dedicated).await?;
+    let (key, cert) =
+        obtain_certificate(client, &agent_user, opts.server.root_cert.as_deref()).await?;
+    let secret = issue_secret(client, agent_id).await?;
+    let deactivated = if kept_id {
+        deactivate_duplicates(client, agent_id, opts).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Enrolled {
+        agent_id,
+        agent_user,
+        kept_id,
+        created_role,
+        key,
+        cert,
+        secret,
+        deactivated,
+    })
+}
+
+/// The login a token enrols through must find the entry point; a server too old to have it
+/// gets the same one-line advice as the admin's path.
+async fn check_enrolment(client: &Client, settings: &ConnectSettings) -> Result<(), Error> {
+    let what = "looking for the enrolment function";
+    let row = pool::query_one(
+        client,
+        what,
+        "SELECT pg_catalog.to_regprocedure('pem.enrol_agent(text,text,text,text,text,jsonb)') IS NOT NULL",
+        &[],
+    )
+    .await?;
+    if pool::get::<bool>(&row, 0, what)? {
+        Ok(())
+    } else {
+        Err(Error::SchemaOutdated {
+            database: settings.dbname.clone(),
+            target: settings.target(),
+        })
+    }
+}
+
+/// Enrolment with a token: one call to the server's single entry point, which checks the
+/// token, registers the agent, makes its user if needed, signs the CSR only for that user and
+/// hands out the write secret. The CSR names the agent user asked for, or just "agent" when the
+/// token decides (its agent user, or a dedicated agent<ID> role whose id the server picks).
+async fn with_token(
+    client: &Client,
+    opts: &Options,
+    token: &crate::secret::Secret,
+) -> Result<Enrolled, Error> {
+    let key = certs::generate_key()?;
+    let csr = certs::csr_pem(&key, opts.agent_user.as_deref().unwrap_or("agent"))?;
+    let details = serde_json::json!({
+        "group": opts.group,
+        "team": opts.team,
+        "owner": opts.owner,
+        "allow_server_restart": opts.allow_server_restart,
+        "allow_batch_probes": opts.allow_batch_probes,
+        "batch_script_user": opts.batch_script_user,
+        "heartbeat_connection": opts.heartbeat_connection,
+    })
+    .to_string();
+    let token = token.expose();
+    let what = "enrolling the agent with the token";
+    let row = pool::query_one(
+        client,
+        what,
+        "SELECT agent_id, agent_user, certificate, secret \
+           FROM pem.enrol_agent($1, $2, $3, $4, $5, $6::text::jsonb)",
+        &[
+            (&token, Type::TEXT),
+            (&opts.agent_user, Type::TEXT),
+            (&opts.display_name, Type::TEXT),
+            (&opts.host_name, Type::TEXT),
+            (&csr, Type::TEXT),
+            (&details, Type::TEXT),
+        ],
+    )
+    .await?;
+    let agent_id: i32 = pool::get(&row, 0, what)?;
+    let agent_user: String = pool::get(&row, 1, what)?;
+    let cert: String = pool::get(&row, 2, what)?;
+    let secret_hex: String = pool::get(&row, 3, what)?;
+    cert_check::check(&cert, &key, &agent_user, opts.server.root_cert.as_deref()).map_err(
+        |why| Error::BadCertificate {
+            agent_user: agent_user.clone(),
+            why,
+        },
+    )?;
+    let secret = AgentKey::from_hex(&secret_hex).ok_or_else(|| connection::Error::Reply {
+        what: what.to_string(),
+        why: "the write secret is not 32 bytes in hexadecimal".into(),
+    })?;
+    Ok(Enrolled {
+        agent_id,
+        agent_user,
+        kept_id: false,
+        created_role: false,
+        key,
+        cert,
+        secret,
+        deactivated: Vec::new(),
+    })
+}
+
+type StagedFiles = Vec<(PathBuf, Staged)>;
+
+/// Every file of the registration, staged beside its target (existing ones backed up), for the
+/// caller to move into place once the server committed.
+fn stage(
+    opts: &Options,
+    config_file: &Path,
+    e: Enrolled,
+) -> Result<(Registered, bool, StagedFiles), Error> {
+    let key_path = key_file(&opts.cert_path, &e.agent_user);
+    let crt_path = cert_file(&opts.cert_path, &e.agent_user);
+    let secret_path = crate::mac::secret_file(&opts.cert_path, e.agent_id);
+    if opts.agent_user.is_none() {
+        refuse_existing(&key_path, opts.force)?;
+        refuse_existing(&crt_path, opts.force)?;
+    }
+    refuse_existing(&secret_path, opts.force)?;
+    let cfg = agent_config(
+        opts,
+        e.agent_id,
+        &e.agent_user,
+        &key_path,
+        &crt_path,
+        &secret_path,
+    );
+    let staged = vec![
+        (
+            secret_path.clone(),
+            Staged::write(
+                &secret_path,
+                e.secret.file_contents().expose().as_bytes(),
+                0o600,
+                None,
+            )?,
+        ),
+        (
+            key_path.clone(),
+            Staged::write(&key_path, e.key.serialize_pem().as_bytes(), 0o600, None)?,
+        ),
+        (
+            crt_path.clone(),
+            Staged::write(&crt_path, e.cert.as_bytes(), 0o600, None)?,
+        ),
+        (
+            config_file.to_path_buf(),
+            Staged::write(config_file, cfg.render().as_bytes(), 0o644, None)?,
+        ),
+    ];
+    let mut backups = Vec::new();
+    for (path, _) in &staged {
+        if path.exists() {
+            backups.push(fsutil::backup(path)?);
+        }
+    }
+    let registered = Registered {
+        agent_id: e.agent_id,
+        agent_user: e.agent_user,
+        config_file: config_file.to_path_buf(),
+        key_file: key_path,
+        cert_file: crt_path,
+        backups,
+        kept_id: e.kept_id,
+        deactivated: e.deactivated,
+    };
+    Ok((registered, e.created_role, staged))
 }
 
 /// Inserts the agent row, or with a previous id that the server knows, updates and reactivates

@@ -385,6 +385,19 @@ impl Servers {
         c
     }
 
+    /// This program as it runs on an agent host: a private HOME and libpq's TLS variables to
+    /// verify the servers, and no password of any kind in its environment.
+    pub fn agent_host_command(&self) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &self.home)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &self.root_crt)
+            .stdin(Stdio::null());
+        c
+    }
+
     /// Runs this program (see [`Servers::pemworker_command`]); a failure is an error with its
     /// output.
     pub fn run_pemworker(&self, what: &str, args: &[String]) -> Result<Output, Error> {

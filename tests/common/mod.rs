@@ -566,3 +566,88 @@ impl TestBed {
             .unwrap_or_default()
     }
 }
+
+impl TestBed {
+    /// As the PEM admin (its password in its own environment), makes an enrolment token with
+    /// `extra` options and writes it to `<home>/<name>.token` (0600); returns the token's id and
+    /// file.
+    pub fn make_token(&self, name: &str, extra: &[&str]) -> (i32, PathBuf) {
+        let file = self.home.join(format!("{name}.token"));
+        let port = self.pgb_port.to_string();
+        let mut args = vec![
+            "pooler",
+            "enrolment-token",
+            "create",
+            "--pem-server",
+            "127.0.0.1",
+            "--pem-port",
+            &port,
+            "--pem-user",
+            ADMIN_USER,
+        ];
+        args.extend_from_slice(extra);
+        let out_file = file.display().to_string();
+        args.extend(["--output", &out_file]);
+        let out = check(
+            "enrolment-token create",
+            self.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", ADMIN_PASSWORD)]),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let id = text
+            .strip_prefix("enrolment token ")
+            .and_then(|t| t.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no token id in {text}"));
+        (id, file)
+    }
+
+    /// `--register-agent` through pgBouncer with an enrolment token, files under
+    /// `<home>/<name>`, and `extra` flags.
+    pub fn enrol_args(&self, name: &str, token: &Path, extra: &[&str]) -> Vec<String> {
+        let site = self.home.join(name);
+        let mut a: Vec<String> = [
+            "--register-agent".to_string(),
+            "--pem-server".into(),
+            "127.0.0.1".into(),
+            "--pem-port".into(),
+            self.pgb_port.to_string(),
+            "--enrolment-token-file".into(),
+            token.display().to_string(),
+            "--display-name".into(),
+            name.into(),
+            "--cert-path".into(),
+            site.join(".pem").display().to_string(),
+            "--config-dir".into(),
+            site.join("etc").display().to_string(),
+        ]
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Runs this program as an agent host does: no password of any kind in its environment.
+    pub fn on_agent_host(&self, args: &[String]) -> Output {
+        self.agent_host_command()
+            .args(args)
+            .output()
+            .expect("run pemworker")
+    }
+
+    /// Enrols an agent with a fresh single-use token for `extra` token options; returns its
+    /// agent.cfg and id.
+    pub fn enrol_agent(
+        &self,
+        name: &str,
+        token_options: &[&str],
+        extra: &[&str],
+    ) -> (PathBuf, i32) {
+        let (_, token) = self.make_token(name, token_options);
+        check(
+            "enrolment",
+            self.on_agent_host(&self.enrol_args(name, &token, extra)),
+        );
+        let cfg = self.home.join(name).join("etc/agent.cfg");
+        let id = agent_config(&cfg).agent_id;
+        (cfg, id)
+    }
+}
