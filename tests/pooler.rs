@@ -318,7 +318,7 @@ async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
     assert_eq!(code, 0);
     assert!(
         out.contains(
-            "local \"pem\" \"pgbouncer\",\"pem_admin1\",+pem_agent_pool peer map=pemworker"
+            "local \"pem\" \"pgbouncer\",\"pem_admin1\",\"pem_enrolment\",+pem_agent_pool peer map=pemworker"
         ) && !out.contains("md5"),
         "{out}"
     );
