@@ -227,6 +227,16 @@ pub async fn run(
         c.agent_user,
         lock.dir().display()
     );
+    if c.agent_secret.is_none() {
+        tracing::error!(
+            "{} names no agent_secret_file: agent {} was registered before per-agent secrets, so the PEM server \
+             refuses its heartbeats and samples (they stay in the spool); register it again with \
+             --register-agent --force-registration, which keeps agent id {}",
+            c.path.display(),
+            c.agent_id,
+            c.agent_id
+        );
+    }
 
     let tasks = shared.tasks.clone();
     let collect_stop = shutdown.child_token();
