@@ -394,6 +394,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 check.at = Instant::now() + check.wait;
             }
         }
+        if stop.is_cancelled() {
+            // No new round once shutdown began (see `Shared::rounds`).
+            return;
+        }
         let now = Instant::now();
         if fetching.is_none() && now >= check.at {
             let sh = shared.clone();
@@ -422,11 +426,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             match &place {
                 Place::Agent => {
                     let os = os.clone();
-                    shared.tasks.spawn(name, async move {
+                    let round = shared.rounds.track_future(async move {
                         let _guard = guard;
                         let samples = collect_os(os, specs).await;
                         sh.spool_samples(samples).await;
                     });
+                    shared.tasks.spawn(name, round);
                 }
                 Place::Server(_) | Place::Pgbouncer(_) => {
                     let settings = match &place {
@@ -436,13 +441,14 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     };
                     let Some(settings) = settings else { continue };
                     let permits = permits.clone();
-                    shared.tasks.spawn(name, async move {
+                    let round = shared.rounds.track_future(async move {
                         let _guard = guard;
                         if let Ok(_permit) = permits.acquire().await {
                             let samples = collect_remote(&place, &settings, &specs).await;
                             sh.spool_samples(samples).await;
                         }
                     });
+                    shared.tasks.spawn(name, round);
                 }
             }
         }

@@ -11,8 +11,9 @@
 //! Each loop checks its own session out of the connection manager, so none waits behind
 //! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
 //! SIGHUP re-reads agent.cfg (log level and intervals at once, connection settings by
-//! reconnecting); SIGTERM and SIGINT stop collecting, deliver what they can within the grace
-//! period and leave the rest in the spool for the next start.
+//! reconnecting); SIGTERM and SIGINT stop collecting (rounds already running finish and spool
+//! their samples), deliver what they can within the grace period and leave the rest in the
+//! spool for the next start.
 
 pub mod collector;
 pub mod delivery;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::agentcfg::Problems;
 use crate::config::AgentConfig;
@@ -39,6 +41,11 @@ use tasks::Tasks;
 
 /// How long shutdown waits for pending deliveries before leaving them in the spool.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits, within [`SHUTDOWN_GRACE`], for probe rounds already running to
+/// spool what they collected; a round stuck longer (a monitored server that hangs) is
+/// abandoned rather than holding the exit up.
+const ROUND_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,6 +72,9 @@ pub struct Shared {
     pub spooled: Notify,
     pub stats: Stats,
     pub tasks: Tasks,
+    /// The probe rounds running now (each also a task on `tasks`), so that shutdown can let
+    /// them spool what they collected before it delivers.
+    pub rounds: TaskTracker,
 }
 
 impl Shared {
@@ -217,6 +227,7 @@ pub async fn run(
         spooled: Notify::new(),
         stats: Stats::default(),
         tasks: Tasks::new(),
+        rounds: TaskTracker::new(),
     });
     let c = shared.config();
     tracing::info!(
@@ -279,8 +290,12 @@ pub async fn run(
         SHUTDOWN_GRACE.as_secs()
     );
     collect_stop.cancel();
-    shared.spooled.notify_one();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    // Probe rounds already running finish and spool what they collected, which is then
+    // delivered now rather than at the next start.
+    shared.rounds.close();
+    let _ = tokio::time::timeout(ROUND_GRACE, shared.rounds.wait()).await;
+    shared.spooled.notify_one();
     while shared.spool.figures().batches > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
