@@ -41,6 +41,7 @@ pub const OTHER_KEYS: &[&str] = &[
     "pem_ssl_mode",
     "pem_ssl_root_cert",
     "pem_session_lifetime",
+    "agent_secret_file",
     "enable_webhook",
     "batch_script_dir",
     "batch_script_user",

@@ -235,24 +235,6 @@ impl Transaction<'_> {
         self.note(r)
     }
 
-    /// Several statements sent together (pipelined: one exchange with the server, not one per
-    /// statement), run in order; the affected row counts, or the first statement's error that
-    /// failed (those after it fail too, inside the aborted transaction).
-    pub async fn execute_all(
-        &mut self,
-        statements: &[(&str, &str, &[Param<'_>])],
-    ) -> Result<Vec<u64>, Error> {
-        let client = self.session.c();
-        let sent = statements
-            .iter()
-            .map(|(what, sql, params)| pool::execute(client, what, sql, params));
-        let r = futures_util::future::join_all(sent)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<u64>, Error>>();
-        self.note(r)
-    }
-
     /// Sets a savepoint, so that a failure after it can be undone alone.
     pub async fn savepoint(&mut self, name: &str) -> Result<(), Error> {
         let r = pool::batch(

@@ -12,8 +12,9 @@
 //! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
 //! The allocator keeps one arena and gives freed memory back after each delivery ([`memory`]).
 //! SIGHUP re-reads agent.cfg (log level and intervals at once, connection settings by
-//! reconnecting); SIGTERM and SIGINT stop collecting, deliver what they can within the grace
-//! period and leave the rest in the spool for the next start.
+//! reconnecting); SIGTERM and SIGINT stop collecting (rounds already running finish and spool
+//! their samples), deliver what they can within the grace period and leave the rest in the
+//! spool for the next start.
 
 pub mod collector;
 pub mod delivery;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::agentcfg::Problems;
 use crate::config::AgentConfig;
@@ -41,6 +43,11 @@ use tasks::Tasks;
 
 /// How long shutdown waits for pending deliveries before leaving them in the spool.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits, within [`SHUTDOWN_GRACE`], for probe rounds already running to
+/// spool what they collected; a round stuck longer (a monitored server that hangs) is
+/// abandoned rather than holding the exit up.
+const ROUND_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,6 +74,9 @@ pub struct Shared {
     pub spooled: Notify,
     pub stats: Stats,
     pub tasks: Tasks,
+    /// The probe rounds running now (each also a task on `tasks`), so that shutdown can let
+    /// them spool what they collected before it delivers.
+    pub rounds: TaskTracker,
 }
 
 impl Shared {
@@ -219,6 +229,7 @@ pub async fn run(
         spooled: Notify::new(),
         stats: Stats::default(),
         tasks: Tasks::new(),
+        rounds: TaskTracker::new(),
     });
     let c = shared.config();
     tracing::info!(
@@ -229,6 +240,16 @@ pub async fn run(
         c.agent_user,
         lock.dir().display()
     );
+    if c.agent_secret.is_none() {
+        tracing::error!(
+            "{} names no agent_secret_file: agent {} was registered before per-agent secrets, so the PEM server \
+             refuses its heartbeats and samples (they stay in the spool); register it again with \
+             --register-agent --force-registration, which keeps agent id {}",
+            c.path.display(),
+            c.agent_id,
+            c.agent_id
+        );
+    }
 
     let tasks = shared.tasks.clone();
     let collect_stop = shutdown.child_token();
@@ -271,8 +292,12 @@ pub async fn run(
         SHUTDOWN_GRACE.as_secs()
     );
     collect_stop.cancel();
-    shared.spooled.notify_one();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    // Probe rounds already running finish and spool what they collected, which is then
+    // delivered now rather than at the next start.
+    shared.rounds.close();
+    let _ = tokio::time::timeout(ROUND_GRACE, shared.rounds.wait()).await;
+    shared.spooled.notify_one();
     while shared.spool.figures().batches > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
