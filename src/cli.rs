@@ -187,13 +187,23 @@ pub struct AgentArgs {
         help_heading = "Monitored servers"
     )]
     pub asb_host_user: Option<String>,
-    /// libpq sslmode for the agent's connection [default: prefer].
+    /// libpq sslmode for the agent's connection [default: prefer]. Never taken from
+    /// PGSSLMODE, which is the PEM server's.
     #[arg(
         long = "asb-ssl-mode",
         value_name = "MODE",
         help_heading = "Monitored servers"
     )]
     pub asb_ssl_mode: Option<String>,
+    /// Root certificate that signed the monitored server's certificate (for verify-ca,
+    /// verify-full, or require with the chain checked). Never taken from PGSSLROOTCERT or
+    /// ~/.postgresql/root.crt, which are the PEM server's.
+    #[arg(
+        long = "asb-ssl-root-cert",
+        value_name = "FILE",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_ssl_root_cert: Option<PathBuf>,
     #[arg(
         long = "remote-monitoring",
         value_name = "yes|no",
@@ -1002,6 +1012,19 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         .as_deref()
         .unwrap_or("prefer")
         .parse::<crate::connection::SslMode>()?;
+    if sslmode.verifies(false) && a.asb_ssl_root_cert.is_none() {
+        return Err(Error::Usage(format!(
+            "--asb-ssl-mode {sslmode} needs --asb-ssl-root-cert FILE, the root certificate that signed the monitored server's certificate (the PEM server's PGSSLROOTCERT is not used for it)"
+        )));
+    }
+    if let Some(root) = &a.asb_ssl_root_cert {
+        if let Err(e) = std::fs::metadata(root) {
+            return Err(Error::Usage(format!(
+                "cannot read --asb-ssl-root-cert {}: {e}",
+                root.display()
+            )));
+        }
+    }
     let remote_monitoring = match a.remote_monitoring.as_deref() {
         None | Some("no") => false,
         Some("yes") => true,
@@ -1026,6 +1049,10 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
             .clone()
             .unwrap_or_else(|| server_user.clone()),
         sslmode,
+        root_cert: a
+            .asb_ssl_root_cert
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     };
     let (agent, admin) = agent_and_admin(a)?;
     let targets_file = crate::targets::file_for(&agent.path);

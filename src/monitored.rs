@@ -78,6 +78,8 @@ pub struct Binding {
     pub database: String,
     pub user: String,
     pub sslmode: SslMode,
+    /// `--asb-ssl-root-cert`: the only root certificate the server's may chain to.
+    pub root_cert: Option<PathBuf>,
 }
 
 /// Everything `--register-server` needs.
@@ -114,11 +116,18 @@ pub struct Registered {
     pub password_saved_in: Option<PathBuf>,
 }
 
-/// The monitored server as the agent will reach it.
+/// The monitored server as the agent will reach it (with `--asb-ssl-*` only, never the PEM
+/// server's libpq variables).
 fn binding_settings(o: &ServerOptions) -> Result<ConnectSettings, Error> {
     let b = &o.binding;
-    let mut s = ConnectSettings::from_env(&b.host, b.port, &b.user, &b.database)?;
-    s.sslmode = b.sslmode;
+    let mut s = ConnectSettings::monitored(
+        &b.host,
+        b.port,
+        &b.user,
+        &b.database,
+        b.sslmode,
+        b.root_cert.as_deref(),
+    );
     s.password = o.password.clone();
     if s.password.is_none() {
         s.password = crate::secret::from_pgpass(&o.pgpass, &b.host, b.port, &b.database, &b.user);
@@ -126,18 +135,44 @@ fn binding_settings(o: &ServerOptions) -> Result<ConnectSettings, Error> {
     Ok(s)
 }
 
-/// `pgpass` with a line for the binding's host, port and user set to `password`, replacing any
-/// line for exactly those (other lines stay as they were).
-fn pgpass_with(existing: &str, b: &Binding, password: &Secret) -> String {
+/// The start of a password-file line for `host:port:database:user:` (libpq's escapes).
+fn pgpass_prefix(host: &str, port: u16, database: &str, user: &str) -> String {
     let esc = crate::secret::pgpass_escape;
-    let prefix = format!("{}:{}:*:{}:", esc(&b.host), b.port, esc(&b.user));
-    let mut out: String = existing
+    format!("{}:{port}:{}:{}:", esc(host), esc(database), esc(user))
+}
+
+/// `pgpass` without the line that starts with `prefix` (other lines stay as they were).
+fn pgpass_without(existing: &str, prefix: &str) -> String {
+    existing
         .lines()
-        .filter(|l| !l.starts_with(&prefix))
+        .filter(|l| !l.starts_with(prefix))
         .map(|l| format!("{l}\n"))
-        .collect();
-    out.push_str(&format!("{prefix}{}\n", esc(password.expose())));
+        .collect()
+}
+
+/// `pgpass` with the line for `prefix` set to `password`, replacing any line for exactly those
+/// (other lines stay as they were).
+fn pgpass_with(existing: &str, prefix: &str, password: &Secret) -> String {
+    let mut out = pgpass_without(existing, prefix);
+    out.push_str(&format!(
+        "{prefix}{}\n",
+        crate::secret::pgpass_escape(password.expose())
+    ));
     out
+}
+
+/// The password file with `prefix` set to `password`, staged (0600) for the caller to commit.
+fn stage_pgpass(file: &Path, prefix: &str, password: &Secret) -> Result<Staged, Error> {
+    let existing = std::fs::read_to_string(file).unwrap_or_default();
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
+    }
+    Ok(Staged::write(
+        file,
+        pgpass_with(&existing, prefix, password).as_bytes(),
+        0o600,
+        None,
+    )?)
 }
 
 /// Checks the monitored server with the binding's settings, then records it and binds it to
@@ -173,16 +208,9 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
     // The password file is staged before the server is touched, so a failure leaves neither.
     let staged_pgpass = match &o.password {
         Some(p) => {
-            let existing = std::fs::read_to_string(&o.pgpass).unwrap_or_default();
-            if let Some(dir) = o.pgpass.parent() {
-                std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
-            }
-            Some(Staged::write(
-                &o.pgpass,
-                pgpass_with(&existing, &o.binding, p).as_bytes(),
-                0o600,
-                None,
-            )?)
+            let b = &o.binding;
+            let prefix = pgpass_prefix(&b.host, b.port, "*", &b.user);
+            Some(stage_pgpass(&o.pgpass, &prefix, p)?)
         }
         None => None,
     };
@@ -521,15 +549,10 @@ mod tests {
 
     #[test]
     fn a_password_line_is_replaced_not_duplicated() {
-        let b = Binding {
-            host: "db1".into(),
-            port: 5432,
-            database: "postgres".into(),
-            user: "mon:itor".into(),
-            sslmode: SslMode::Require,
-        };
-        let once = pgpass_with("other:1:*:x:y\n", &b, &Secret::new("p1"));
-        let twice = pgpass_with(&once, &b, &Secret::new("p:2"));
+        let prefix = pgpass_prefix("db1", 5432, "*", "mon:itor");
+        let once = pgpass_with("other:1:*:x:y\n", &prefix, &Secret::new("p1"));
+        let twice = pgpass_with(&once, &prefix, &Secret::new("p:2"));
         assert_eq!(twice, "other:1:*:x:y\ndb1:5432:*:mon\\:itor:p\\:2\n");
+        assert_eq!(pgpass_without(&twice, &prefix), "other:1:*:x:y\n");
     }
 }
