@@ -587,7 +587,9 @@ fn resolve_server_with(
         configured,
     )?;
     s.resolve_password(&["PEM_SERVER_PASSWORD", "PGPASSWORD"]);
-    if s.password.is_none() {
+    // Over the server's Unix socket the superuser usually logs in by peer, with no password to
+    // ask for; one the server does ask for comes from the variables or ~/.pgpass above.
+    if s.password.is_none() && !s.is_unix_socket() {
         s.password =
             crate::secret::prompt(&format!("Password for {}@{}: ", a.pem_user, s.target()));
     }
