@@ -390,6 +390,189 @@ pub async fn unregister_server(
     Ok(id)
 }
 
+/// Everything `pemworker pooler bind` needs.
+#[derive(Debug, Clone)]
+pub struct BouncerOptions {
+    pub admin: ConnectSettings,
+    pub agent: AgentConfig,
+    /// pgBouncer's console as the agent will reach it (database pgbouncer, the statistics
+    /// user, sslmode and root certificate of its own).
+    pub console: ConnectSettings,
+    pub force: bool,
+    /// From PEMWORKER_STATS_USER_PASSWORD or a prompt; `None` when ~/.pgpass has it.
+    pub password: Option<Secret>,
+    pub pgpass: PathBuf,
+    pub targets_file: PathBuf,
+}
+
+/// What `pemworker pooler bind` did.
+#[derive(Debug, Clone)]
+pub struct BouncerBound {
+    pub version: String,
+    pub updated: bool,
+    pub password_saved_in: Option<PathBuf>,
+}
+
+/// Binds a pgBouncer to the agent so its pgBouncer probes (SHOW POOLS, SHOW STATS) run: checks
+/// the console login as the agent will make it, keeps the console user's password only in the
+/// agent user's password file, records the console as registered from this host, and binds it
+/// on the PEM server; all or nothing.
+pub async fn bind_pgbouncer(o: &BouncerOptions) -> Result<BouncerBound, Error> {
+    let mut console = o.console.clone();
+    if console.password.is_none() {
+        console.password = o.password.clone();
+    }
+    let target = console.target();
+    let client = connection::connect(&console)
+        .await
+        .map_err(|e| Error::Monitored {
+            target: format!("{target} (pgBouncer's console)"),
+            user: console.user.clone(),
+            cause: match &e {
+                connection::Error::Connect { source, .. } => connection::describe(source),
+                other => other.to_string(),
+            },
+        })?;
+    let rows = pool::simple_rows(&client, "SHOW VERSION", "SHOW VERSION").await?;
+    let version = rows
+        .first()
+        .and_then(|r| r.get(0))
+        .unwrap_or("pgBouncer")
+        .to_string();
+    drop(client);
+
+    let prefix = pgpass_prefix(&console.host, console.port, &console.dbname, &console.user);
+    let staged_pgpass = match &o.password {
+        Some(p) => Some(stage_pgpass(&o.pgpass, &prefix, p)?),
+        None => None,
+    };
+    let staged_target = Registry::load(&o.targets_file)?
+        .with(targets::Target {
+            kind: Kind::Pgbouncer,
+            host: console.host.clone(),
+            port: console.port,
+            database: console.dbname.clone(),
+            user: console.user.clone(),
+            sslmode: console.sslmode.name().to_string(),
+            root_cert: console.root_cert.clone(),
+        })
+        .stage(&o.targets_file)?;
+
+    let admin = connection::connect(&o.admin).await?;
+    check_rights(&admin, &o.admin).await?;
+    let port = i32::from(console.port);
+    let sslmode = console.sslmode.name();
+    let agent_id = o.agent.agent_id;
+    let work = async {
+        let what = "looking for the pgBouncer binding";
+        let existing = pool::query_opt(
+            &admin,
+            what,
+            "SELECT 1 FROM pem.agent_pgbouncer_binding WHERE agent_id = $1 AND host = $2 AND port = $3 FOR UPDATE",
+            &[
+                (&agent_id, Type::INT4),
+                (&console.host, Type::TEXT),
+                (&port, Type::INT4),
+            ],
+        )
+        .await?
+        .is_some();
+        if existing && !o.force {
+            return Err(Error::Usage(format!(
+                "pgBouncer {target} is already bound to agent {agent_id}; rerun with --force to update it"
+            )));
+        }
+        pool::execute(
+            &admin,
+            "binding pgBouncer to the agent",
+            "INSERT INTO pem.agent_pgbouncer_binding (agent_id, host, port, username, sslmode) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (agent_id, host, port) DO UPDATE \
+                SET username = EXCLUDED.username, sslmode = EXCLUDED.sslmode",
+            &[
+                (&agent_id, Type::INT4),
+                (&console.host, Type::TEXT),
+                (&port, Type::INT4),
+                (&console.user, Type::TEXT),
+                (&sslmode, Type::TEXT),
+            ],
+        )
+        .await?;
+        Ok::<_, Error>(existing)
+    };
+    let updated = pool::transaction(&admin, "binding pgBouncer", work).await?;
+    staged_target.commit()?;
+    let password_saved_in = match staged_pgpass {
+        Some(s) => {
+            s.commit()?;
+            Some(o.pgpass.clone())
+        }
+        None => None,
+    };
+    Ok(BouncerBound {
+        version,
+        updated,
+        password_saved_in,
+    })
+}
+
+/// Unbinds the pgBouncer at `host:port` from the agent, removes its record on this host and its
+/// console user's line from the agent user's password file. Returns the console user.
+pub async fn unbind_pgbouncer(
+    admin: &ConnectSettings,
+    agent_id: i32,
+    host: &str,
+    port: u16,
+    targets_file: &Path,
+    pgpass: &Path,
+) -> Result<String, Error> {
+    let registry = Registry::load(targets_file)?;
+    let recorded = registry
+        .targets
+        .iter()
+        .find(|t| t.kind == Kind::Pgbouncer && t.host == host && t.port == port)
+        .cloned();
+    let staged = registry
+        .without(Kind::Pgbouncer, host, port)
+        .stage(targets_file)?;
+    let client = connection::connect(admin).await?;
+    check_rights(&client, admin).await?;
+    let bport = i32::from(port);
+    let user: Option<String> = pool::query_opt(
+        &client,
+        "unbinding pgBouncer",
+        "DELETE FROM pem.agent_pgbouncer_binding WHERE agent_id = $1 AND host = $2 AND port = $3 RETURNING username::text",
+        &[
+            (&agent_id, Type::INT4),
+            (&host, Type::TEXT),
+            (&bport, Type::INT4),
+        ],
+    )
+    .await?
+    .map(|r| pool::get(&r, 0, "unbinding pgBouncer"))
+    .transpose()?;
+    let Some(user) = user.or_else(|| recorded.as_ref().map(|t| t.user.clone())) else {
+        return Err(Error::Usage(format!(
+            "no pgBouncer {host}:{port} is bound to agent {agent_id}; pemworker pooler bind binds one"
+        )));
+    };
+    staged.commit()?;
+    // The password was kept for this console only; with the binding it goes too.
+    let prefix = pgpass_prefix(host, port, "pgbouncer", &user);
+    if let Ok(existing) = std::fs::read_to_string(pgpass) {
+        if existing.lines().any(|l| l.starts_with(&prefix)) {
+            Staged::write(
+                pgpass,
+                pgpass_without(&existing, &prefix).as_bytes(),
+                0o600,
+                None,
+            )?
+            .commit()?;
+        }
+    }
+    Ok(user)
+}
+
 /// Which probe `--enable-probe` / `--disable-probe` mean.
 #[derive(Debug, Clone)]
 pub enum ProbeSelector {
