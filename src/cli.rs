@@ -249,6 +249,10 @@ pub struct AgentArgs {
         requires = "agent_ssl_crt"
     )]
     pub agent_ssl_key: Option<PathBuf>,
+    /// With --migrate-to-pooler: once the agent logs in through the pooler, drop the dedicated
+    /// agent<ID> role it logged in as before and remove that role's key and certificate here.
+    #[arg(long = "retire-dedicated-role", requires = "migrate_to_pooler")]
+    pub retire_dedicated_role: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1116,8 +1120,8 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
     registration::check_agent_user(&agent_user)?;
     let reuse = a.agent_ssl_crt.clone().zip(a.agent_ssl_key.clone());
     let admin = match (&reuse, &a.pem_user) {
-        (Some(_), _) => None,
-        (None, Some(_)) => {
+        (Some(_), None) => None,
+        (_, Some(_)) => {
             let host = match &a.pem_server {
                 Some(h) => h.clone(),
                 None => crate::config::AgentConfig::load_with_document(&file)
@@ -1148,6 +1152,7 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
         reuse,
         force: a.force_registration,
         tls: tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
+        retire_dedicated_role: a.retire_dedicated_role,
     })
 }
 

@@ -251,8 +251,38 @@ async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
             "agent {} now logs in through the pooler at port {} as {}",
             m.agent_id, opts.pooler_port, opts.agent_user
         );
+        if m.recorded {
+            println!(
+                "the PEM server records {} as agent {}'s user",
+                opts.agent_user, m.agent_id
+            );
+        }
         for b in &m.backups {
             println!("backup: {}", b.display());
+        }
+        if let Some((role, removed)) = &m.retired {
+            if !role.is_empty() {
+                println!("dropped the dedicated role {role}: its certificate logs in nowhere now");
+            }
+            for f in removed {
+                println!("removed {}", f.display());
+            }
+        }
+        match m.reload {
+            migrate::Reload::Signalled(pid) => println!(
+                "told the running worker (pid {pid}) to reload: it reconnects with the new settings"
+            ),
+            migrate::Reload::Failed(pid, why) => println!(
+                "the running worker (pid {pid}) could not be told to reload ({why}): run systemctl reload pemagent.service, or kill -HUP {pid}"
+            ),
+            migrate::Reload::NotRunning(state) => println!(
+                "no worker runs with {}{}; start it with systemctl start pemagent.service (or pemworker -c {}), or if one runs with another state_dir, reload it: systemctl reload pemagent.service (or kill -HUP its pid)",
+                opts.config_file.display(),
+                state
+                    .map(|d| format!(" (state directory {})", d.display()))
+                    .unwrap_or_default(),
+                opts.config_file.display()
+            ),
         }
     } else if a.register_server {
         let opts = cli::resolve_register_server(a)?;
