@@ -21,6 +21,16 @@ use std::time::{Duration, Instant};
 /// README text replaced before running, and why. Each must occur in the walk-through.
 const SUBSTITUTIONS: &[(&str, &str, &str)] = &[
     (
+        "curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal",
+        ": rustup skipped, the test suite was built with a Rust toolchain already",
+        "the bed has no network, and the suite was built with Rust already",
+    ),
+    (
+        ". \"$HOME/.cargo/env\"",
+        ": no cargo environment needed",
+        "rustup was not run",
+    ),
+    (
         "cargo build --release --locked",
         ": cargo build skipped, the test suite built this source already",
         "the suite built the binary already",
@@ -313,6 +323,11 @@ fn the_readme_walkthrough_runs_as_written_from_a_bare_postgresql_to_stored_sampl
     match status {
         None => panic!("the walk-through did not finish within {limit:?}\n{combined}"),
         Some(s) if !s.success() => {
+            if stderr.starts_with("unshare: ") {
+                panic!(
+                    "the walk-through runs in private mount, network and PID namespaces, which need root with CAP_SYS_ADMIN (a VM, or a privileged container)\n{combined}"
+                );
+            }
             if !nix::unistd::Uid::effective().is_root() && stderr.contains("sudo") {
                 panic!(
                     "the walk-through runs its commands as root in private namespaces: run the suite as root or with passwordless sudo\n{combined}"
@@ -354,7 +369,7 @@ fn the_readme_walkthrough_runs_as_written_from_a_bare_postgresql_to_stored_sampl
 mod extraction {
     use super::*;
 
-    const README: &str = "# x\n\n<!-- walkthrough -->\n```sh\ncargo build --release --locked\ninstall target/release/pemworker /x\n```\n\n```sh\nnot marked\n```\n<!-- walkthrough check -->\n```sh\ncheck\n```\n<!-- walkthrough alternative -->\n```sh\nalt\n```\n";
+    const README: &str = "# x\n\n<!-- walkthrough -->\n```sh\ncurl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal\n. \"$HOME/.cargo/env\"\ncargo build --release --locked\ninstall target/release/pemworker /x\n```\n\n```sh\nnot marked\n```\n<!-- walkthrough check -->\n```sh\ncheck\n```\n<!-- walkthrough alternative -->\n```sh\nalt\n```\n";
 
     fn full() -> String {
         let mut r = README.to_string();
@@ -375,7 +390,8 @@ mod extraction {
         assert_eq!((w.checks.len(), w.alternatives.len()), (1, 1));
         substitute(&mut w).unwrap();
         assert!(
-            w.steps[0].starts_with(": cargo build skipped"),
+            w.steps[0].starts_with(": rustup skipped")
+                && w.steps[0].contains("\n: cargo build skipped"),
             "{}",
             w.steps[0]
         );
