@@ -1,12 +1,14 @@
-//! Monitored servers and probe settings: `--register-server`, `--unregister-server`,
-//! `--enable-probe` and `--disable-probe`, through the pooler like everything else, each in one
-//! server transaction.
+//! Monitored servers, pgBouncer bindings and probe settings: `--register-server`,
+//! `--unregister-server`, `pooler bind` and `pooler unbind`, `--enable-probe` and
+//! `--disable-probe`, through the pooler like everything else, each in one server transaction.
 //!
-//! Where the monitored server's password lives: never on the PEM server (no table has a
-//! password column, and nothing here sends it there). The agent needs it to log in, so it is
-//! kept only on the agent host, in the agent user's libpq password file (`~/.pgpass` or
-//! `PGPASSFILE`, mode 0600, which libpq ignores if others can read it), where the worker looks
-//! for it. Where peer or certificate authentication serves, no password is stored at all.
+//! Where the monitored server's (or pgBouncer console's) password lives: never on the PEM
+//! server (no table has a password column, and nothing here sends it there). The agent needs
+//! it to log in, so it is kept only on the agent host, in the agent user's libpq password file
+//! (`~/.pgpass` or `PGPASSFILE`, mode 0600, which libpq ignores if others can read it), where
+//! the worker looks for it. Where peer or certificate authentication serves, no password is
+//! stored at all. TLS towards them comes from their own settings (`--asb-ssl-*`,
+//! `--pgbouncer-ssl-*`), never from the PEM server's libpq variables.
 
 use std::path::{Path, PathBuf};
 
