@@ -196,6 +196,26 @@ async fn prepare_server_makes_the_pem_ca_once_and_pgbouncer_gets_a_certificate_f
     assert_eq!(code, 0, "{out}{err}");
     assert_ne!(std::fs::read(&crt).unwrap(), first);
     assert_eq!(out.matches("backup: ").count(), 2, "{out}");
+    // A link planted at the key's name is not followed (and not replaced): one line, the file
+    // it points to untouched.
+    let victim = bed.home.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::remove_file(&pkey).unwrap();
+    std::os::unix::fs::symlink(&victim, &pkey).unwrap();
+    let (code, _, err) = issue(&forced);
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        std::fs::symlink_metadata(&pkey)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    std::fs::remove_file(&pkey).unwrap();
+    let (code, out, err) = issue(&forced);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(mode(&pkey), 0o600);
     // Bad input: one line, nothing written.
     for (extra, says) in [
         (vec!["--force"], "--dns-name NAME and/or --ip-address"),
