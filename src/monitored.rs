@@ -177,6 +177,23 @@ fn stage_pgpass(file: &Path, prefix: &str, password: &Secret) -> Result<Staged, 
     )?)
 }
 
+/// Puts the agent host's part in place once the PEM server committed: the targets record, then
+/// the password file if a password was given. Returns the password file then.
+fn commit_local(
+    target: Staged,
+    pgpass: Option<Staged>,
+    pgpass_file: &Path,
+) -> Result<Option<PathBuf>, Error> {
+    target.commit()?;
+    match pgpass {
+        Some(s) => {
+            s.commit()?;
+            Ok(Some(pgpass_file.to_path_buf()))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Checks the monitored server with the binding's settings, then records it and binds it to
 /// the agent; saves a given password in the agent user's password file.
 pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
@@ -238,14 +255,7 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
         record_server(&client, o),
     )
     .await?;
-    staged_target.commit()?;
-    let password_saved_in = match staged_pgpass {
-        Some(s) => {
-            s.commit()?;
-            Some(o.pgpass.clone())
-        }
-        None => None,
-    };
+    let password_saved_in = commit_local(staged_target, staged_pgpass, &o.pgpass)?;
     Ok(Registered {
         server_id,
         updated,
@@ -503,14 +513,7 @@ pub async fn bind_pgbouncer(o: &BouncerOptions) -> Result<BouncerBound, Error> {
         Ok::<_, Error>(existing)
     };
     let updated = pool::transaction(&admin, "binding pgBouncer", work).await?;
-    staged_target.commit()?;
-    let password_saved_in = match staged_pgpass {
-        Some(s) => {
-            s.commit()?;
-            Some(o.pgpass.clone())
-        }
-        None => None,
-    };
+    let password_saved_in = commit_local(staged_target, staged_pgpass, &o.pgpass)?;
     Ok(BouncerBound {
         version,
         updated,
