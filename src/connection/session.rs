@@ -171,6 +171,39 @@ impl Session {
             failed: false,
         })
     }
+
+    /// Begins a transaction and runs its first statement, sent together with `BEGIN` (one
+    /// exchange with the server instead of two); the statement runs inside the transaction, after
+    /// `BEGIN`'s settings. Its rows, and the transaction to go on with or commit.
+    pub async fn begin_with(
+        &mut self,
+        name: &str,
+        what: &str,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<(Transaction<'_>, Vec<Row>), Error> {
+        self.settle().await?;
+        self.open_transaction = true;
+        let begun = format!("starting {name}");
+        let (b, q) = futures_util::future::join(
+            pool::batch(self.c(), &begun, pool::BEGIN),
+            pool::query(self.c(), what, sql, params),
+        )
+        .await;
+        if b.is_err() {
+            // The statement's fate outside a transaction is unknown: nobody else may use the
+            // session.
+            self.broken = true;
+        }
+        self.note(b)?;
+        let mut tx = Transaction {
+            session: self,
+            what: name.to_string(),
+            failed: false,
+        };
+        let rows = tx.note(q)?;
+        Ok((tx, rows))
+    }
 }
 
 impl Drop for Session {

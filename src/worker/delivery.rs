@@ -152,8 +152,9 @@ pub async fn store(
         (&batch, Type::TEXT),
         (&signature, Type::TEXT),
     ];
-    let mut tx = session.begin("a delivery").await?;
-    let rows = tx.query(&what, STORE, &params).await?;
+    let (tx, rows) = session
+        .begin_with("a delivery", &what, STORE, &params)
+        .await?;
     // Read before committing: a reply that does not say which samples were refused stores
     // nothing (the transaction is dropped, and the session closed), and the batch stays.
     rejected.extend(refusals(&rows, &sent, &what)?);
