@@ -253,6 +253,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let min = Duration::from_secs(1).min(long_wait);
     let mut backoff = Backoff::new(min, long_wait.max(min)).expect("bounds checked above");
     let mut outage = Outage::default();
+    let mut start_up_code_kept = true;
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return,
@@ -263,6 +264,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if let Next::Idle = next {
             // The round's samples are stored: what it allocated goes back to the system.
             super::memory::trim();
+            if start_up_code_kept && shared.stats.delivered_samples() > 0 {
+                // Start-up and the first round are over; what runs from now on is mapped
+                // again as it runs.
+                super::memory::release_start_up_code();
+                start_up_code_kept = false;
+            }
         }
         match next {
             Next::Idle => tokio::select! {

@@ -65,6 +65,11 @@ impl Stats {
         self.delivered.fetch_add(samples as u64, Ordering::Relaxed);
     }
 
+    /// Samples delivered since start.
+    pub fn delivered_samples(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
     pub fn heartbeat(&self, ok: bool) {
         if ok {
             self.heartbeats.fetch_add(1, Ordering::Relaxed);
