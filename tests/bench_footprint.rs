@@ -752,14 +752,45 @@ LoadPlugin postgresql
         )
     }
 
-    /// fsync-family calls of one agent over the syscall window, counted by strace in a run of
-    /// its own.
+    /// fsync-family calls of one agent per interval over the syscall window, counted by strace
+    /// in a run of its own.
     fn count_syncs(&self, agent: Agent) -> f64 {
+        let (calls, _, secs) = self.traced_window(agent, &format!("{}-syscalls", agent.name()));
+        calls as f64 / self.settings.intervals(secs)
+    }
+
+    /// pemworker with nothing to collect: every probe rescheduled to once a day, so that after
+    /// the round at start only heartbeats and schedule checks run. Disk bytes written and
+    /// fsync-family calls over the syscall window (after the warm-up), per interval.
+    fn idle_disk(&self) -> (f64, f64) {
+        let reschedule = |interval: i32| {
+            self.rt.block_on(async {
+                let su = self.bed.connect(&self.bed.superuser()).await;
+                pool::execute(
+                    &su,
+                    "rescheduling the probes",
+                    "UPDATE pem.probe_schedule SET interval = $2 WHERE agent_id = $1",
+                    &[(&self.agent_id, Type::INT4), (&interval, Type::INT4)],
+                )
+                .await
+                .unwrap();
+            })
+        };
+        reschedule(86_400);
+        let (calls, bytes, secs) = self.traced_window(Agent::Pemworker, "pemworker-idle");
+        reschedule(self.settings.interval as i32);
+        let intervals = self.settings.intervals(secs);
+        (bytes as f64 / 1024.0 / intervals, calls as f64 / intervals)
+    }
+
+    /// One agent in a run of its own: after the warm-up, its fsync-family calls (strace) and the
+    /// bytes it wrote to disk (/proc/PID/io) over the syscall window, and the window's length.
+    fn traced_window(&self, agent: Agent, run: &str) -> (u64, u64, f64) {
         let s = &self.settings;
-        let run = format!("{}-syscalls", agent.name());
-        let mut r = self.start(agent, &run);
+        let mut r = self.start(agent, run);
         r.run_until(Instant::now() + s.warmup, s.interval, |_| {});
-        let out = self.dir.join(&run).join("strace.txt");
+        let out = self.dir.join(run).join("strace.txt");
+        let io = format!("/proc/{}/io", r.pid());
         let mut strace = Command::new(find_program("strace", "apt-get install strace"))
             .args(["-f", "-c", "-qq", "-e"])
             .arg("trace=fsync,fdatasync,sync_file_range,sync,syncfs,msync")
@@ -772,14 +803,16 @@ LoadPlugin postgresql
             .stderr(Stdio::null())
             .spawn()
             .expect("start strace");
+        let io0 = proc_value(Path::new(&io), "write_bytes:").unwrap();
         let t0 = Instant::now();
         r.run_until(t0 + s.syscall_window, s.interval, |_| {});
         let secs = t0.elapsed().as_secs_f64();
+        let bytes = proc_value(Path::new(&io), "write_bytes:").unwrap() - io0;
         let _ = kill(Pid::from_raw(strace.id() as i32), Signal::SIGINT);
         let _ = strace.wait();
         r.stop();
         let calls = strace_calls(&std::fs::read_to_string(&out).unwrap_or_default());
-        calls as f64 / s.intervals(secs)
+        (calls, bytes, secs)
     }
 }
 
@@ -980,6 +1013,14 @@ fn footprint_beside_collectd_and_exporter() {
             .collect()
     };
 
+    let idle = (!s.syscall_window.is_zero()).then(|| {
+        let (kib, syncs) = bench.idle_disk();
+        eprintln!(
+            "pemworker with nothing due: {kib:.2} KiB written to disk and {syncs:.2} fsync-family calls per interval"
+        );
+        (kib, syncs)
+    });
+
     let loads: Vec<f64> = results
         .values()
         .flatten()
@@ -1042,6 +1083,13 @@ fn footprint_beside_collectd_and_exporter() {
             f(Agent::Exporter),
             ratio_cell(&[f(Agent::Pemworker)], &[f(Agent::Collectd)]),
             ratio_cell(&[f(Agent::Pemworker)], &[f(Agent::Exporter)])
+        ));
+    }
+    if let Some((kib, syncs)) = idle {
+        out.push_str(&format!(
+            "| with nothing due (every probe once a day; separate {} s run under strace): disk writes per interval, KiB | {kib:.2} | - | - | - | - |\n\
+             | with nothing due: fsyncs per interval | {syncs:.2} | - | - | - | - |\n",
+            s.syscall_window.as_secs()
         ));
     }
     out.push_str(
