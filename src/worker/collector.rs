@@ -11,8 +11,19 @@
 //! Every round of probes on one target (this host, a monitored server, a pgBouncer) runs in its
 //! own named task, at most max_connections remote ones at a time, each with its own
 //! connection closed after the round; a target whose previous round is still running (a hung
-//! server) is skipped, and never delays the others. A probe that fails or panics is logged with
-//! its name, and the other probes go on.
+//! server) is skipped, and never delays the others. The samples of all the targets probed at
+//! one wakeup are kept in the spool together, in one write ([`ROUND_WAIT`] bounds how long a
+//! slow target holds the others back; its samples are written on their own after that).
+//!
+//! A target that cannot be reached (stopped, its name no longer resolving, a certificate it
+//! no longer passes) or a probe that fails is logged once when it starts and once when it
+//! ends, and listed in stats.json (`targets_down`) meanwhile; each round tries it again, so
+//! its samples resume by themselves. A probe that panics is logged with its name, and the
+//! other probes go on.
+//!
+//! Scheduling runs on the monotonic clock: a jump of the wall clock (an NTP step, a manual
+//! change) neither fires probes early nor holds them back. Sample timestamps come from the
+//! wall clock, so a jump shows in the data as a jump.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -20,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +47,8 @@ pub const PROBE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two checks of an unchanged schedule.
 pub const SCHEDULE_CHECK_MAX: Duration = Duration::from_secs(60);
 const FALLBACK_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the samples of a round wait for the round's slower targets before they are written.
+pub const ROUND_WAIT: Duration = Duration::from_secs(2);
 
 const SCHEDULE: &str = "SELECT probe, target_type, server_id, pgbouncer, interval_seconds, enabled \
                           FROM pem.agent_schedule($1)";
@@ -337,6 +350,113 @@ impl Drop for Busy {
     }
 }
 
+/// Problems of the targets probed, each logged once when it starts and once when it ends (a
+/// stopped server, a name that no longer resolves, a probe that keeps failing), not at every
+/// round.
+#[derive(Default)]
+struct Troubles(Mutex<HashMap<String, Trouble>>);
+
+struct Trouble {
+    since: Instant,
+    missed: u64,
+}
+
+impl Troubles {
+    /// Records a failure of `key`; true when it starts a trouble (log it), false when it goes on.
+    fn failed(&self, key: &str) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get_mut(key) {
+            Some(t) => {
+                t.missed += 1;
+                false
+            }
+            None => {
+                m.insert(
+                    key.to_string(),
+                    Trouble {
+                        since: Instant::now(),
+                        missed: 1,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Records a success of `key`: the trouble it ends, if there was one.
+    fn ended(&self, key: &str) -> Option<Trouble> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key)
+    }
+}
+
+/// Logs what one round on a monitored server or pgBouncer says about it, once per trouble.
+fn report(shared: &Shared, troubles: &Troubles, place: &Place, target: &str, round: &Remote) {
+    let key = place.to_string();
+    match &round.unreachable {
+        Some(e) => {
+            if troubles.failed(&key) {
+                tracing::warn!(
+                    "probes of {place} ({target}): {e}; its samples are missing until it can be reached \
+                     again (tried every round; the other probes go on)"
+                );
+            } else {
+                tracing::debug!("probes of {place} ({target}): {e}");
+            }
+            shared.stats.set_target_down(&key, Some(e.clone()));
+        }
+        None => {
+            if let Some(t) = troubles.ended(&key) {
+                tracing::warn!(
+                    "probes of {place} ({target}) work again after {} s ({} rounds missed)",
+                    t.since.elapsed().as_secs(),
+                    t.missed
+                );
+                shared.stats.set_target_down(&key, None);
+            }
+        }
+    }
+    for (probe, failure) in &round.probes {
+        let key = format!("{place}: {probe}");
+        match failure {
+            Some(e) => {
+                if troubles.failed(&key) {
+                    tracing::warn!("{e} (logged again when it works)");
+                } else {
+                    tracing::debug!("{e}");
+                }
+            }
+            None => {
+                if let Some(t) = troubles.ended(&key) {
+                    tracing::info!(
+                        "probe {probe} on {place} works again after {} s",
+                        t.since.elapsed().as_secs()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Writes the samples of one round to the spool in one write: those of every target that ends
+/// within [`ROUND_WAIT`]; a target that takes longer has its samples written when they come.
+async fn write_round(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<Sample>>) {
+    let deadline = Instant::now() + ROUND_WAIT;
+    let mut samples = Vec::new();
+    loop {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(s) => samples.extend(s),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    shared.spool_samples(samples).await;
+    while let Some(late) = rx.recv().await {
+        shared.spool_samples(late).await;
+    }
+}
+
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut sched = Schedule::fallback();
     let os = Arc::new(Mutex::new(OsProbes::new()));
@@ -352,6 +472,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         .unwrap_or(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(limit));
     let busy: Arc<Mutex<HashSet<Place>>> = Arc::default();
+    let troubles: Arc<Troubles> = Arc::default();
     let mut fetching: Option<FetchTask> = None;
     loop {
         let wake = match &fetching {
@@ -408,28 +529,41 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             );
         }
 
-        for (place, specs) in sched.take_due(now) {
+        let due = sched.take_due(now);
+        if due.is_empty() {
+            continue;
+        }
+        let (round, rx) = mpsc::unbounded_channel::<Vec<Sample>>();
+        shared
+            .tasks
+            .spawn("spool writer", write_round(shared.clone(), rx));
+        for (place, specs) in due {
+            let busy_key = format!("{place}: busy");
             if !busy
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(place.clone())
             {
-                tracing::warn!("{place}: the previous round is still running; skipping this one");
+                if troubles.failed(&busy_key) {
+                    tracing::warn!(
+                        "{place}: the previous round is still running; skipping rounds until it ends"
+                    );
+                }
                 continue;
             }
+            troubles.ended(&busy_key);
             let guard = Busy {
                 set: busy.clone(),
                 place: place.clone(),
             };
             let name = format!("probes of {place}");
-            let sh = shared.clone();
+            let round = round.clone();
             match &place {
                 Place::Agent => {
                     let os = os.clone();
                     shared.tasks.spawn(name, async move {
                         let _guard = guard;
-                        let samples = collect_os(os, specs).await;
-                        sh.spool_samples(samples).await;
+                        let _ = round.send(collect_os(os, specs).await);
                     });
                 }
                 Place::Server(_) | Place::Pgbouncer(_) => {
@@ -440,11 +574,13 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     };
                     let Some(settings) = settings else { continue };
                     let permits = permits.clone();
+                    let (sh, troubles) = (shared.clone(), troubles.clone());
                     shared.tasks.spawn(name, async move {
                         let _guard = guard;
                         if let Ok(_permit) = permits.acquire().await {
-                            let samples = collect_remote(&place, &settings, &specs).await;
-                            sh.spool_samples(samples).await;
+                            let r = collect_remote(&place, &settings, &specs).await;
+                            report(&sh, &troubles, &place, &settings.target(), &r);
+                            let _ = round.send(r.samples);
                         }
                     });
                 }
@@ -483,17 +619,31 @@ async fn collect_os(os: Arc<Mutex<OsProbes>>, specs: Vec<&'static ProbeSpec>) ->
     joined.unwrap_or_default()
 }
 
+/// What one round on a monitored server or pgBouncer brought.
+struct Remote {
+    samples: Vec<Sample>,
+    /// Why the target could not be reached (no connection, or it went away during the round).
+    unreachable: Option<String>,
+    /// Each probe run, with why it failed (`None`: it worked).
+    probes: Vec<(&'static str, Option<String>)>,
+}
+
 /// One round of probes against one monitored server or pgBouncer, on one connection.
 async fn collect_remote(
     place: &Place,
     settings: &ConnectSettings,
     specs: &[&'static ProbeSpec],
-) -> Vec<Sample> {
+) -> Remote {
+    let mut round = Remote {
+        samples: Vec::new(),
+        unreachable: None,
+        probes: Vec::new(),
+    };
     let client = match connection::connect(settings).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("probes of {place} ({}): {e}", settings.target());
-            return Vec::new();
+            round.unreachable = Some(e.to_string());
+            return round;
         }
     };
     let (server_id, bouncer) = match place {
@@ -501,7 +651,6 @@ async fn collect_remote(
         Place::Pgbouncer(b) => (None, Some(b.clone())),
         Place::Agent => (None, None),
     };
-    let mut samples = Vec::new();
     for spec in specs {
         let run = AssertUnwindSafe(async {
             crate::testhooks::probe(spec.name);
@@ -516,8 +665,18 @@ async fn collect_remote(
         .catch_unwind()
         .await;
         match run {
-            Ok(Ok(rows)) => samples.push(Sample::new(spec.name, server_id, bouncer.clone(), rows)),
-            Ok(Err(e)) => tracing::warn!("{e}"),
+            Ok(Ok(rows)) => {
+                round
+                    .samples
+                    .push(Sample::new(spec.name, server_id, bouncer.clone(), rows));
+                round.probes.push((spec.name, None));
+            }
+            Ok(Err(probes::Error::Connection { source, .. })) if source.is_closed() => {
+                // The target went away during the round: the next round reconnects.
+                round.unreachable = Some(source.to_string());
+                break;
+            }
+            Ok(Err(e)) => round.probes.push((spec.name, Some(e.to_string()))),
             Err(p) => tracing::error!(
                 "probe {} on {place} panicked: {}; the other probes go on",
                 spec.name,
@@ -525,5 +684,5 @@ async fn collect_remote(
             ),
         }
     }
-    samples
+    round
 }

@@ -170,6 +170,7 @@ pub async fn store(
     .await;
     match whole {
         Ok(()) => {
+            crate::testhooks::pause_async("in-transaction").await;
             tx.commit().await?;
             return Ok(rejected);
         }
@@ -295,7 +296,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             next = drain(&shared, &mut backoff, &mut outage) => next,
         };
         shared.stats.set_spool(&shared.spool.figures());
-        shared.stats.write_if_changed(&stats_file).await;
+        shared
+            .stats
+            .write_if_changed(&stats_file, shared.spool.health())
+            .await;
         match next {
             Next::Idle => tokio::select! {
                 _ = stop.cancelled() => return,
@@ -336,6 +340,7 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
         match store(&mut session, agent_id, &entry.samples).await {
             Ok(refusals) => {
                 drop(session);
+                crate::testhooks::pause_async("after-commit").await;
                 outage.ended();
                 backoff.reset();
                 shared.stats.set_delivery_problem(None);
@@ -361,7 +366,9 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                 let (n, r) = (entry.samples.len(), refused.len());
                 tracing::debug!("delivered spool batch {} ({} samples)", entry.seq, n - r);
                 if let Err(e) = shared.spool.complete(entry.seq, refused).await {
+                    // The batch stays: delivered again, it is stored once (delivery keys).
                     tracing::error!("cannot update the spool after a delivery: {e}");
+                    return Next::RetryIn(backoff.next_delay());
                 }
                 shared.stats.delivered(n - r);
             }

@@ -86,7 +86,8 @@ impl Shared {
             .unwrap_or_else(|| self.pem())
     }
 
-    /// Writes a batch to the spool and wakes the delivery loop.
+    /// Keeps a round's samples in the spool (on disk, or held in memory when it cannot be
+    /// written) and wakes the delivery loop.
     pub async fn spool_samples(&self, mut samples: Vec<Sample>) {
         if samples.is_empty() {
             return;
@@ -269,8 +270,14 @@ pub async fn run(
         SHUTDOWN_GRACE.as_secs()
     );
     collect_stop.cancel();
-    shared.spooled.notify_one();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    // Rounds already collecting are kept too (not waiting long for a slow target).
+    let collecting = |t: &String| t.starts_with("probes of") || t == "spool writer";
+    let collected = tokio::time::Instant::now() + collector::ROUND_WAIT;
+    while tasks.running().iter().any(collecting) && tokio::time::Instant::now() < collected {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shared.spooled.notify_one();
     while shared.spool.figures().batches > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -286,6 +293,10 @@ pub async fn run(
             tasks.running().join(", ")
         );
     }
+    // Samples held in memory are written now if they can be; those that cannot are counted.
+    if let Err(e) = shared.spool.finish().await {
+        tracing::error!("cannot close the spool: {e}");
+    }
     let figures = shared.spool.figures();
     shared.stats.set_spool(&figures);
     if figures.samples > 0 {
@@ -294,7 +305,10 @@ pub async fn run(
             figures.samples
         );
     }
-    shared.stats.write_if_changed(&stats_file).await;
+    shared
+        .stats
+        .write_if_changed(&stats_file, shared.spool.health())
+        .await;
     tracing::info!("stopped: {}", shared.stats.summary());
     drop(lock);
     Ok(shared.stats.snapshot())
