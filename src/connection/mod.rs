@@ -38,6 +38,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A certificate stands in the way: the server's failed verification, or the server refused
+    /// this side's. Fixed by replacing a file (or the clock), not by trying again at once.
+    #[error("cannot connect to {at}: {why}")]
+    Certificate {
+        /// `<target> as <user>`.
+        at: String,
+        why: String,
+    },
     /// The session was refused on this side: the server is not what the settings demand.
     #[error("cannot connect to {target} as {user}: {why}")]
     Refused {
@@ -101,10 +109,16 @@ impl Error {
             self,
             Error::Connect { .. }
                 | Error::Socket { .. }
+                | Error::Certificate { .. }
                 | Error::Refused { .. }
                 | Error::ConnectTimeout { .. }
                 | Error::Tls(_)
         )
+    }
+
+    /// True when a certificate stands in the way (see [`Error::Certificate`]).
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, Error::Certificate { .. })
     }
 
     /// True when local settings or files are wrong, so retrying cannot help.
@@ -285,6 +299,106 @@ async fn open(settings: &ConnectSettings, watch: &guard::Watch) -> Result<Client
     Ok(client)
 }
 
+/// When the certificate in `path` (PEM) expires, if it can be read.
+pub fn certificate_expiry(path: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let data = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&data).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    chrono::DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+}
+
+/// The command that gets this agent a new certificate (re-registration keeps the agent id).
+pub fn renewal_command(settings: &ConnectSettings) -> String {
+    let cert_dir = settings
+        .client_cert
+        .as_ref()
+        .and_then(|(crt, _)| crt.parent())
+        .map(|d| format!(" --cert-path {}", d.display()))
+        .unwrap_or_default();
+    // Agents registered without --pem-agent-user log in as their own agent<ID> role.
+    let own_role = settings
+        .user
+        .strip_prefix("agent")
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+    let agent_user = if own_role {
+        String::new()
+    } else {
+        format!(" --pem-agent-user {}", settings.user)
+    };
+    format!(
+        "pemworker --register-agent --force-registration --pem-server {} --pem-port {}{agent_user}{cert_dir} \
+         --config-dir <directory of agent.cfg> --pem-user <a PEM admin>",
+        settings.host, settings.port
+    )
+}
+
+/// A certificate problem in the user's terms: which file, and what fixes it. `detail` is the
+/// TLS library's text, whose last parenthesis holds the verification's result.
+fn certificate_problem(
+    settings: &ConnectSettings,
+    failure: guard::TlsFailure,
+    detail: &str,
+) -> String {
+    use guard::TlsFailure;
+    match failure {
+        TlsFailure::ServerNotVerified => {
+            let reason = detail
+                .rsplit_once('(')
+                .and_then(|(_, r)| r.split_once(')'))
+                .map_or("certificate verify failed", |(r, _)| r)
+                .to_string();
+            let root = settings.root_cert.as_ref().map_or_else(
+                || "(no root certificate)".to_string(),
+                |r| r.display().to_string(),
+            );
+            let fix = if reason.contains("expired") {
+                "it has expired: renew the server's certificate".to_string()
+            } else if reason.contains("not yet valid") {
+                "it is not valid yet by this host's clock: check the clock (NTP)".to_string()
+            } else if reason.contains("mismatch") {
+                format!(
+                    "it does not name {}: set pem_host to a name the certificate holds, or renew it with this one",
+                    settings.host
+                )
+            } else {
+                format!(
+                    "it is not signed by a CA in {root} (pem_ssl_root_cert); if the PEM server's CA was \
+                     replaced, put the new CA certificate in {root}"
+                )
+            };
+            format!("the server's TLS certificate failed verification ({reason}): {fix}")
+        }
+        TlsFailure::ClientExpired | TlsFailure::ClientRefused => {
+            let Some((crt, _)) = &settings.client_cert else {
+                return format!(
+                    "the server refused the TLS handshake over a certificate: {detail}"
+                );
+            };
+            let expired = certificate_expiry(crt).filter(|at| *at <= chrono::Utc::now());
+            let what = match (failure, expired) {
+                (_, Some(at)) => format!(
+                    "this agent's certificate {} expired on {}",
+                    crt.display(),
+                    at.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                (TlsFailure::ClientExpired, None) => format!(
+                    "the server says this agent's certificate {} has expired (check this host's clock too)",
+                    crt.display()
+                ),
+                _ => format!(
+                    "the server does not accept this agent's certificate {}: it was not issued by a CA the \
+                     server trusts (was the CA replaced?), or it was revoked",
+                    crt.display()
+                ),
+            };
+            format!(
+                "{what}; get a new one with: {} (add --pem-ssl-root-cert FILE if the CA changed)",
+                renewal_command(settings)
+            )
+        }
+    }
+}
+
 /// A failed attempt in the user's terms, from what the guards saw.
 fn explain(
     settings: &ConnectSettings,
@@ -321,6 +435,18 @@ fn explain(
         return refused(format!(
             "the server does not offer TLS, which sslmode {mode} requires; nothing else was sent"
         ));
+    }
+    // TLS 1.3 servers judge the client's certificate after the client's handshake ended: their
+    // refusal comes with the first read, in the driver's error.
+    if let Some(failure) = seen.tls_failure.or_else(|| guard::tls_failure(&source)) {
+        let detail = seen
+            .handshake_error
+            .clone()
+            .unwrap_or_else(|| describe(&source));
+        return Error::Certificate {
+            at: format!("{} as {}", settings.target(), settings.user),
+            why: certificate_problem(settings, failure, &detail),
+        };
     }
     if let Some(why) = seen.handshake_error {
         let checked = match (

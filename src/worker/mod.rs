@@ -14,6 +14,7 @@
 //! reconnecting); SIGTERM and SIGINT stop collecting, deliver what they can within the grace
 //! period and leave the rest in the spool for the next start.
 
+pub mod clock;
 pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
@@ -229,6 +230,8 @@ pub async fn run(
         lock.dir().display()
     );
 
+    warn_of_expiry(&c);
+
     let tasks = shared.tasks.clone();
     let collect_stop = shutdown.child_token();
     let delivery_stop = CancellationToken::new();
@@ -312,6 +315,29 @@ pub async fn run(
     tracing::info!("stopped: {}", shared.stats.summary());
     drop(lock);
     Ok(shared.stats.snapshot())
+}
+
+/// How long before its certificate expires the agent starts saying so.
+const EXPIRY_WARNING: chrono::Duration = chrono::Duration::days(30);
+
+/// Warns when the agent's certificate expires soon (once it has, the connection attempts say
+/// so, naming the file and the command that renews it).
+fn warn_of_expiry(c: &AgentConfig) {
+    let Some(at) = connection::certificate_expiry(&c.agent_ssl_crt) else {
+        return;
+    };
+    let left = at - chrono::Utc::now();
+    if left > chrono::Duration::zero() && left < EXPIRY_WARNING {
+        if let Some(target) = c.pem_targets().ok().and_then(|t| t.into_iter().next()) {
+            tracing::warn!(
+                "this agent's certificate {} expires on {} (in {} days); get a new one before then with: {}",
+                c.agent_ssl_crt.display(),
+                at.format("%Y-%m-%d %H:%M:%S UTC"),
+                left.num_days(),
+                connection::renewal_command(&target)
+            );
+        }
+    }
 }
 
 fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Logging>) {
