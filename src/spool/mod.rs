@@ -26,7 +26,8 @@
 //! counted and logged.
 //!
 //! **Past `spool_limit`** (pending and refused samples together) the oldest refused samples go
-//! first, then the oldest batches, never the newest one. Every dropped sample is counted per
+//! first, then the oldest batches, never the newest one nor the one being delivered (the limit
+//! waits for that delivery). Every dropped sample is counted per
 //! probe (`stats.json`), and each episode is logged twice: when the first sample is dropped
 //! (the cause and the fix), and when delivery works again (what was dropped, per probe).
 //!
@@ -162,6 +163,9 @@ pub struct Spool {
     dropped: BTreeMap<String, ProbeCount>,
     overflow: Option<Overflow>,
     health: Health,
+    /// The batch being delivered ([`Spool::oldest`] to [`Spool::complete`] or
+    /// [`Spool::release`]): never dropped for the limit, which waits for its delivery instead.
+    delivering: Option<u64>,
     /// Unit tests: every batch write fails with this errno, as on a full or read-only disk.
     #[cfg(test)]
     fail_writes: Option<i32>,
@@ -271,6 +275,7 @@ impl Spool {
             dropped: BTreeMap::new(),
             overflow: None,
             health: Health::default(),
+            delivering: None,
             #[cfg(test)]
             fail_writes: None,
         };
@@ -421,7 +426,7 @@ impl Spool {
                 if !self.drop_oldest_refused() {
                     break;
                 }
-            } else if self.entries.len() + self.held.len() > 1 {
+            } else if self.entries.len() + self.held.len() > 1 && !self.oldest_is_delivering() {
                 self.drop_oldest_batch();
             } else {
                 break;
@@ -455,13 +460,25 @@ impl Spool {
         true
     }
 
+    fn oldest_seq(&self) -> Option<u64> {
+        match (self.entries.keys().next(), self.held.keys().next()) {
+            (None, None) => None,
+            (Some(&d), Some(&h)) if h < d => Some(h),
+            (Some(&d), _) => Some(d),
+            (None, Some(&h)) => Some(h),
+        }
+    }
+
+    /// The oldest batch is being delivered: it is not dropped (a delivery in flight would store
+    /// a batch counted as dropped), and nothing newer is dropped before it.
+    fn oldest_is_delivering(&self) -> bool {
+        self.delivering.is_some() && self.delivering == self.oldest_seq()
+    }
+
     /// Drops the oldest batch, on disk or held.
     fn drop_oldest_batch(&mut self) {
-        let seq = match (self.entries.keys().next(), self.held.keys().next()) {
-            (None, None) => return,
-            (Some(&d), Some(&h)) if h < d => h,
-            (Some(&d), _) => d,
-            (None, Some(&h)) => h,
+        let Some(seq) = self.oldest_seq() else {
+            return;
         };
         if let Some(held) = self.held.remove(&seq) {
             self.count_dropped(&held.samples, Cause::Limit);
@@ -531,13 +548,10 @@ impl Spool {
     /// The oldest batch, on disk or held. An unreadable entry is moved aside (`.corrupt`) and
     /// skipped.
     pub fn oldest(&mut self) -> Option<Entry> {
+        self.delivering = None;
         loop {
-            let seq = match (self.entries.keys().next(), self.held.keys().next()) {
-                (None, None) => return None,
-                (Some(&d), Some(&h)) if h < d => h,
-                (Some(&d), _) => d,
-                (None, Some(&h)) => h,
-            };
+            let seq = self.oldest_seq()?;
+            self.delivering = Some(seq);
             if let Some(h) = self.held.get(&seq) {
                 return Some(Entry {
                     seq,
@@ -551,6 +565,7 @@ impl Spool {
                     tracing::error!("spool entry {} is unreadable; moved aside", p.display());
                     let _ = std::fs::rename(&p, p.with_extension("corrupt"));
                     self.entries.remove(&seq);
+                    self.delivering = None;
                 }
             }
         }
@@ -563,6 +578,12 @@ impl Spool {
         } else if self.entries.remove(&seq).is_some() {
             self.remove_file(seq);
         }
+    }
+
+    /// The batch [`Spool::oldest`] returned was not delivered; it may be dropped again.
+    pub fn release(&mut self) {
+        self.delivering = None;
+        self.enforce_limit();
     }
 
     /// Ends a delivered batch: the samples the server refused are kept first (unless kept
@@ -587,6 +608,7 @@ impl Spool {
             }
         }
         self.remove(seq);
+        self.delivering = None;
         self.end_overflow();
         self.enforce_limit();
     }
@@ -869,6 +891,10 @@ impl SpoolHandle {
         self.run(move |s| s.complete(seq, refused)).await
     }
 
+    pub async fn release(&self) -> Result<(), Error> {
+        self.run(|s| s.release()).await
+    }
+
     pub async fn finish(&self) -> Result<(), Error> {
         self.run(|s| s.finish()).await
     }
@@ -990,6 +1016,29 @@ mod tests {
         s.complete(oldest.seq, Vec::new());
         assert!(s.overflow.is_none());
         assert_eq!(s.dropped_total(), 2);
+    }
+
+    #[test]
+    fn the_batch_being_delivered_is_not_dropped_and_nothing_newer_goes_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let one = serde_json::to_vec(&[sample(1)]).unwrap().len() as u64;
+        let mut s = Spool::open(d.path(), one * 3).unwrap();
+        for i in 0..3 {
+            s.push(vec![sample(i)]).unwrap();
+        }
+        let delivering = s.oldest().unwrap();
+        s.push(vec![sample(3)]).unwrap();
+        s.push(vec![sample(4)]).unwrap();
+        assert_eq!((s.len(), s.dropped_total()), (5, 0), "the limit waits");
+        // Stored: it goes, and the limit drops the oldest of the rest.
+        s.complete(delivering.seq, Vec::new());
+        assert_eq!((s.len(), s.dropped_total()), (3, 1));
+        assert_eq!(s.oldest().unwrap().samples[0].rows[0].1[0], Value::Int(2));
+        // Not delivered after all: it may go.
+        s.release();
+        s.push(vec![sample(5)]).unwrap();
+        assert_eq!((s.len(), s.dropped_total()), (3, 2));
+        assert_eq!(s.oldest().unwrap().samples[0].rows[0].1[0], Value::Int(3));
     }
 
     fn refused(n: i64) -> RejectedSample {

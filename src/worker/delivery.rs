@@ -318,14 +318,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 /// Delivers until the spool is empty or a delivery fails.
 async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> Next {
     loop {
-        let entry = match shared.spool.oldest().await {
-            Ok(Some(e)) => e,
-            Ok(None) => return Next::Idle,
-            Err(e) => {
-                tracing::error!("cannot read the spool: {e}");
-                return Next::RetryIn(backoff.next_delay());
-            }
-        };
+        if shared.spool.figures().batches == 0 {
+            return Next::Idle;
+        }
+        // A session first, so an outage costs no read of the spool per attempt.
         let manager = shared.pem();
         let mut session = match manager.checkout().await {
             Ok(s) => s,
@@ -336,6 +332,15 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
             }
         };
         shared.stats.set_connected(true);
+        // From here until it is completed or released, the spool does not drop this batch.
+        let entry = match shared.spool.oldest().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Next::Idle,
+            Err(e) => {
+                tracing::error!("cannot read the spool: {e}");
+                return Next::RetryIn(backoff.next_delay());
+            }
+        };
         let agent_id = shared.config().agent_id;
         match store(&mut session, agent_id, &entry.samples).await {
             Ok(refusals) => {
@@ -379,6 +384,9 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                     session.discard();
                 }
                 drop(session);
+                if let Err(e) = shared.spool.release().await {
+                    tracing::error!("cannot update the spool after a failed delivery: {e}");
+                }
                 let wait = backoff.next_delay();
                 let long_wait = shared.config().long_wait;
                 let problem = outage.failed(&e, shared.spool.figures().samples, long_wait);
