@@ -1,0 +1,883 @@
+//! Faults a host inflicts on a running agent, injected for real against the real test bed: the
+//! worker killed with SIGKILL again and again, its state directory full or read-only, the wall
+//! clock jumping, an outage longer than the spool holds, monitored servers that stop or stop
+//! resolving, and certificates that change. Each test asserts what a user observes: rows on the
+//! PEM server, stats.json, log lines, exit codes.
+//!
+//! Some faults need root (mounting a tmpfs, a private mount namespace); those tests fail with a
+//! message saying so rather than skip. The clock test needs libfaketime (Debian: faketime).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestBed, wait_for};
+use pemworker::connection::pool;
+use pemworker::probes::PROBES;
+use pemworker::worker::stats::Snapshot;
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+const LONG_WAIT: u64 = 5;
+
+/// One registered agent and its worker process.
+struct Agent {
+    id: i32,
+    cfg: PathBuf,
+    site: PathBuf,
+    state: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// Extra environment (test hooks, libfaketime).
+    env: Vec<(&'static str, String)>,
+    /// Extra agent.cfg settings (`-o`).
+    settings: Vec<(&'static str, String)>,
+    /// A program (and its arguments) the worker runs under, e.g. a private mount namespace.
+    wrapper: Vec<String>,
+}
+
+impl Agent {
+    fn command(&self, bed: &TestBed, args: &[&str]) -> Command {
+        let exe = env!("CARGO_BIN_EXE_pemworker");
+        let mut c = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        c.args(args).arg("-c").arg(&self.cfg);
+        let mut settings = vec![
+            ("log_location", self.log.display().to_string()),
+            ("short_wait", "2".into()),
+            ("long_wait", LONG_WAIT.to_string()),
+            ("state_dir", self.state.display().to_string()),
+        ];
+        settings.extend(self.settings.iter().cloned());
+        for (k, v) in settings {
+            c.arg("-o").arg(format!("{k}={v}"));
+        }
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &bed.home)
+            .env("PGSSLROOTCERT", &bed.root_crt)
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn start(&mut self, bed: &TestBed) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.site.join("worker.stderr"))
+            .unwrap();
+        let child = self
+            .command(bed, &["-f"])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start pemworker");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.site.join("worker.stderr")).unwrap_or_default()
+    }
+
+    /// Lines of the log that contain every one of `parts`.
+    fn log_lines(&self, parts: &[&str]) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .map(String::from)
+            .collect()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGKILL, and the process reaped.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (bounded by the grace period plus slack).
+    async fn stop(&mut self) -> i32 {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + pemworker::worker::SHUTDOWN_GRACE + Duration::from_secs(15);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not stop in time",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn stats(&self) -> Snapshot {
+        read_stats(&self.state).expect("stats.json")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_stats(state: &Path) -> Option<Snapshot> {
+    serde_json::from_slice(&std::fs::read(state.join("stats.json")).ok()?).ok()
+}
+
+/// Registers `n` agents through pgBouncer with 1-second heartbeats and agent-level probes every
+/// `os_interval` seconds; binds the bed's PostgreSQL and pgBouncer to the first (probes every
+/// `server_interval` s) unless that is 0.
+async fn fleet(bed: &TestBed, n: usize, os_interval: i32, server_interval: i32) -> Vec<Agent> {
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let (cfg, id) = bed.register_agent(&format!("agent{i}"));
+        let site = cfg.parent().unwrap().parent().unwrap().to_path_buf();
+        agents.push(Agent {
+            id,
+            cfg,
+            state: site.join("state"),
+            log: site.join("worker.log"),
+            site,
+            child: None,
+            env: Vec::new(),
+            settings: Vec::new(),
+            wrapper: Vec::new(),
+        });
+    }
+    let su = bed.connect(&bed.superuser()).await;
+    pool::execute(
+        &su,
+        "fleet",
+        "WITH h AS (UPDATE pem.agent SET heartbeat_interval = 1) \
+         INSERT INTO pem.probe_schedule (agent_id, server_id, probe_id, interval, enabled) \
+           SELECT a.id, NULL, p.id, $1, true FROM pem.agent a, pem.probe p WHERE p.target_type = 'agent'",
+        &[(&os_interval, Type::INT4)],
+    )
+    .await
+    .unwrap();
+    if server_interval > 0 {
+        pemworker::sandbox::bind_servers(bed, agents[0].id, &agents[0].cfg, server_interval)
+            .await
+            .unwrap();
+    }
+    agents
+}
+
+async fn history_rows(su: &Client, probe: &str, agent: i32) -> i64 {
+    pool::query_one(
+        su,
+        "count",
+        &format!("SELECT count(*) FROM pemhistory.{probe} WHERE agent_id = $1"),
+        &[(&agent, Type::INT4)],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn server_now(su: &Client) -> String {
+    pool::query_one(su, "now", "SELECT clock_timestamp()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Every delivery key stored for `agent`, with its probe.
+async fn stored_keys(su: &Client, agent: i32) -> BTreeMap<String, String> {
+    let mut keys = BTreeMap::new();
+    for p in PROBES {
+        let rows = pool::query(
+            su,
+            "keys",
+            &format!(
+                "SELECT delivery_key::text FROM pemhistory.{} WHERE agent_id = $1",
+                p.name
+            ),
+            &[(&agent, Type::INT4)],
+        )
+        .await
+        .unwrap();
+        for r in rows {
+            let key: String = r.get(0);
+            assert!(
+                keys.insert(key.clone(), p.name.to_string()).is_none(),
+                "delivery key {key} stored twice"
+            );
+        }
+    }
+    keys
+}
+
+/// Records every heartbeat with the clock time it was written (pem.agent_heartbeat keeps only
+/// the last one).
+async fn log_heartbeats(su: &Client) {
+    pool::batch(
+        su,
+        "heartbeat log",
+        "CREATE TABLE public.heartbeat_log (agent_id int, at timestamptz); \
+         CREATE FUNCTION public.log_heartbeat() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+           SET search_path = pg_catalog, pg_temp AS $$ BEGIN \
+             INSERT INTO public.heartbeat_log VALUES (NEW.agent_id, clock_timestamp()); RETURN NULL; END $$; \
+         CREATE TRIGGER log_heartbeat AFTER INSERT OR UPDATE ON pem.agent_heartbeat \
+           FOR EACH ROW EXECUTE FUNCTION public.log_heartbeat();",
+    )
+    .await
+    .unwrap();
+}
+
+/// The longest time between two logged heartbeats of `agent` in [from, to] (server times),
+/// counting from `from` and to `to`, and the number of heartbeats.
+async fn longest_heartbeat_gap(su: &Client, agent: i32, from: &str, to: &str) -> (f64, i64) {
+    let row = pool::query_one(
+        su,
+        "gaps",
+        "WITH h AS (SELECT at FROM public.heartbeat_log \
+                     WHERE agent_id = $1 AND at BETWEEN $2::text::timestamptz AND $3::text::timestamptz \
+                    UNION ALL SELECT $2::text::timestamptz UNION ALL SELECT $3::text::timestamptz), \
+              g AS (SELECT at - lag(at) OVER (ORDER BY at) AS gap FROM h) \
+         SELECT extract(epoch FROM max(gap))::float8, \
+                (SELECT count(*) FROM public.heartbeat_log \
+                  WHERE agent_id = $1 AND at BETWEEN $2::text::timestamptz AND $3::text::timestamptz) FROM g",
+        &[(&agent, Type::INT4), (&from, Type::TEXT), (&to, Type::TEXT)],
+    )
+    .await
+    .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// The rows a test hook journal says were kept in the spool: delivery key -> probe.
+fn journal_keys(journal: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(journal)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            (f.next()? == "kept").then_some(())?;
+            let (_seq, probe, key) = (f.next()?, f.next()?, f.next()?);
+            Some((key.to_string(), probe.to_string()))
+        })
+        .collect()
+}
+
+/// Counts of keys per probe.
+fn per_probe(keys: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for p in keys.values() {
+        *m.entry(p.clone()).or_default() += 1;
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// kill -9
+// ---------------------------------------------------------------------------------------------
+
+/// Where the worker can be held (test hooks) and killed.
+const CRASH_POINTS: [&str; 4] = [
+    // A batch written under its temporary name, not yet renamed.
+    "spool-written",
+    // A batch renamed and synced, not yet journaled as kept.
+    "spool-kept",
+    // A delivery's statements sent, its COMMIT not.
+    "in-transaction",
+    // A delivery committed, its batch still in the spool.
+    "after-commit",
+];
+
+/// The crash points a run (the journal's lines after `skip`) is held at now: paused, not
+/// resumed.
+fn held_at(journal: &Path, skip: usize) -> BTreeSet<&'static str> {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().skip(skip).collect();
+    CRASH_POINTS
+        .iter()
+        .copied()
+        .filter(|p| {
+            let count = |what: &str| {
+                let l = format!("{what} {p}");
+                lines.iter().filter(|x| **x == l).count()
+            };
+            count("pause") > count("resume")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_with_sigkill_again_and_again_it_stores_every_sample_it_kept_exactly_once() {
+    let bed = TestBed::start();
+    let mut agents = fleet(&bed, 1, 1, 1).await;
+    let a = &mut agents[0];
+    let journal = a.site.join("journal");
+    let hooks: Vec<String> = std::iter::once(format!("journal={}", journal.display()))
+        .chain(CRASH_POINTS.iter().map(|p| format!("pause={p}:300")))
+        .collect();
+    a.env.push(("PEMWORKER_TEST_HOOKS", hooks.join(",")));
+    let su = bed.connect(&bed.superuser()).await;
+
+    // For a minute: start the worker, kill it (at one of the crash points in turn, or at a
+    // random instant), start it again.
+    let started = Instant::now();
+    let mut kills: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut runs = 0;
+    while started.elapsed() < Duration::from_secs(60) {
+        let lines_before = std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        a.start(&bed);
+        runs += 1;
+        let point = match runs % (CRASH_POINTS.len() + 1) {
+            0 => None,
+            i => Some(CRASH_POINTS[i - 1]),
+        };
+        match point {
+            None => {
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(1000..4000))).await;
+            }
+            Some(point) => {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !held_at(&journal, lines_before).contains(point) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "run {runs}: the worker never reached {point}: {}{}",
+                        a.stderr(),
+                        a.log_text()
+                    );
+                    assert!(a.is_running(), "run {runs}: {}", a.stderr());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        a.kill();
+        // Where it died: the crash points it was held at, or elsewhere.
+        let held = held_at(&journal, lines_before);
+        if let Some(point) = point {
+            assert!(held.contains(point), "run {runs} was to die at {point}");
+        }
+        if held.is_empty() {
+            *kills.entry("elsewhere").or_default() += 1;
+        }
+        for p in held {
+            *kills.entry(p).or_default() += 1;
+        }
+    }
+    eprintln!("{runs} runs killed with SIGKILL over 60 s, where: {kills:?}");
+    for p in CRASH_POINTS {
+        assert!(kills.get(p).copied().unwrap_or(0) >= 2, "{p}: {kills:?}");
+    }
+
+    // A last run, without pauses, delivers what is left and stops cleanly.
+    a.env = vec![(
+        "PEMWORKER_TEST_HOOKS",
+        format!("journal={}", journal.display()),
+    )];
+    a.start(&bed);
+    wait_for("the spool to drain", Duration::from_secs(60), || async {
+        read_stats(&a.state).is_some_and(|s| s.spooled_samples == 0 && s.delivered_samples > 0)
+    })
+    .await;
+    assert_eq!(a.stop().await, 0, "{}", a.stderr());
+
+    // Every row any run kept is on the server, once; nothing else is.
+    let kept = journal_keys(&journal);
+    let stored = stored_keys(&su, a.id).await;
+    let missing: Vec<&String> = kept.keys().filter(|k| !stored.contains_key(*k)).collect();
+    let unknown: Vec<&String> = stored.keys().filter(|k| !kept.contains_key(*k)).collect();
+    eprintln!(
+        "kept {} rows, stored {}: {:?}",
+        kept.len(),
+        stored.len(),
+        per_probe(&stored)
+    );
+    assert!(missing.is_empty(), "kept but not stored: {missing:?}");
+    assert!(unknown.is_empty(), "stored but never kept: {unknown:?}");
+    assert_eq!(per_probe(&kept), per_probe(&stored));
+    assert!(kept.len() > 100, "only {} rows kept", kept.len());
+    for p in ["cpu_usage", "server_info", "pgbouncer_pools"] {
+        assert!(history_rows(&su, p, a.id).await > 0, "{p}");
+    }
+    // Nothing half-written or set aside is left, and no refused sample.
+    let left: Vec<String> = std::fs::read_dir(a.state.join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "rejected")
+        .collect();
+    assert!(left.is_empty(), "left in the spool: {left:?}");
+    assert_eq!(a.stats().refused_samples, 0);
+    assert!(!a.log_text().contains("unreadable"), "{}", a.log_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A full, then a read-only state directory
+// ---------------------------------------------------------------------------------------------
+
+fn require_root(what: &str) {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "{what} needs root (it mounts file systems): run the test suite as root, as CI does"
+    );
+}
+
+/// A small tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(dir));
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Remounts read-only (or read-write). A remount to read-only fails while a file is open
+    /// for writing there: the worker holds none between writes, so a retry soon succeeds.
+    fn remount(&self, read_only: bool) {
+        let opt = if read_only {
+            "remount,ro"
+        } else {
+            "remount,rw"
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("mount")
+                .args(["-o", opt])
+                .arg(&self.dir)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount -o {opt} {}: {}",
+                self.dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+fn run(c: &mut Command) -> String {
+    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fills the file system of `file` up, writing to `file` until it is full.
+fn fill(file: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .unwrap();
+    let block = [0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.write_all(&block[..512]);
+    let _ = f.write_all(&block[..1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_then_read_only_state_directory_loses_no_sample_while_the_server_is_reachable() {
+    require_root("this test");
+    let bed = TestBed::start();
+    let mut agents = fleet(&bed, 1, 1, 2).await;
+    let a = &mut agents[0];
+    let disk = Tmpfs::mount(&a.state, "1m");
+    let journal = a.site.join("journal");
+    a.env.push((
+        "PEMWORKER_TEST_HOOKS",
+        format!("journal={}", journal.display()),
+    ));
+    let su = bed.connect(&bed.superuser()).await;
+    log_heartbeats(&su).await;
+    a.start(&bed);
+    wait_for("first samples", Duration::from_secs(30), || async {
+        history_rows(&su, "cpu_usage", a.id).await > 2
+    })
+    .await;
+    let kept = || journal_keys(&journal).len();
+    let t0 = server_now(&su).await;
+
+    // Full: every write fails with ENOSPC (the filler takes back what deliveries free).
+    let filler = a.state.join("filler");
+    let full_until = Instant::now() + Duration::from_secs(10);
+    let kept_before = kept();
+    let cpu_before = history_rows(&su, "cpu_usage", a.id).await;
+    while Instant::now() < full_until {
+        fill(&filler);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cpu_full = history_rows(&su, "cpu_usage", a.id).await;
+    assert!(
+        cpu_full >= cpu_before + 7,
+        "samples delivered from memory while the disk was full: {cpu_before} -> {cpu_full}"
+    );
+    assert!(
+        kept() <= kept_before + 40,
+        "spool writes while the disk was full: {} -> {}",
+        kept_before,
+        kept()
+    );
+    // Space again: spooling resumes.
+    std::fs::remove_file(&filler).unwrap();
+    let kept_freed = kept();
+    wait_for("spooling to resume", Duration::from_secs(15), || async {
+        kept() > kept_freed + 5
+    })
+    .await;
+
+    // Read-only, then read-write again.
+    disk.remount(true);
+    let ro_until = Instant::now() + Duration::from_secs(10);
+    let kept_ro = kept();
+    let cpu_ro = history_rows(&su, "cpu_usage", a.id).await;
+    tokio::time::sleep_until(ro_until.into()).await;
+    assert_eq!(
+        kept(),
+        kept_ro,
+        "nothing written to a read-only file system"
+    );
+    let cpu_after_ro = history_rows(&su, "cpu_usage", a.id).await;
+    assert!(
+        cpu_after_ro >= cpu_ro + 7,
+        "samples delivered from memory while the disk was read-only: {cpu_ro} -> {cpu_after_ro}"
+    );
+    disk.remount(false);
+    wait_for("spooling to resume", Duration::from_secs(15), || async {
+        kept() > kept_ro + 5
+    })
+    .await;
+    let t1 = server_now(&su).await;
+    assert!(a.is_running(), "{}", a.stderr());
+    assert_eq!(a.stop().await, 0, "{}", a.stderr());
+
+    // Heartbeats never stopped.
+    let (gap, beats) = longest_heartbeat_gap(&su, a.id, &t0, &t1).await;
+    eprintln!(
+        "heartbeats (every 1 s) over the full and read-only episodes: {beats}, longest gap {gap:.2} s"
+    );
+    assert!(gap <= 2.5, "a heartbeat gap of {gap:.2} s");
+    // Every sample collected is stored; none dropped.
+    let stats = a.stats();
+    assert_eq!(stats.dropped_samples, 0, "{stats:?}");
+    assert_eq!(stats.spooled_samples, 0);
+    for p in PROBES {
+        let collected = stats.collected.get(p.name).map_or(0, |c| c.rows) as i64;
+        assert_eq!(
+            history_rows(&su, p.name, a.id).await,
+            collected,
+            "probe {}: stored vs collected rows",
+            p.name
+        );
+    }
+    // One line per episode, with the cause and the fix, and one when it ends.
+    let dir = a.state.display().to_string();
+    let full = a.log_lines(&["No space left on device", &dir]);
+    assert_eq!(full.len(), 1, "{full:#?}");
+    assert!(
+        full[0].contains("free space on the file system that holds"),
+        "{}",
+        full[0]
+    );
+    let ro = a.log_lines(&["Read-only file system", &dir]);
+    assert_eq!(ro.len(), 1, "{ro:#?}");
+    assert!(ro[0].contains("remount it read-write"), "{}", ro[0]);
+    let ended = a.log_lines(&["can be written again", "straight from memory meanwhile"]);
+    assert_eq!(ended.len(), 2, "{ended:#?}");
+    let lines_about_the_disk = a.log_lines(&[&dir]).len();
+    assert_eq!(lines_about_the_disk, 4, "{}", a.log_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wall-clock jumps
+// ---------------------------------------------------------------------------------------------
+
+/// libfaketime's library, or a failure saying how to install it.
+fn libfaketime() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.is_file());
+    found.expect(
+        "libfaketime not found: install it with `apt-get install faketime` (or run scripts/install-deps)",
+    )
+}
+
+/// Adds a column to a history table recording when (on the server's clock) each row arrived.
+async fn number_arrivals(su: &Client, probe: &str) {
+    pool::batch(
+        su,
+        "arrival order",
+        &format!(
+            "ALTER TABLE pemhistory.{probe} ADD COLUMN arrival timestamptz NOT NULL DEFAULT clock_timestamp()"
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// The wall-clock times of `agent`'s samples of `probe`, in the order they arrived.
+async fn collected_in_arrival_order(su: &Client, probe: &str, agent: i32) -> Vec<f64> {
+    pool::query(
+        su,
+        "series",
+        &format!(
+            "SELECT extract(epoch FROM collected_at)::float8 FROM pemhistory.{probe} \
+              WHERE agent_id = $1 ORDER BY arrival"
+        ),
+        &[(&agent, Type::INT4)],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jumps_of_an_hour_neither_burst_nor_stall_the_probes() {
+    let lib = libfaketime();
+    let bed = TestBed::start();
+    let mut agents = fleet(&bed, 1, 1, 2).await;
+    let a = &mut agents[0];
+    // The offset of the worker's wall clock from the real one, read at every clock call; the
+    // monotonic clock is left alone.
+    let offset = a.site.join("clock-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    a.env.extend([
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+    ]);
+    let su = bed.connect(&bed.superuser()).await;
+    log_heartbeats(&su).await;
+    number_arrivals(&su, "cpu_usage").await;
+    number_arrivals(&su, "server_info").await;
+    a.start(&bed);
+    wait_for("first samples", Duration::from_secs(30), || async {
+        history_rows(&su, "cpu_usage", a.id).await > 2
+            && history_rows(&su, "server_info", a.id).await > 1
+    })
+    .await;
+    let t0 = server_now(&su).await;
+    let phase = Duration::from_secs(8);
+    // +1 h, back (-1 h), -1 h, back (+1 h).
+    for jump in ["+3600", "+0", "-3600", "+0"] {
+        tokio::time::sleep(phase).await;
+        std::fs::write(&offset, format!("{jump}\n")).unwrap();
+    }
+    tokio::time::sleep(phase).await;
+    let t1 = server_now(&su).await;
+    assert!(a.is_running(), "{}", a.stderr());
+    assert_eq!(a.stop().await, 0, "{}", a.stderr());
+
+    // The samples' times jump with the clock; the time between them does not change.
+    for (probe, interval) in [("cpu_usage", 1.0), ("server_info", 2.0)] {
+        let times = collected_in_arrival_order(&su, probe, a.id).await;
+        let (mut up, mut down) = (0, 0);
+        let mut steps = Vec::new();
+        for w in times.windows(2) {
+            let mut d = w[1] - w[0];
+            if d > 1800.0 {
+                up += 1;
+                d -= 3600.0;
+            } else if d < -1800.0 {
+                down += 1;
+                d += 3600.0;
+            }
+            steps.push(d);
+        }
+        eprintln!(
+            "{probe} every {interval} s: {} samples, jumps +1 h {up}, -1 h {down}, steps between samples {:.2}..{:.2} s",
+            times.len(),
+            steps.iter().cloned().fold(f64::MAX, f64::min),
+            steps.iter().cloned().fold(f64::MIN, f64::max),
+        );
+        assert_eq!((up, down), (2, 2), "{probe}: {times:?}");
+        for d in &steps {
+            assert!(
+                *d >= 0.3 * interval && *d <= interval + 1.5,
+                "{probe}: a step of {d:.2} s between samples due every {interval} s (a burst or a stall): {steps:?}"
+            );
+        }
+    }
+    let (gap, beats) = longest_heartbeat_gap(&su, a.id, &t0, &t1).await;
+    eprintln!("heartbeats (every 1 s) through the jumps: {beats}, longest gap {gap:.2} s");
+    assert!(gap <= 2.5, "a heartbeat gap of {gap:.2} s");
+    let stats = a.stats();
+    assert_eq!(stats.dropped_samples, 0);
+    assert!(
+        !a.log_text().contains("certificate"),
+        "TLS kept working: {}",
+        a.log_text()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// An outage longer than the spool holds
+// ---------------------------------------------------------------------------------------------
+
+/// The per-probe counts of a "dropped for spool_limit" log line: `(... (probe n, probe n))`.
+fn dropped_in_line(line: &str) -> BTreeMap<String, u64> {
+    let inner = line
+        .rsplit_once("the oldest first (")
+        .and_then(|(_, r)| r.split_once(')'))
+        .map_or("", |(l, _)| l);
+    inner
+        .split(", ")
+        .filter_map(|pair| {
+            let (p, n) = pair.rsplit_once(' ')?;
+            Some((p.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_spool_holds_drops_the_oldest_and_counts_exactly_what_is_missing()
+{
+    let mut bed = TestBed::start();
+    let mut agents = fleet(&bed, 1, 1, 1).await;
+    let a = &mut agents[0];
+    a.settings.push(("spool_limit", "32kB".into()));
+    let su = bed.connect(&bed.superuser()).await;
+    number_arrivals(&su, "cpu_usage").await;
+    a.start(&bed);
+    wait_for("first samples", Duration::from_secs(30), || async {
+        history_rows(&su, "cpu_usage", a.id).await > 2
+    })
+    .await;
+
+    // The pooler, which is the way to the PEM server, is down for 30 s: far more than 32 kB.
+    bed.stop_pgbouncer();
+    let outage = Instant::now();
+    wait_for("the spool to overflow", Duration::from_secs(40), || async {
+        read_stats(&a.state).is_some_and(|s| s.dropped_samples > 0)
+            || a.log_text().contains("spool_limit")
+    })
+    .await;
+    tokio::time::sleep_until((outage + Duration::from_secs(30)).into()).await;
+    bed.start_pgbouncer();
+    wait_for("the spool to drain", Duration::from_secs(60), || async {
+        read_stats(&a.state).is_some_and(|s| s.spooled_samples == 0 && s.dropped_samples > 0)
+    })
+    .await;
+    assert_eq!(a.stop().await, 0, "{}", a.stderr());
+
+    // What was dropped, per probe, is exactly what is missing on the server.
+    let stats = a.stats();
+    assert!(stats.dropped_samples > 0, "{stats:?}");
+    let mut missing_samples = BTreeMap::new();
+    for p in PROBES {
+        let collected = stats.collected.get(p.name).cloned().unwrap_or_default();
+        let dropped = stats.dropped.get(p.name).cloned().unwrap_or_default();
+        let stored = history_rows(&su, p.name, a.id).await as u64;
+        assert_eq!(
+            collected.rows - stored,
+            dropped.rows,
+            "probe {}: collected {} rows, stored {stored}, dropped {}",
+            p.name,
+            collected.rows,
+            dropped.rows
+        );
+        if dropped.samples > 0 {
+            missing_samples.insert(p.name.to_string(), dropped.samples);
+        }
+    }
+    assert_eq!(
+        missing_samples.values().sum::<u64>(),
+        stats.dropped_samples,
+        "{stats:?}"
+    );
+    // One line when it started, one when delivery worked again, with the same counts.
+    let started = a.log_lines(&["is full: spool_limit (32768 bytes)"]);
+    assert_eq!(started.len(), 1, "{}", a.log_text());
+    assert!(started[0].contains("raise spool_limit"), "{}", started[0]);
+    let ended = a.log_lines(&["were dropped for spool_limit"]);
+    assert_eq!(ended.len(), 1, "{}", a.log_text());
+    assert_eq!(dropped_in_line(&ended[0]), missing_samples, "{}", ended[0]);
+    eprintln!("{}", ended[0]);
+
+    // The oldest went: one gap in the CPU samples, inside the outage, and everything after it
+    // arrived in the order it was collected.
+    let times = collected_in_arrival_order(&su, "cpu_usage", a.id).await;
+    let gaps: Vec<(usize, f64)> = times
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i, w[1] - w[0]))
+        .filter(|(_, d)| *d > 2.5)
+        .collect();
+    assert_eq!(gaps.len(), 1, "one gap: {gaps:?}");
+    let (at, gap) = gaps[0];
+    let dropped_cpu = missing_samples["cpu_usage"] as f64;
+    assert!(
+        (gap - (dropped_cpu + 1.0)).abs() < 2.0,
+        "the gap ({gap:.1} s) is where the {dropped_cpu} dropped CPU samples were"
+    );
+    assert!(
+        times.len() - at > 5,
+        "newer samples of the outage were kept"
+    );
+    assert!(
+        times.windows(2).all(|w| w[1] > w[0]),
+        "stored in the order collected"
+    );
+}
