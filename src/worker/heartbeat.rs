@@ -27,11 +27,16 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let config = shared.config();
         let manager = shared.heartbeat_manager();
+        // After a failure, the next beat comes with the next connection attempt (when that is
+        // sooner): an agent that started during an outage does not wait out the default
+        // interval once the server is back.
+        let mut retry = None;
         match manager.checkout().await {
             Err(e) => {
                 shared.stats.heartbeat(false);
                 // The manager already warned about the outage itself.
                 tracing::debug!("heartbeat skipped: {e}");
+                retry = Some(manager.retry_in().max(Duration::from_secs(1)));
             }
             Ok(mut session) => {
                 let what = "recording a heartbeat";
@@ -79,13 +84,15 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     Err(e) => {
                         shared.stats.heartbeat(false);
                         tracing::warn!("heartbeat failed: {e}");
+                        retry = Some(config.short_wait);
                     }
                 }
             }
         }
+        let wait = retry.map_or(interval, |r| r.min(interval));
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
