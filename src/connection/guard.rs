@@ -37,6 +37,9 @@ pub struct Seen {
     pub password_requested: bool,
     /// What the failed handshake says about certificates, if anything.
     pub tls_failure: Option<TlsFailure>,
+    /// The TLS handshake completed (this side's view: under TLS 1.3 the server may still
+    /// refuse this side's certificate afterwards).
+    pub tls_established: bool,
 }
 
 /// A TLS failure over a certificate, told by OpenSSL's error codes. Fixed by replacing a file
@@ -412,7 +415,10 @@ where
         let handshake = self.inner.connect(stream);
         Box::pin(async move {
             match handshake.await {
-                Ok(s) => Ok(Guarded::tls(s, self.watch, self.guard_cleartext)),
+                Ok(s) => {
+                    self.watch.update(|s| s.tls_established = true);
+                    Ok(Guarded::tls(s, self.watch, self.guard_cleartext))
+                }
                 Err(e) => {
                     let failure = tls_failure(&e);
                     self.watch.update(|s| {

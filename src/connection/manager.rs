@@ -49,6 +49,8 @@ struct State {
     down: bool,
     /// Per target, what the outage's last line about it said: a certificate problem or not.
     logged: HashMap<usize, bool>,
+    /// During an outage, a loop is trying to connect for all.
+    probing: bool,
 }
 
 struct Inner {
@@ -69,6 +71,15 @@ impl Inner {
 
     fn expired(&self, opened: Instant) -> bool {
         self.lifetime.is_some_and(|l| opened.elapsed() >= l)
+    }
+}
+
+/// Ends a loop's attempt to connect for all, however the attempt ends (a cancelled future too).
+struct Probing<'a>(&'a Inner);
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.state().probing = false;
     }
 }
 
@@ -126,6 +137,7 @@ impl Manager {
                     generation: 0,
                     down: false,
                     logged: HashMap::new(),
+                    probing: false,
                 }),
             }),
         }
@@ -142,7 +154,7 @@ impl Manager {
 
     /// A session for the caller alone: an idle one, or a new connection.
     pub async fn checkout(&self) -> Result<Session, Unavailable> {
-        let (preferred, generation) = {
+        let (preferred, generation, probing) = {
             let mut st = self.inner.state();
             while let Some((client, opened)) = st.idle.pop() {
                 if client.is_closed() || self.inner.expired(opened) {
@@ -170,8 +182,19 @@ impl Manager {
                     });
                 }
             }
-            (st.preferred, st.generation)
+            // During an outage one loop tries for all: the others wait for its outcome rather
+            // than knock at the same moment.
+            if st.down && st.probing {
+                return Err(Unavailable::Backoff {
+                    wait: Duration::ZERO,
+                    last: st.last_error.clone(),
+                });
+            }
+            let probing = st.down;
+            st.probing |= probing;
+            (st.preferred, st.generation, probing)
         };
+        let _probe = probing.then(|| Probing(&self.inner));
 
         // No lock from here to the end of the attempts: other loops go on meanwhile.
         let n = self.inner.targets.len();

@@ -345,28 +345,30 @@ fn certificate_problem(
             let reason = detail
                 .rsplit_once('(')
                 .and_then(|(_, r)| r.split_once(')'))
-                .map_or("certificate verify failed", |(r, _)| r)
+                .map_or("no reason given", |(r, _)| r)
                 .to_string();
             let root = settings.root_cert.as_ref().map_or_else(
                 || "(no root certificate)".to_string(),
                 |r| r.display().to_string(),
             );
             let fix = if reason.contains("expired") {
-                "it has expired: renew the server's certificate".to_string()
+                "the server's certificate has expired: renew it on the server".to_string()
             } else if reason.contains("not yet valid") {
-                "it is not valid yet by this host's clock: check the clock (NTP)".to_string()
+                "the server's certificate is not valid yet by this host's clock: check the clock (NTP)"
+                    .to_string()
             } else if reason.contains("mismatch") {
                 format!(
-                    "it does not name {}: set pem_host to a name the certificate holds, or renew it with this one",
+                    "the server's certificate does not name {}: set pem_host to a name it holds, or renew it \
+                     with this one",
                     settings.host
                 )
             } else {
                 format!(
-                    "it is not signed by a CA in {root} (pem_ssl_root_cert); if the PEM server's CA was \
-                     replaced, put the new CA certificate in {root}"
+                    "the server's certificate is not signed by a CA in {root} (pem_ssl_root_cert); if the PEM \
+                     server's CA was replaced, put the new CA certificate in {root}"
                 )
             };
-            format!("the server's TLS certificate failed verification ({reason}): {fix}")
+            format!("TLS handshake failed: certificate verify failed ({reason}): {fix}")
         }
         TlsFailure::ClientExpired | TlsFailure::ClientRefused => {
             let Some((crt, _)) = &settings.client_cert else {
@@ -437,8 +439,21 @@ fn explain(
         ));
     }
     // TLS 1.3 servers judge the client's certificate after the client's handshake ended: their
-    // refusal comes with the first read, in the driver's error.
-    if let Some(failure) = seen.tls_failure.or_else(|| guard::tls_failure(&source)) {
+    // refusal comes with the first read, in the driver's error, or (when the server's reset
+    // outruns its alert) as a connection reset; then this agent's certificate, expired by its
+    // own clock, is what the server refused.
+    let expired_here = || {
+        let (crt, _) = settings.client_cert.as_ref()?;
+        (seen.tls_established
+            && !seen.password_requested
+            && certificate_expiry(crt).is_some_and(|at| at <= chrono::Utc::now()))
+        .then_some(guard::TlsFailure::ClientExpired)
+    };
+    let failure = seen
+        .tls_failure
+        .or_else(|| guard::tls_failure(&source))
+        .or_else(expired_here);
+    if let Some(failure) = failure {
         let detail = seen
             .handshake_error
             .clone()
