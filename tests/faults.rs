@@ -146,6 +146,18 @@ impl Agent {
     fn stats(&self) -> Snapshot {
         read_stats(&self.state).expect("stats.json")
     }
+
+    /// utime + stime of the worker, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as f64;
+        ticks as f64 / hz
+    }
 }
 
 impl Drop for Agent {
@@ -880,4 +892,678 @@ async fn an_outage_longer_than_the_spool_holds_drops_the_oldest_and_counts_exact
         times.windows(2).all(|w| w[1] > w[0]),
         "stored in the order collected"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Monitored servers that stop, or whose name stops resolving
+// ---------------------------------------------------------------------------------------------
+
+/// Another PostgreSQL server for the agent to monitor, in the bed's directory, with a
+/// certificate from the bed's CA for `names`; stopped when dropped.
+struct Monitored {
+    data: PathBuf,
+    port: u16,
+    pg_ctl: PathBuf,
+    run_as: Option<String>,
+    password: String,
+}
+
+impl Monitored {
+    fn start(bed: &TestBed, name: &str, names: &[&str]) -> Monitored {
+        let root = bed.root.join(name);
+        let (data, socket) = (root.join("data"), root.join("run"));
+        let owner = bed
+            .run_as
+            .as_ref()
+            .map(|u| nix::unistd::User::from_name(u).unwrap().unwrap());
+        for d in [&root, &data, &socket] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for d in [&data, &socket] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+            if let Some(u) = &owner {
+                nix::unistd::chown(d, Some(u.uid), Some(u.gid)).unwrap();
+            }
+        }
+        run(bed
+            .server_command(&bed.bin_dir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-E", "UTF8", "--no-sync"])
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256"]));
+        let (crt, key) = bed.ca.issue_server(names).unwrap();
+        for (file, text) in [("server.crt", crt), ("server.key", key)] {
+            let p = data.join(file);
+            std::fs::write(&p, text).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some(u) = &owner {
+                nix::unistd::chown(&p, Some(u.uid), Some(u.gid)).unwrap();
+            }
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             fsync = off\nshared_buffers = 16MB\nmax_connections = 20\n",
+            socket.display()
+        ));
+        std::fs::write(&conf, text).unwrap();
+        let m = Monitored {
+            data,
+            port,
+            pg_ctl: bed.bin_dir.join("pg_ctl"),
+            run_as: bed.run_as.clone(),
+            password: format!("{:016x}", fastrand::u64(..)),
+        };
+        m.start_again();
+        run(bed
+            .server_command(Path::new("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&socket)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
+            .arg(format!(
+                "CREATE ROLE monitor LOGIN PASSWORD '{}' IN ROLE pg_monitor",
+                m.password
+            )));
+        m
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut c = match &self.run_as {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(&self.pg_ctl);
+                c
+            }
+            None => Command::new(&self.pg_ctl),
+        };
+        c.arg("-D").arg(&self.data).args(args).stdout(Stdio::null());
+        c
+    }
+
+    fn start_again(&self) {
+        // In the socket directory: the server's user may write there.
+        let log = self.data.parent().unwrap().join("run/postgresql.log");
+        run(self.pg_ctl(&["-w", "-t", "30", "-l"]).arg(log).arg("start"));
+    }
+
+    fn stop(&self) {
+        run(&mut self.pg_ctl(&["-m", "fast", "-w", "-t", "30", "stop"]));
+    }
+}
+
+impl Drop for Monitored {
+    fn drop(&mut self) {
+        let _ = self
+            .pg_ctl(&["-m", "immediate", "-w", "-t", "30", "stop"])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Binds `m`, reached as `host`, to `agent` with its server probes every `interval` s, as
+/// `--register-server` would (the PEM server's rows, this host's record, the password in
+/// ~/.pgpass); returns the server id.
+async fn bind_monitored(
+    bed: &TestBed,
+    su: &Client,
+    agent: &Agent,
+    m: &Monitored,
+    host: &str,
+    interval: i32,
+) -> i32 {
+    let port = i32::from(m.port);
+    let id: i32 = pool::query_one(
+        su,
+        "binding",
+        "WITH s AS (INSERT INTO pem.server (display_name, server_addr, port, database, username) \
+                    VALUES ($2, $2, $3, 'postgres', 'monitor') RETURNING id), \
+              b AS (INSERT INTO pem.agent_server_binding (agent_id, server_id, sslmode) SELECT $1, id, 'verify-full' FROM s), \
+              p AS (INSERT INTO pem.probe_schedule (agent_id, server_id, probe_id, interval, enabled) \
+                    SELECT $1, s.id, p.id, $4, true FROM s, pem.probe p WHERE p.target_type = 'server') \
+         SELECT id FROM s",
+        &[
+            (&agent.id, Type::INT4),
+            (&host, Type::TEXT),
+            (&port, Type::INT4),
+            (&interval, Type::INT4),
+        ],
+    )
+    .await
+    .unwrap()
+    .get(0);
+    let targets = pemworker::targets::file_for(&agent.cfg);
+    pemworker::targets::Registry::load(&targets)
+        .unwrap()
+        .with(pemworker::targets::Target {
+            kind: pemworker::targets::Kind::Server,
+            host: host.into(),
+            port: m.port,
+            database: "postgres".into(),
+            user: "monitor".into(),
+            sslmode: "verify-full".into(),
+            root_cert: Some(bed.root_crt.clone()),
+        })
+        .stage(&targets)
+        .unwrap()
+        .commit()
+        .unwrap();
+    use std::io::Write;
+    let mut pgpass = std::fs::OpenOptions::new()
+        .append(true)
+        .open(bed.home.join(".pgpass"))
+        .unwrap();
+    writeln!(pgpass, "{host}:{}:*:monitor:{}", m.port, m.password).unwrap();
+    id
+}
+
+/// Samples of `probe` for one server of `agent` collected in [from, to] (server times).
+async fn server_samples(
+    su: &Client,
+    probe: &str,
+    agent: i32,
+    server: i32,
+    from: &str,
+    to: &str,
+) -> i64 {
+    pool::query_one(
+        su,
+        "samples",
+        &format!(
+            "SELECT count(DISTINCT collected_at) FROM pemhistory.{probe} WHERE agent_id = $1 \
+               AND server_id IS NOT DISTINCT FROM $2 \
+               AND collected_at BETWEEN $3::text::timestamptz AND $4::text::timestamptz"
+        ),
+        &[
+            (&agent, Type::INT4),
+            (&server, Type::INT4),
+            (&from, Type::TEXT),
+            (&to, Type::TEXT),
+        ],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitored_servers_that_stop_or_stop_resolving_come_back_by_themselves() {
+    require_root("this test (a private mount namespace for the agent's /etc/hosts)");
+    let bed = TestBed::start();
+    let mut agents = fleet(&bed, 1, 1, 2).await;
+    let a = &mut agents[0];
+    let su = bed.connect(&bed.superuser()).await;
+    let bed_server: i32 = pool::query_one(
+        &su,
+        "bed server",
+        "SELECT server_id FROM pem.agent_server_binding WHERE agent_id = $1",
+        &[(&a.id, Type::INT4)],
+    )
+    .await
+    .unwrap()
+    .get(0);
+    // One server that will stop, one reached by a name that will stop resolving.
+    const NAME: &str = "pemfault-db.test";
+    let stopping = Monitored::start(&bed, "stopping", &["127.0.0.1"]);
+    let renamed = Monitored::start(&bed, "renamed", &[NAME]);
+    let stopping_id = bind_monitored(&bed, &su, a, &stopping, "127.0.0.1", 2).await;
+    let renamed_id = bind_monitored(&bed, &su, a, &renamed, NAME, 2).await;
+
+    // The agent runs in a mount namespace of its own, where /etc/hosts is a file this test
+    // owns and host names come from it alone; the machine's files are not touched.
+    let hosts = a.site.join("hosts");
+    let with_name = format!("127.0.0.1 localhost\n127.0.0.1 {NAME}\n");
+    std::fs::write(&hosts, &with_name).unwrap();
+    let nsswitch = a.site.join("nsswitch.conf");
+    std::fs::write(
+        &nsswitch,
+        "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
+    )
+    .unwrap();
+    a.wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/nsswitch.conf && shift 2 && exec \"$@\"",
+        "sh",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([hosts.display().to_string(), nsswitch.display().to_string()])
+    .collect();
+    log_heartbeats(&su).await;
+    a.start(&bed);
+    let start = server_now(&su).await;
+    wait_for(
+        "samples of both servers",
+        Duration::from_secs(40),
+        || async {
+            let now = server_now(&su).await;
+            server_samples(&su, "server_info", a.id, stopping_id, &start, &now).await > 0
+                && server_samples(&su, "server_info", a.id, renamed_id, &start, &now).await > 0
+        },
+    )
+    .await;
+
+    // For a minute: one server stopped, the other's name unknown (the file is rewritten in
+    // place: the bind mount holds its inode).
+    let t0 = server_now(&su).await;
+    stopping.stop();
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let outage = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let down = a.stats().targets_down;
+    assert!(
+        down.get(&format!("server {stopping_id}"))
+            .is_some_and(|why| why.contains("127.0.0.1")),
+        "{down:?}"
+    );
+    assert!(
+        down.get(&format!("server {renamed_id}"))
+            .is_some_and(|why| why.contains(NAME)),
+        "{down:?}"
+    );
+    tokio::time::sleep_until((outage + Duration::from_secs(60)).into()).await;
+    let t1 = server_now(&su).await;
+    stopping.start_again();
+    std::fs::write(&hosts, &with_name).unwrap();
+    wait_for(
+        "both servers' samples again",
+        Duration::from_secs(30),
+        || async {
+            let now = server_now(&su).await;
+            server_samples(&su, "server_info", a.id, stopping_id, &t1, &now).await > 0
+                && server_samples(&su, "server_info", a.id, renamed_id, &t1, &now).await > 0
+        },
+    )
+    .await;
+    assert!(a.is_running(), "{}", a.stderr());
+    assert!(a.stats().targets_down.is_empty());
+    assert_eq!(a.stop().await, 0, "{}", a.stderr());
+
+    // Nothing else noticed: heartbeats every second, the other probes at their intervals.
+    let (gap, beats) = longest_heartbeat_gap(&su, a.id, &t0, &t1).await;
+    eprintln!("over the minute: {beats} heartbeats (every 1 s), longest gap {gap:.2} s");
+    assert!(gap <= 2.5, "a heartbeat gap of {gap:.2} s");
+    let cpu: i64 = pool::query_one(
+        &su,
+        "cpu",
+        "SELECT count(*) FROM pemhistory.cpu_usage WHERE agent_id = $1 \
+           AND collected_at BETWEEN $2::text::timestamptz AND $3::text::timestamptz",
+        &[(&a.id, Type::INT4), (&t0, Type::TEXT), (&t1, Type::TEXT)],
+    )
+    .await
+    .unwrap()
+    .get(0);
+    let bed_info = server_samples(&su, "server_info", a.id, bed_server, &t0, &t1).await;
+    let pools: i64 = pool::query_one(
+        &su,
+        "pools",
+        "SELECT count(DISTINCT collected_at) FROM pemhistory.pgbouncer_pools WHERE agent_id = $1 \
+           AND collected_at BETWEEN $2::text::timestamptz AND $3::text::timestamptz",
+        &[(&a.id, Type::INT4), (&t0, Type::TEXT), (&t1, Type::TEXT)],
+    )
+    .await
+    .unwrap()
+    .get(0);
+    eprintln!(
+        "over the minute: cpu {cpu} (every 1 s), bed server {bed_info} and pgBouncer {pools} (every 2 s)"
+    );
+    assert!(cpu >= 55, "{cpu} CPU samples in 60 s");
+    assert!(
+        bed_info >= 27 && pools >= 27,
+        "{bed_info} server, {pools} pgBouncer samples in 60 s"
+    );
+    // The two servers: nothing while they were away (but a round under way when it began).
+    for id in [stopping_id, renamed_id] {
+        let during = pool::query_one(
+            &su,
+            "during",
+            "SELECT count(*) FROM pemhistory.server_info WHERE agent_id = $1 AND server_id = $2 \
+               AND collected_at BETWEEN $3::text::timestamptz + interval '3 s' AND $4::text::timestamptz",
+            &[(&a.id, Type::INT4), (&id, Type::INT4), (&t0, Type::TEXT), (&t1, Type::TEXT)],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+        assert_eq!(during, 0, "server {id}");
+    }
+    // Each logged once when it went, once when it came back.
+    for (id, target, why) in [
+        (
+            stopping_id,
+            format!("127.0.0.1:{}", stopping.port),
+            "cannot connect",
+        ),
+        (
+            renamed_id,
+            format!("{NAME}:{}", renamed.port),
+            "failed to lookup address",
+        ),
+    ] {
+        let what = format!("probes of server {id} ({target})");
+        let went = a.log_lines(&[
+            &what,
+            "its samples are missing until it can be reached again",
+        ]);
+        assert_eq!(went.len(), 1, "{}", a.log_text());
+        assert!(went[0].contains(why), "{}", went[0]);
+        let back = a.log_lines(&[&what, "work again after"]);
+        assert_eq!(back.len(), 1, "{}", a.log_text());
+        assert_eq!(a.log_lines(&[&what]).len(), 2, "{}", a.log_text());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates that change
+// ---------------------------------------------------------------------------------------------
+
+/// Replaces the server certificate and key PostgreSQL and pgBouncer use (the same files, in
+/// place: owner and mode stay).
+fn replace_server_certificate(bed: &TestBed, crt: &str, key: &str) {
+    std::fs::write(bed.data_dir.join("server.crt"), crt).unwrap();
+    std::fs::write(bed.data_dir.join("server.key"), key).unwrap();
+}
+
+/// The certificate a server presents on `port` (PEM), as openssl s_client sees it.
+fn presented_certificate(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-starttls", "postgres"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let begin = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    text[begin..end].to_string()
+}
+
+fn same_pem(a: &str, b: &str) -> bool {
+    let squeeze = |s: &str| s.split_whitespace().collect::<String>();
+    squeeze(a) == squeeze(b)
+}
+
+/// A certificate for `key_file`'s key, signed by `ca`, that expired yesterday.
+fn expired_certificate(ca: &pemworker::certs::Authority, cn: &str, key_file: &Path) -> String {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    };
+    let key = KeyPair::from_pem(&std::fs::read_to_string(key_file).unwrap()).unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.cert_pem, KeyPair::from_pem(&ca.key_pem).unwrap()).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    params.signed_by(&key, &issuer).unwrap().pem()
+}
+
+/// When a log line was written (its leading RFC 3339 time), in seconds.
+fn logged_at(line: &str) -> f64 {
+    let stamp = line.split_whitespace().next().unwrap_or("");
+    chrono::DateTime::parse_from_rfc3339(stamp)
+        .map(|t| t.timestamp_micros() as f64 / 1e6)
+        .unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renewed_replaced_or_expired_under_running_agents() {
+    let bed = TestBed::start();
+    let mut agents = fleet(&bed, 2, 2, 2).await;
+    let su = bed.connect(&bed.superuser()).await;
+    log_heartbeats(&su).await;
+    for (i, a) in agents.iter_mut().enumerate() {
+        // Each agent has its own copy of the root certificate, as on its own host; sessions are
+        // renewed every 2 s, so the agents keep opening new ones.
+        let root = a.site.join("root.crt");
+        std::fs::copy(&bed.root_crt, &root).unwrap();
+        a.settings.extend([
+            ("pem_ssl_root_cert", root.display().to_string()),
+            ("connection_lifetime", "2".into()),
+        ]);
+        if i == 0 {
+            // Its debug lines show every connection attempt.
+            a.settings.push(("log_level", "debug1".into()));
+        }
+        a.start(&bed);
+    }
+    let up = server_now(&su).await;
+    wait_for(
+        "both agents' first samples",
+        Duration::from_secs(30),
+        || async {
+            let now = server_now(&su).await;
+            let mut ok = true;
+            for a in &agents {
+                ok &= longest_heartbeat_gap(&su, a.id, &up, &now).await.1 > 2
+                    && history_rows(&su, "cpu_usage", a.id).await > 0;
+            }
+            ok
+        },
+    )
+    .await;
+
+    // 1. The server certificate renewed by the same CA: pgBouncer reloads, PostgreSQL too.
+    let (crt, key) = bed.ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
+    let t0 = server_now(&su).await;
+    replace_server_certificate(&bed, &crt, &key);
+    bed.console("RELOAD").await;
+    pool::batch(&su, "reload", "SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    assert!(
+        same_pem(&presented_certificate(bed.pgb_port), &crt),
+        "pgBouncer serves the new certificate"
+    );
+    assert!(
+        same_pem(&presented_certificate(bed.pg_port), &crt),
+        "PostgreSQL serves the new certificate"
+    );
+    let info_before = history_rows(&su, "server_info", agents[0].id).await;
+    let (cpu0, from) = (agents[1].cpu_seconds(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let baseline = (agents[1].cpu_seconds() - cpu0) / from.elapsed().as_secs_f64() * 100.0;
+    let t1 = server_now(&su).await;
+    for a in &agents {
+        let (gap, beats) = longest_heartbeat_gap(&su, a.id, &t0, &t1).await;
+        eprintln!(
+            "agent {}: server certificate renewed: {beats} heartbeats in 10 s, longest gap {gap:.2} s",
+            a.id
+        );
+        assert!(
+            gap <= 2.0,
+            "agent {}: more than one heartbeat lost ({gap:.2} s)",
+            a.id
+        );
+        assert!(a.log_lines(&["certificate"]).is_empty(), "{}", a.log_text());
+    }
+    assert!(
+        history_rows(&su, "server_info", agents[0].id).await >= info_before + 3,
+        "the monitored server is probed over its new certificate"
+    );
+
+    // 2. The CA replaced: the server's new certificate is from a CA the agents do not know
+    //    (pgBouncer still accepts their certificates from the old one).
+    let ca2 = pemworker::certs::Authority::generate("replacement CA").unwrap();
+    let (crt2, key2) = ca2.issue_server(&["localhost", "127.0.0.1"]).unwrap();
+    let both = format!("{}{}", bed.ca.cert_pem, ca2.cert_pem);
+    std::fs::write(&bed.root_crt, &both).unwrap();
+    replace_server_certificate(&bed, &crt2, &key2);
+    bed.console("RELOAD").await;
+    let root1 = agents[1].site.join("root.crt").display().to_string();
+    wait_for(
+        "the agents to name the problem",
+        Duration::from_secs(20),
+        || async {
+            agents
+                .iter()
+                .all(|a| !a.log_lines(&["certificate verify failed"]).is_empty())
+        },
+    )
+    .await;
+    // Over 20 s of failing: CPU (of the agent with only its own host's probes), attempts,
+    // lines.
+    let window = Duration::from_secs(20);
+    let (cpu0, from) = (agents[1].cpu_seconds(), Instant::now());
+    let logged_from = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    tokio::time::sleep(window).await;
+    let cpu = (agents[1].cpu_seconds() - cpu0) / from.elapsed().as_secs_f64() * 100.0;
+    let logged_to = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    let attempts: Vec<f64> = agents[0]
+        .log_lines(&[
+            "DEBUG",
+            "PEM server: cannot connect",
+            "certificate verify failed",
+        ])
+        .iter()
+        .map(|l| logged_at(l))
+        .filter(|t| (logged_from..logged_to).contains(t))
+        .collect();
+    eprintln!(
+        "CA replaced: agent CPU {cpu:.2}% of one core over {} s (before: {baseline:.2}%); {} attempts by the other agent: {:?}",
+        window.as_secs(),
+        attempts.len(),
+        attempts
+            .windows(2)
+            .map(|w| format!("{:.1} s", w[1] - w[0]))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        cpu < 3.0,
+        "CPU {cpu:.2}% of one core while it cannot connect"
+    );
+    assert!(
+        (2..=5).contains(&attempts.len()),
+        "attempts every long_wait ({LONG_WAIT} s): {attempts:?}"
+    );
+    for w in attempts.windows(2) {
+        assert!(w[1] - w[0] >= 0.85 * LONG_WAIT as f64, "{attempts:?}");
+    }
+    let lines = agents[1].log_lines(&["certificate"]);
+    assert_eq!(lines.len(), 1, "one line: {lines:#?}");
+    assert!(
+        lines[0].contains("ERROR")
+            && lines[0].contains(&format!(
+                "is not signed by a CA in {root1} (pem_ssl_root_cert)"
+            ))
+            && lines[0].contains(&format!("put the new CA certificate in {root1}"))
+            && lines[0].contains("every 5 s (long_wait)"),
+        "{}",
+        lines[0]
+    );
+    // The fix, as the line says: the new CA in the file. No restart.
+    let fixed = server_now(&su).await;
+    for a in &agents {
+        std::fs::write(a.site.join("root.crt"), &both).unwrap();
+    }
+    wait_for(
+        "heartbeats with the new CA",
+        Duration::from_secs(LONG_WAIT + 10),
+        || async {
+            let now = server_now(&su).await;
+            let mut ok = true;
+            for a in &agents {
+                ok &= longest_heartbeat_gap(&su, a.id, &fixed, &now).await.1 > 0;
+            }
+            ok
+        },
+    )
+    .await;
+
+    // 3. An expired agent certificate: one line naming the file and the command that renews it.
+    let a1 = &mut agents[1];
+    assert_eq!(a1.stop().await, 0, "{}", a1.stderr());
+    let crt_file = a1.site.join(".pem/pem_agent_user1.crt");
+    let key_file = a1.site.join(".pem/pem_agent_user1.key");
+    std::fs::write(
+        &crt_file,
+        expired_certificate(&bed.ca, "pem_agent_user1", &key_file),
+    )
+    .unwrap();
+    std::fs::write(&a1.log, "").unwrap();
+    a1.start(&bed);
+    let expired = format!("this agent's certificate {} expired on", crt_file.display());
+    wait_for(
+        "the expired certificate named",
+        Duration::from_secs(20),
+        || async { !a1.log_lines(&[&expired]).is_empty() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2 * LONG_WAIT)).await;
+    assert!(a1.is_running(), "{}", a1.stderr());
+    let lines = a1.log_lines(&["ERROR", "certificate"]);
+    assert_eq!(lines.len(), 1, "one line: {lines:#?}");
+    let command = lines[0]
+        .split_once("get a new one with: ")
+        .and_then(|(_, c)| c.split_once(" (add"))
+        .map(|(c, _)| c.to_string())
+        .unwrap_or_else(|| panic!("a command in: {}", lines[0]));
+    assert!(
+        command.starts_with("pemworker --register-agent --force-registration"),
+        "{command}"
+    );
+    // The command works, filled in as its placeholders say; the agent takes the new
+    // certificate at its next attempt and keeps its id.
+    let etc = a1.cfg.parent().unwrap().display().to_string();
+    let args: Vec<String> = command
+        .replace("<directory of agent.cfg>", &etc)
+        .replace("<a PEM admin>", common::ADMIN_USER)
+        .split_whitespace()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = bed.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", common::ADMIN_PASSWORD)]);
+    let (code, stdout, stderr) = common::outcome(&out);
+    assert_eq!(code, 0, "{command}: {stdout}{stderr}");
+    assert!(
+        std::fs::read_to_string(&a1.cfg)
+            .unwrap()
+            .contains(&format!("agent_id={}", a1.id))
+    );
+    let renewed = server_now(&su).await;
+    wait_for(
+        "heartbeats with the new certificate",
+        Duration::from_secs(LONG_WAIT + 10),
+        || async {
+            let now = server_now(&su).await;
+            longest_heartbeat_gap(&su, a1.id, &renewed, &now).await.1 > 0
+        },
+    )
+    .await;
+    for a in agents.iter_mut() {
+        assert_eq!(a.stop().await, 0, "{}", a.stderr());
+        assert_eq!(
+            a.stats().spooled_samples,
+            0,
+            "agent {}: delivered what it kept meanwhile",
+            a.id
+        );
+    }
 }
