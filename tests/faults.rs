@@ -867,6 +867,17 @@ async fn an_outage_longer_than_the_spool_holds_drops_the_oldest_and_counts_exact
     assert_eq!(ended.len(), 1, "{}", a.log_text());
     assert_eq!(dropped_in_line(&ended[0]), missing_samples, "{}", ended[0]);
     eprintln!("{}", ended[0]);
+    // And what an operator asks for.
+    let (code, out, err) =
+        common::outcome(&a.command(&bed, &["spool", "status"]).output().unwrap());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "dropped (spool full, or not writable) in the worker's last run: {} (",
+            stats.dropped_samples
+        )) && out.contains(&format!("cpu_usage {}", missing_samples["cpu_usage"])),
+        "{out}"
+    );
 
     // The oldest went: one gap in the CPU samples, inside the outage, and everything after it
     // arrived in the order it was collected.
