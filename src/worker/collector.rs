@@ -22,7 +22,9 @@
 //! other probes go on.
 //!
 //! Scheduling runs on the monotonic clock: a jump of the wall clock (an NTP step, a manual
-//! change) neither fires probes early nor holds them back. Sample timestamps come from the
+//! change) neither fires probes early nor holds them back. After its first run a probe falls
+//! due on whole multiples of its interval from the collector's start, so probes of related
+//! intervals run at the same wakeup and their samples are written together. Sample timestamps come from the
 //! wall clock, so a jump shows in the data as a jump.
 
 use std::collections::{HashMap, HashSet};
@@ -95,6 +97,10 @@ struct Schedule {
     servers: HashMap<i32, ConnectSettings>,
     bouncers: HashMap<String, ConnectSettings>,
     loaded: bool,
+    /// Jobs after their first run fall due at whole multiples of their interval from here, so
+    /// jobs of related intervals (10 s and 60 s) fall due together: one wakeup and one spool
+    /// write for them all.
+    anchor: Instant,
 }
 
 impl Schedule {
@@ -119,7 +125,22 @@ impl Schedule {
             servers: HashMap::new(),
             bouncers: HashMap::new(),
             loaded: false,
+            anchor: now,
         }
+    }
+
+    /// The first instant strictly after `after` that is a whole number of `interval`s from the
+    /// anchor.
+    fn next_slot(&self, after: Instant, interval: Duration) -> Instant {
+        Schedule::slot_after(self.anchor, after, interval)
+    }
+
+    fn slot_after(anchor: Instant, after: Instant, interval: Duration) -> Instant {
+        let step = interval.as_nanos().max(1);
+        let since = after.saturating_duration_since(anchor).as_nanos();
+        let slots = since / step + 1;
+        let offset = u64::try_from(slots.saturating_mul(step)).unwrap_or(u64::MAX);
+        anchor + Duration::from_nanos(offset)
     }
 
     /// Replaces the jobs with the server's schedule. A job that keeps its interval keeps its
@@ -140,7 +161,12 @@ impl Schedule {
             let key = (spec.name, place.clone());
             let (next_due, last_run) = match self.jobs.get(&key) {
                 Some(old) if old.interval == interval => (old.next_due, old.last_run),
-                Some(old) => (old.last_run.map_or(now, |t| t + interval), old.last_run),
+                Some(old) => (
+                    old.last_run.map_or(now, |t| {
+                        self.next_slot(t + interval - Duration::from_nanos(1), interval)
+                    }),
+                    old.last_run,
+                ),
                 None => (now, None),
             };
             jobs.insert(
@@ -162,18 +188,16 @@ impl Schedule {
         self.jobs.values().map(|j| j.next_due).min()
     }
 
-    /// The jobs due at `now`, by place; each is rescheduled one interval on (or one interval
-    /// after now, if it fell further behind).
+    /// The jobs due at `now`, by place; each is rescheduled to its next slot after now (one
+    /// interval on; a job that fell behind skips what it missed rather than catching up).
     fn take_due(&mut self, now: Instant) -> HashMap<Place, Vec<&'static ProbeSpec>> {
         let mut due: HashMap<Place, Vec<&'static ProbeSpec>> = HashMap::new();
+        let anchor = self.anchor;
         for job in self.jobs.values_mut() {
             if job.next_due <= now {
                 due.entry(job.place.clone()).or_default().push(job.spec);
                 job.last_run = Some(now);
-                job.next_due += job.interval;
-                if job.next_due <= now {
-                    job.next_due = now + job.interval;
-                }
+                job.next_due = Schedule::slot_after(anchor, now, job.interval);
             }
         }
         due
@@ -685,4 +709,70 @@ async fn collect_remote(
         }
     }
     round
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(due: &HashMap<Place, Vec<&'static ProbeSpec>>) -> Vec<String> {
+        let mut v: Vec<String> = due
+            .iter()
+            .flat_map(|(place, specs)| specs.iter().map(move |s| format!("{}@{place}", s.name)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn jobs_of_related_intervals_fall_due_together_and_a_late_one_does_not_catch_up() {
+        let mut s = Schedule::fallback();
+        let a = s.anchor;
+        let secs = |x: f64| a + Duration::from_secs_f64(x);
+        assert_eq!(names(&s.take_due(a)).len(), 6, "every agent probe at once");
+        s.merge(vec![
+            (
+                "cpu_usage".into(),
+                Place::Agent,
+                Duration::from_secs(10),
+                true,
+            ),
+            (
+                "memory_usage".into(),
+                Place::Agent,
+                Duration::from_secs(60),
+                true,
+            ),
+            (
+                "server_info".into(),
+                Place::Server(1),
+                Duration::from_secs(20),
+                true,
+            ),
+        ]);
+        // A new job runs at once; then every job falls on whole intervals from the anchor.
+        assert_eq!(names(&s.take_due(secs(0.5))), ["server_info@server 1"]);
+        assert_eq!(s.next_due(), Some(secs(10.0)));
+        assert_eq!(names(&s.take_due(secs(10.3))), ["cpu_usage@this host"]);
+        assert_eq!(
+            names(&s.take_due(secs(20.1))),
+            ["cpu_usage@this host", "server_info@server 1"]
+        );
+        // Late by 17 s: each runs once, then back on its slots.
+        assert_eq!(
+            names(&s.take_due(secs(47.0))),
+            ["cpu_usage@this host", "server_info@server 1"]
+        );
+        assert_eq!(s.next_due(), Some(secs(50.0)));
+        assert!(s.take_due(secs(49.9)).is_empty());
+        assert_eq!(names(&s.take_due(secs(50.0))), ["cpu_usage@this host"]);
+        assert_eq!(
+            names(&s.take_due(secs(60.0))),
+            [
+                "cpu_usage@this host",
+                "memory_usage@this host",
+                "server_info@server 1"
+            ]
+        );
+    }
 }
