@@ -299,12 +299,14 @@ async fn open(settings: &ConnectSettings, watch: &guard::Watch) -> Result<Client
     Ok(client)
 }
 
-/// When the certificate in `path` (PEM) expires, if it can be read.
+/// When the certificate in `path` (PEM) expires, if it can be read. Read with OpenSSL, which
+/// every TLS session loads anyway.
 pub fn certificate_expiry(path: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>> {
     let data = std::fs::read(path).ok()?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&data).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    chrono::DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+    let cert = openssl::x509::X509::from_pem(&data).ok()?;
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let d = epoch.diff(cert.not_after()).ok()?;
+    chrono::DateTime::from_timestamp(i64::from(d.days) * 86_400 + i64::from(d.secs), 0)
 }
 
 /// The command that gets this agent a new certificate (re-registration keeps the agent id).
@@ -485,5 +487,36 @@ fn explain(
         target: settings.target(),
         user: settings.user.clone(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificates_expiry_is_read_and_the_renewal_command_names_its_directory() {
+        let ca = crate::certs::Authority::generate("test CA").unwrap();
+        let (crt, _) = ca.issue_server(&["127.0.0.1"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.crt");
+        std::fs::write(&file, crt).unwrap();
+        let at = certificate_expiry(&file).unwrap();
+        let want = chrono::Utc::now() + chrono::Duration::days(365);
+        assert!((at - want).num_seconds().abs() < 60, "{at} vs {want}");
+        assert!(certificate_expiry(&dir.path().join("missing")).is_none());
+
+        let mut s = ConnectSettings::from_env("127.0.0.1", 6432, "pem_agent_user1", "pem").unwrap();
+        s.client_cert = Some((file.clone(), dir.path().join("agent.key")));
+        let command = renewal_command(&s);
+        assert!(
+            command.starts_with(
+                "pemworker --register-agent --force-registration --pem-server 127.0.0.1 --pem-port 6432 \
+                 --pem-agent-user pem_agent_user1 --cert-path "
+            ),
+            "{command}"
+        );
+        s.user = "agent12".into();
+        assert!(!renewal_command(&s).contains("--pem-agent-user"));
     }
 }
