@@ -24,8 +24,8 @@
 //! Scheduling runs on the monotonic clock: a jump of the wall clock (an NTP step, a manual
 //! change) neither fires probes early nor holds them back. After its first run a probe falls
 //! due on whole multiples of its interval from the collector's start, so probes of related
-//! intervals run at the same wakeup and their samples are written together. Sample timestamps come from the
-//! wall clock, so a jump shows in the data as a jump.
+//! intervals run at the same wakeup and their samples are written together. Sample timestamps
+//! come from the wall clock, so a jump shows in the data as a jump.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -144,7 +144,8 @@ impl Schedule {
     }
 
     /// Replaces the jobs with the server's schedule. A job that keeps its interval keeps its
-    /// due time; one whose interval changed is next due one new interval after its last run.
+    /// due time; one whose interval changed is next due at its first slot one new interval
+    /// after its last run; a new one at once.
     fn merge(&mut self, rows: Vec<(String, Place, Duration, bool)>) {
         let now = Instant::now();
         let mut jobs = HashMap::new();
