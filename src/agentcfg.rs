@@ -40,6 +40,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
 pub const OTHER_KEYS: &[&str] = &[
     "pem_ssl_mode",
     "pem_ssl_root_cert",
+    "agent_secret_file",
     "enable_webhook",
     "batch_script_dir",
     "batch_script_user",

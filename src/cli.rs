@@ -58,9 +58,14 @@ pub struct AgentArgs {
     /// [default: PGSSLROOTCERT, else ~/.postgresql/root.crt].
     #[arg(long = "pem-ssl-root-cert", value_name = "FILE")]
     pub pem_ssl_root_cert: Option<PathBuf>,
-    /// PEM admin user that registers the agent.
+    /// PEM admin user that registers the agent (with an enrolment token: the enrolment login,
+    /// default pem_enrolment).
     #[arg(long = "pem-user", value_name = "USER")]
     pub pem_user: Option<String>,
+    /// Register with the enrolment token in this file (mode 0600) instead of the admin's
+    /// password; or set PEMWORKER_ENROLMENT_TOKEN. Never on the command line.
+    #[arg(long = "enrolment-token-file", value_name = "FILE")]
+    pub enrolment_token_file: Option<PathBuf>,
     /// Common agent user to log in as (through pgBouncer); default: a dedicated agent<ID>.
     #[arg(long = "pem-agent-user", value_name = "USER")]
     pub pem_agent_user: Option<String>,
@@ -301,6 +306,85 @@ pub enum PoolerCommand {
     CreateProxyUser(Box<CreateProxyUserArgs>),
     /// Write pgbouncer.ini, its HBA file and user list.
     Configure(Box<ConfigureArgs>),
+    /// Registration tokens: agent hosts enrol with one instead of the admin's password.
+    #[command(subcommand, name = "enrolment-token")]
+    EnrolmentToken(TokenCommand),
+    /// Inspect the PEM server, pgBouncer's files and a certificate login through pgBouncer;
+    /// print each problem with its fix; exit 1 if any is left. --fix repairs what is safe.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (once: the server keeps only its hash).
+    Create(TokenCreateArgs),
+    /// List the tokens with their state and the agents they enrolled.
+    List(TokenServerArgs),
+    /// Revoke a token so it enrols nothing more.
+    Revoke(TokenRevokeArgs),
+}
+
+/// The PEM admin's session (the same flags as the other admin commands).
+#[derive(Debug, Args)]
+pub struct TokenServerArgs {
+    #[command(flatten)]
+    pub server: PemServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub server: PemServerArgs,
+    /// How long the token is valid: 90s, 15m, 1h, 7d (at most 30d).
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub ttl: String,
+    /// How many agents it may enrol.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub uses: u32,
+    /// The only agent user its agents may log in as (created if missing) [default: each
+    /// agent gets its own agent<ID> role].
+    #[arg(long = "agent-user", value_name = "USER")]
+    pub agent_user: Option<String>,
+    /// The PEM group its agents are put in.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// The PEM team its agents are put in.
+    #[arg(long, value_name = "TEAM")]
+    pub team: Option<String>,
+    /// Write the token to this new file (mode 0600) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    #[command(flatten)]
+    pub server: PemServerArgs,
+    /// The token's number, as `list` shows it.
+    pub id: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A superuser session with the PEM database (as for prepare-server).
+    #[command(flatten)]
+    pub server: PemServerArgs,
+    /// pgBouncer's configuration directory [default: /etc/pgbouncer, if it has a pgbouncer.ini].
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// The server's pg_hba.conf, so that --fix can put pemworker's lines first.
+    #[arg(long, value_name = "FILE")]
+    pub pg_hba: Option<PathBuf>,
+    /// pgBouncer's host, for a certificate login through it [default: --pem-server].
+    #[arg(long, value_name = "HOST")]
+    pub pgbouncer_host: Option<String>,
+    /// pgBouncer's port: try a certificate login through it as a pooled agent user.
+    #[arg(long, value_name = "PORT")]
+    pub pgbouncer_port: Option<u16>,
+    /// Repair what is safe to repair (roles, grants, modes, plain-text passwords, pg_hba.conf
+    /// with --pg-hba), then check again.
+    #[arg(long)]
+    pub fix: bool,
 }
 
 /// How to reach the PEM server, with PEM's flag names. The password comes from
@@ -344,9 +428,18 @@ pub struct PrepareServerArgs {
     /// without it the lines are printed.
     #[arg(long, value_name = "FILE")]
     pub pg_hba: Option<PathBuf>,
-    /// Where pgBouncer connects from: `local` (Unix socket) or an address/CIDR.
+    /// Where pgBouncer connects from: `local` (Unix socket, peer authentication, no
+    /// passwords) or an address/CIDR (TLS).
     #[arg(long, default_value = "local", value_name = "local|CIDR")]
     pub pgbouncer_address: String,
+    /// The operating-system user pgBouncer runs as (with `--pgbouncer-address local`): only it
+    /// may log in over the socket as the auth user, the admin and the pooled agent users.
+    #[arg(long, default_value = "postgres", value_name = "USER")]
+    pub pgbouncer_os_user: String,
+    /// Keep CREATEROLE on an admin that has it, as the guide's recipe does. On PostgreSQL 15
+    /// and older that makes the admin superuser-equivalent; prefer the default, which removes it.
+    #[arg(long)]
+    pub keep_guide_createrole: bool,
     /// Set the passwords of existing auth and admin users again.
     #[arg(long)]
     pub reset_passwords: bool,
@@ -379,9 +472,13 @@ pub struct ConfigureArgs {
     /// Password: PEMWORKER_AUTH_USER_PASSWORD or a prompt.
     #[arg(long, default_value = "pgbouncer", value_name = "USER")]
     pub auth_user: String,
-    /// Admin and stats user. Password: PEMWORKER_ADMIN_USER_PASSWORD or a prompt.
+    /// The only admin console user. Password: PEMWORKER_ADMIN_USER_PASSWORD or a prompt.
     #[arg(long, default_value = "pem_admin1", value_name = "USER")]
     pub admin_user: String,
+    /// Console user for statistics only (SHOW; no PAUSE, no database login), for the agents'
+    /// pgBouncer probes. Password: PEMWORKER_STATS_USER_PASSWORD or a prompt.
+    #[arg(long, default_value = "pgbouncer_stats", value_name = "USER")]
+    pub stats_user: String,
     #[arg(long, default_value_t = 80)]
     pub pool_size: u32,
     #[arg(long, default_value_t = 10)]
@@ -401,14 +498,27 @@ pub struct ConfigureArgs {
     pub client_tls_key_file: PathBuf,
     #[arg(long, value_name = "FILE")]
     pub client_tls_cert_file: PathBuf,
+    /// CA of the PEM server's own certificate, when --pem-db-host is a TCP host: pgBouncer
+    /// then logs in over TLS and verifies it [default: --client-tls-ca-file].
+    #[arg(long, value_name = "FILE")]
+    pub server_tls_ca_file: Option<PathBuf>,
     #[arg(long, default_value = "SELECT * FROM pem.get_agent_pool_auth($1)")]
     pub auth_query: String,
     #[arg(long, default_value_t = 500)]
     pub max_client_conn: u32,
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub server_idle_timeout: u32,
-    #[arg(long, default_value = "DISCARD ALL")]
+    /// Run on a server connection before the next client gets it [default: DISCARD ALL
+    /// without DISCARD PLANS, which keeps the server functions' plans; see the README].
+    #[arg(long, default_value = crate::pooler::bouncer::RESET_QUERY)]
     pub server_reset_query: String,
+    /// Run server_reset_query after every transaction also in transaction pooling (1), so no
+    /// session state passes between agents; 0 as pgBouncer's default.
+    #[arg(long, default_value_t = 1, value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub server_reset_query_always: u8,
+    /// Seconds a client may stay idle inside a transaction (0 = no limit).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub idle_transaction_timeout: u32,
     /// Seconds before pgBouncer retries a failed server login (pgBouncer's default: 15).
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     pub server_login_retry: u32,
@@ -484,7 +594,45 @@ pub fn resolve_prepare(
         install_schema: a.install_schema,
         pg_hba: a.pg_hba.clone(),
         pgbouncer_from,
+        pgbouncer_os_user: a.pgbouncer_os_user.clone(),
         reset_passwords: a.reset_passwords,
+        keep_guide_createrole: a.keep_guide_createrole,
+    };
+    Ok((resolve_server(&a.server)?, opts))
+}
+
+pub fn resolve_check(a: &CheckArgs) -> Result<crate::pooler::check::Options, Error> {
+    let config_dir = a.config_dir.clone().or_else(|| {
+        let d = PathBuf::from("/etc/pgbouncer");
+        d.join("pgbouncer.ini").is_file().then_some(d)
+    });
+    let pgbouncer = a.pgbouncer_port.map(|p| {
+        (
+            a.pgbouncer_host
+                .clone()
+                .unwrap_or_else(|| a.server.pem_server.clone()),
+            p,
+        )
+    });
+    Ok(crate::pooler::check::Options {
+        server: resolve_server(&a.server)?,
+        config_dir,
+        pg_hba: a.pg_hba.clone(),
+        pgbouncer,
+        fix: a.fix,
+    })
+}
+
+pub fn resolve_token_create(
+    a: &TokenCreateArgs,
+) -> Result<(ConnectSettings, crate::pooler::token::CreateOptions), Error> {
+    let opts = crate::pooler::token::CreateOptions {
+        ttl: crate::pooler::token::parse_ttl(&a.ttl)?,
+        uses: a.uses,
+        agent_user: a.agent_user.clone(),
+        group: a.group.clone(),
+        team: a.team.clone(),
+        output: a.output.clone(),
     };
     Ok((resolve_server(&a.server)?, opts))
 }
@@ -503,6 +651,7 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         pem_db_name: a.pem_db_name.clone(),
         auth_user: a.auth_user.clone(),
         admin_user: a.admin_user.clone(),
+        stats_user: a.stats_user.clone(),
         pool_size: a.pool_size,
         fallback_pool_size: a.fallback_pool_size,
         listen_addr: a.listen_addr.clone(),
@@ -512,10 +661,13 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         client_tls_ca_file: a.client_tls_ca_file.clone(),
         client_tls_key_file: a.client_tls_key_file.clone(),
         client_tls_cert_file: a.client_tls_cert_file.clone(),
+        server_tls_ca_file: a.server_tls_ca_file.clone(),
         auth_query: a.auth_query.clone(),
         max_client_conn: a.max_client_conn,
         server_idle_timeout: a.server_idle_timeout,
         server_reset_query: a.server_reset_query.clone(),
+        server_reset_query_always: a.server_reset_query_always == 1,
+        idle_transaction_timeout: a.idle_transaction_timeout,
         server_login_retry: a.server_login_retry,
         logfile: a.logfile.clone(),
         pidfile: a.pidfile.clone(),
@@ -604,13 +756,63 @@ fn server_host(a: &AgentArgs) -> Result<String, Error> {
     })
 }
 
+/// Environment variable that may hold an enrolment token.
+pub const ENROLMENT_TOKEN_ENV: &str = "PEMWORKER_ENROLMENT_TOKEN";
+
+/// The login that enrols agents with a token; it holds no credential of its own.
+pub const ENROLMENT_USER: &str = "pem_enrolment";
+
+/// The enrolment token, from `--enrolment-token-file` (which others must not be able to read)
+/// or the environment; `None` when neither is given.
+fn enrolment_token(a: &AgentArgs) -> Result<Option<crate::secret::Secret>, Error> {
+    let text = match &a.enrolment_token_file {
+        Some(file) => {
+            use std::os::unix::fs::PermissionsExt;
+            let read = |e: std::io::Error| {
+                Error::Usage(format!(
+                    "cannot read the enrolment token file {}: {e}",
+                    file.display()
+                ))
+            };
+            let meta = std::fs::metadata(file).map_err(read)?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(Error::Usage(format!(
+                    "the enrolment token file {} has group or world access; run chmod 0600 {}",
+                    file.display(),
+                    file.display()
+                )));
+            }
+            if meta.len() > 4096 {
+                return Err(Error::Usage(format!(
+                    "{} is not an enrolment token file (larger than 4 kB)",
+                    file.display()
+                )));
+            }
+            std::fs::read_to_string(file).map_err(read)?
+        }
+        None => match crate::secret::from_env(&[ENROLMENT_TOKEN_ENV]) {
+            Some(s) => s.expose().to_string(),
+            None => return Ok(None),
+        },
+    };
+    let token = text.trim();
+    if !crate::pooler::token::well_formed(token) {
+        return Err(Error::Usage(format!(
+            "malformed enrolment token: expected {} and 64 hexadecimal digits, as pemworker pooler enrolment-token create prints it",
+            crate::pooler::token::PREFIX
+        )));
+    }
+    Ok(Some(crate::secret::Secret::new(token)))
+}
+
 pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
     // Checked first, and all before a password prompt or any connection.
     let host = server_host(a)?;
-    if a.pem_user.is_none() {
+    let token = enrolment_token(a)?;
+    if a.pem_user.is_none() && token.is_none() {
         return Err(missing(
             "--pem-user",
-            "the PEM admin user that registers agents, for example --pem-user pem_admin1",
+            "the PEM admin user that registers agents, for example --pem-user pem_admin1 (or enrol with --enrolment-token-file)",
         ));
     }
     if let Some(u) = &a.pem_agent_user {
@@ -621,9 +823,29 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         .iter()
         .map(|o| registration::parse_override(o))
         .collect::<Result<Vec<_>, _>>()?;
-    let server = admin_settings(a, &host, a.pem_port.unwrap_or(5432), &TlsChoice::default())?;
+    let port = a.pem_port.unwrap_or(5432);
+    let server = match &token {
+        // The enrolment login has no password; the token goes only to a verified server.
+        Some(_) => {
+            let user = a.pem_user.as_deref().unwrap_or(ENROLMENT_USER);
+            let mut s = ConnectSettings::from_env(&host, port, user, "pem")?;
+            s.choose_tls(
+                &tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
+                &TlsChoice::default(),
+            )?;
+            let verified = matches!(s.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
+            if !verified || s.root_cert.is_none() {
+                return Err(Error::Usage(
+                    "an enrolment token is sent only to a server whose certificate is verified: give the PEM server's root certificate with --pem-ssl-root-cert (or PGSSLROOTCERT) and keep --pem-ssl-mode verify-full (the default) or verify-ca".into(),
+                ));
+            }
+            s
+        }
+        None => admin_settings(a, &host, port, &TlsChoice::default())?,
+    };
     Ok(registration::Options {
         server,
+        token,
         agent_user: a.pem_agent_user.clone(),
         display_name: a.display_name.clone().unwrap_or_else(host_fqdn),
         host_name: host_fqdn(),

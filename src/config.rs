@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub pem_ssl_mode: Option<SslMode>,
     /// The root certificate the PEM server's (or pgBouncer's) certificate must chain to.
     pub pem_ssl_root_cert: Option<PathBuf>,
+    /// The secret every write is authenticated with (`agent_secret_file`); `None` for an agent
+    /// registered before per-agent secrets, whose writes the server refuses.
+    pub agent_secret: Option<crate::mac::AgentKey>,
     /// The older name of the root certificate, read when pem_ssl_root_cert is not set.
     pub ca_file: Option<PathBuf>,
     pub log_level: LogLevel,
@@ -330,6 +333,15 @@ impl AgentConfig {
                 problem(Some(*line), format!("agent_ssl_crt {}: {e}", c.display()));
             }
         }
+        let agent_secret = find("agent_secret_file")
+            .filter(|(_, v)| !v.is_empty())
+            .and_then(|(line, v)| match crate::mac::AgentKey::load(Path::new(v)) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    problem(Some(line), e.to_string());
+                    None
+                }
+            });
         let mut existing_file = |key: &str| {
             find(key).filter(|(_, v)| !v.is_empty()).map(|(line, v)| {
                 if let Err(e) = std::fs::metadata(v) {
@@ -468,6 +480,7 @@ impl AgentConfig {
                         agent_ssl_crt,
                         pem_ssl_mode,
                         pem_ssl_root_cert,
+                        agent_secret,
                         ca_file,
                         log_level,
                         log_location,

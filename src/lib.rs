@@ -8,6 +8,7 @@
 //! - [`cli`]: the command line (PEM's flag spellings) and its resolution into checked settings.
 //! - [`error`]: the crate-level error, exit codes and how each failure maps onto one.
 //! - [`secret`]: passwords: redacted in `Debug`, read from the environment, `~/.pgpass` or a prompt.
+//! - [`mac`]: the per-agent secret and the MAC that proves which agent sent a write.
 //! - [`config`]: the worker's checked configuration (agent.cfg with `-o` overrides).
 //! - [`connection`]: connections to the PEM server with libpq's meanings (sslmode, root CA, client
 //!   certificate) and the pool-safe statement helpers every query goes through.
@@ -35,6 +36,7 @@ pub mod connection;
 pub mod error;
 pub mod fsutil;
 pub mod logging;
+pub mod mac;
 pub mod monitored;
 pub mod pooler;
 pub mod probes;

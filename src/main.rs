@@ -89,12 +89,67 @@ async fn run(cli: Cli) -> Result<(), pemworker::Error> {
             pemworker::sandbox::run(&settings).await?;
         }
         Command::Spool(c) => pemworker::spool::command::run(&c).await?,
+        Command::Pooler(PoolerCommand::EnrolmentToken(t)) => run_token(t).await?,
+        Command::Pooler(PoolerCommand::Check(a)) => {
+            let opts = cli::resolve_check(&a)?;
+            let outcome = pemworker::pooler::check::run(&opts).await?;
+            println!("{outcome}");
+            if !outcome.problems.is_empty() {
+                return Err(pemworker::pooler::Error::Findings(outcome.problems.len()).into());
+            }
+        }
         Command::Pooler(PoolerCommand::Configure(a)) => {
             let settings = cli::resolve_configure(&a)?;
             let outcome = bouncer::configure(&settings)?;
             let (ma, mi, pa) = outcome.version;
             println!("pgBouncer {ma}.{mi}.{pa} supports certificate authentication");
             println!("{}", outcome.report);
+        }
+    }
+    Ok(())
+}
+
+async fn run_token(t: cli::TokenCommand) -> Result<(), pemworker::Error> {
+    use pemworker::pooler::token;
+    match t {
+        cli::TokenCommand::Create(a) => {
+            let (settings, opts) = cli::resolve_token_create(&a)?;
+            let made = token::create(&settings, &opts).await?;
+            let what = format!(
+                "enrolment token {}: {} use{}, valid until {}, agent user {}",
+                made.id,
+                opts.uses,
+                if opts.uses == 1 { "" } else { "s" },
+                made.expires_at,
+                opts.agent_user
+                    .as_deref()
+                    .unwrap_or("agent<ID> (each its own)")
+            );
+            match &opts.output {
+                Some(file) => println!("{what}; written to {}", file.display()),
+                None => {
+                    // The token alone on standard output, for TOKEN=$(...); the rest beside it.
+                    eprintln!("{what}");
+                    println!("{}", made.token.expose());
+                }
+            }
+        }
+        cli::TokenCommand::List(a) => {
+            let settings = cli::resolve_server(&a.server)?;
+            for t in token::list(&settings).await? {
+                println!("{t}");
+            }
+        }
+        cli::TokenCommand::Revoke(a) => {
+            let settings = cli::resolve_server(&a.server)?;
+            if token::revoke(&settings, a.id).await? {
+                println!("enrolment token {} revoked", a.id);
+            } else {
+                return Err(pemworker::Error::Usage(format!(
+                    "no valid enrolment token {} to revoke; see pemworker pooler enrolment-token list",
+                    a.id
+                )));
+            }
         }
     }
     Ok(())

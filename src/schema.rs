@@ -1,9 +1,9 @@
 //! The reference PEM server schema and its migrations.
 //!
 //! The real PEM server is proprietary; `etc/sql` holds the subset agents talk to, named as PEM
-//! names it. Migrations are applied in version order, in one transaction, under an advisory lock
-//! (so two installers cannot interleave), and recorded in `pem.schema_version`; applying again
-//! is a no-op.
+//! names it. Migrations are applied in version order, in one transaction, holding a lock on
+//! `pem.schema_version` (so two installers cannot interleave; an agent cannot take it, unlike an
+//! advisory lock), and recorded in `pem.schema_version`; applying again is a no-op.
 
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -30,6 +30,16 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "worker: heartbeats, effective schedules, pgBouncer bindings",
         sql: include_str!("../etc/sql/002_worker.sql"),
     },
+    Migration {
+        version: 3,
+        description: "server trust: agents write only through authenticated functions, agent roles without CREATEROLE",
+        sql: include_str!("../etc/sql/003_server_trust.sql"),
+    },
+    Migration {
+        version: 4,
+        description: "enrolment tokens: registration without the admin's password",
+        sql: include_str!("../etc/sql/004_enrolment.sql"),
+    },
 ];
 
 /// The newest version this build knows.
@@ -37,16 +47,16 @@ pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.version)
 }
 
-/// An arbitrary constant shared by every installer: the advisory lock that serializes them.
-const INSTALL_LOCK: i64 = 0x7065_6d77_6f72_6b72;
-
+/// Creates the version table if needed and locks it: installers wait for each other, and
+/// nobody without rights on the table (an agent) can hold them up.
 const BOOTSTRAP: &str = "
 CREATE SCHEMA IF NOT EXISTS pem;
 CREATE TABLE IF NOT EXISTS pem.schema_version (
     version integer PRIMARY KEY,
     description text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
-);";
+);
+LOCK TABLE pem.schema_version IN SHARE ROW EXCLUSIVE MODE;";
 
 /// The installed version, or `None` when the schema is absent.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, Error> {
@@ -72,22 +82,21 @@ pub async fn installed_version(client: &Client) -> Result<Option<i32>, Error> {
 
 /// Applies every missing migration; returns the versions applied (empty when up to date).
 pub async fn apply(client: &Client) -> Result<Vec<i32>, Error> {
+    apply_up_to(client, latest_version()).await
+}
+
+/// Applies the missing migrations up to and including `version` (tests install an older
+/// schema to check upgrades).
+pub async fn apply_up_to(client: &Client, version: i32) -> Result<Vec<i32>, Error> {
     pool::transaction(
         client,
         "the schema installation",
-        apply_in_transaction(client),
+        apply_in_transaction(client, version),
     )
     .await
 }
 
-async fn apply_in_transaction(client: &Client) -> Result<Vec<i32>, Error> {
-    pool::execute(
-        client,
-        "waiting for other schema installers",
-        "SELECT pg_advisory_xact_lock($1)",
-        &[(&INSTALL_LOCK, Type::INT8)],
-    )
-    .await?;
+async fn apply_in_transaction(client: &Client, up_to: i32) -> Result<Vec<i32>, Error> {
     pool::batch(client, "creating pem.schema_version", BOOTSTRAP).await?;
     let current: i32 = pool::query_value(
         client,
@@ -97,7 +106,10 @@ async fn apply_in_transaction(client: &Client) -> Result<Vec<i32>, Error> {
     )
     .await?;
     let mut applied = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| m.version > current && m.version <= up_to)
+    {
         let what = format!(
             "applying PEM schema version {} ({})",
             m.version, m.description

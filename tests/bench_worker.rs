@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::TestBed;
 use pemworker::config::AgentConfig;
 use pemworker::connection::pool;
+use pemworker::mac::{self, Kind};
 use pemworker::registration::agent_settings;
 use tokio_postgres::types::Type;
 
@@ -93,8 +94,10 @@ async fn worker_footprint_and_heartbeat_round_trip() {
         cpu_pct
     );
 
-    // Heartbeat round trip through pgBouncer, as the agent sends it.
+    // Heartbeat round trip through pgBouncer, as the agent sends it: its own READ WRITE
+    // transaction, authenticated with the agent's secret.
     let (_, id) = AgentConfig::load_with_document(&cfg).unwrap();
+    let key = id.agent_secret.clone().expect("the agent's secret");
     let mut s = agent_settings(&id).unwrap();
     s.root_cert = Some(bed.root_crt.clone());
     let client = bed.connect(&s).await;
@@ -102,20 +105,29 @@ async fn worker_footprint_and_heartbeat_round_trip() {
     let mut times = Vec::new();
     for _ in 0..1000 {
         let t = Instant::now();
-        pool::query(
+        let sent_at = mac::now();
+        let signature = key.sign(Kind::Heartbeat, agent_id, &sent_at, &version);
+        let params: [pool::Param<'_>; 4] = [
+            (&agent_id, Type::INT4),
+            (&version, Type::TEXT),
+            (&sent_at, Type::TEXT),
+            (&signature, Type::TEXT),
+        ];
+        let beat = pool::query(
             &client,
             "heartbeat",
-            "SELECT pem.record_heartbeat($1, $2)",
-            &[(&agent_id, Type::INT4), (&version, Type::TEXT)],
-        )
-        .await
-        .unwrap();
+            "SELECT * FROM pem.record_heartbeat($1, $2, $3, $4)",
+            &params,
+        );
+        pool::transaction(&client, "a heartbeat", beat)
+            .await
+            .unwrap();
         times.push(t.elapsed());
     }
     times.sort();
     let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0;
     println!(
-        "heartbeat round trip through pgBouncer, 1000 beats: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "heartbeat round trip through pgBouncer (BEGIN, record_heartbeat, COMMIT), 1000 beats: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         at(0.5),
         at(0.99),
         at(1.0)

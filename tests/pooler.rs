@@ -107,26 +107,10 @@ async fn proxy_user_logs_in_through_pgbouncer_with_a_signed_certificate() {
 async fn auth_query_function_answers_only_for_pooled_agent_users() {
     let bed = TestBed::start();
     assert_eq!(create_proxy_user(&bed, "pem_agent_user1").0, 0);
-    // As pgBouncer's auth user, over the server's Unix socket, exactly as pgBouncer runs it.
-    let mut s = bed.direct(AUTH_USER, AUTH_PASSWORD);
-    s.host = bed.pg_socket_dir.display().to_string();
-    let client = bed.connect(&s).await;
-    let lookup = async |name: &str| {
-        pool::query(
-            &client,
-            "auth_query",
-            "SELECT usename::text, passwd FROM pem.get_agent_pool_auth($1)",
-            &[(&name, Type::TEXT)],
-        )
-        .await
-        .unwrap()
-    };
-    let agent = lookup("pem_agent_user1").await;
-    assert_eq!(agent.len(), 1);
-    assert_eq!(agent[0].get::<_, String>(0), "pem_agent_user1");
-    assert!(
-        agent[0].get::<_, String>(1).starts_with("md5"),
-        "agent secrets are md5 for cert + auth_query"
+    // pgBouncer reaches PostgreSQL by peer, so the agent user has no secret to hand out.
+    assert_eq!(
+        bed.auth_query("pem_agent_user1"),
+        vec!["pem_agent_user1 <none>"]
     );
     for name in [
         "postgres",
@@ -137,10 +121,19 @@ async fn auth_query_function_answers_only_for_pooled_agent_users() {
         "no_such_user",
     ] {
         assert!(
-            lookup(name).await.is_empty(),
+            bed.auth_query(name).is_empty(),
             "get_agent_pool_auth answered for {name}"
         );
     }
+    // The auth user's password (the guide gives it one) opens nothing: it has none any more,
+    // and the password the DBA set in the environment logs in nowhere.
+    let e = pemworker::connection::connect(&bed.direct(AUTH_USER, AUTH_PASSWORD))
+        .await
+        .expect_err("the auth user by password");
+    assert!(
+        e.to_string().contains("password authentication failed"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -259,34 +252,6 @@ async fn hostile_proxy_user_names_create_exactly_that_role() {
     );
 }
 
-/// What the second `prepare-server` run could change: roles and their secrets, grants, the
-/// schema version, pg_hba.conf and its backups.
-async fn server_state(bed: &TestBed) -> (Vec<String>, String, Vec<String>) {
-    let su = bed.connect(&bed.superuser()).await;
-    let rows = pool::query(
-        &su,
-        "state",
-        "SELECT format('%s %s %s %s', rolname, rolcanlogin, rolcreaterole, rolpassword) FROM pg_authid \
-         UNION ALL SELECT format('member %s of %s', member::regrole, roleid::regrole) FROM pg_auth_members \
-         UNION ALL SELECT format('db acl %s', datacl) FROM pg_database WHERE datname = 'pem' \
-         UNION ALL SELECT format('schema acl %s', nspacl) FROM pg_namespace WHERE nspname = 'pem' \
-         UNION ALL SELECT format('proc acl %s', proacl) FROM pg_proc WHERE oid = 'pem.get_agent_pool_auth(text)'::regprocedure \
-         UNION ALL SELECT format('schema version %s', version) FROM pem.schema_version \
-         ORDER BY 1",
-        &[],
-    )
-    .await
-    .unwrap();
-    let hba = std::fs::read_to_string(bed.data_dir.join("pg_hba.conf")).unwrap();
-    let mut files: Vec<String> = std::fs::read_dir(&bed.data_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("pg_hba.conf"))
-        .collect();
-    files.sort();
-    (rows.iter().map(|r| r.get(0)).collect(), hba, files)
-}
-
 #[tokio::test]
 async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
     let bed = TestBed::start();
@@ -334,14 +299,14 @@ async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
     assert_eq!(hba.matches(pemworker::pooler::hba::BEGIN_MARK).count(), 1);
 
     // A second run succeeds and changes nothing.
-    let before = server_state(&bed).await;
+    let before = bed.server_state().await;
     let args = bed.prepare_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, out, err) = outcome(&bed.pemworker(&args));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.trim_end().ends_with("nothing to change"), "{out}");
     assert!(!out.lines().any(|l| l.starts_with("changed:")), "{out}");
-    assert_eq!(server_state(&bed).await, before);
+    assert_eq!(bed.server_state().await, before);
 
     // Without --pg-hba the lines are printed for the DBA instead.
     let printed: Vec<&str> = args
@@ -351,7 +316,12 @@ async fn prepare_server_is_idempotent_and_pgbouncer_runs_the_generated_files() {
         .collect();
     let (code, out, _) = outcome(&bed.pemworker(&printed));
     assert_eq!(code, 0);
-    assert!(out.contains("local \"pem\" +pem_agent_pool md5"), "{out}");
+    assert!(
+        out.contains(
+            "local \"pem\" \"pgbouncer\",\"pem_admin1\",\"pem_enrolment\",+pem_agent_pool peer map=pemworker"
+        ) && !out.contains("md5"),
+        "{out}"
+    );
 
     // configure refuses to overwrite without --force, and keeps backups with it.
     let args = bed.configure_args();

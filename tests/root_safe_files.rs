@@ -94,7 +94,8 @@ fn configure(conf: &Path, owner: &str, force: bool) -> (i32, String, String) {
         .args(["--client-tls-key-file", "/etc/ssl/private/server.key"])
         .args(["--client-tls-cert-file", "/etc/ssl/certs/server.crt"])
         .env("PEMWORKER_AUTH_USER_PASSWORD", "auth-secret-1")
-        .env("PEMWORKER_ADMIN_USER_PASSWORD", "admin-secret-2");
+        .env("PEMWORKER_ADMIN_USER_PASSWORD", "admin-secret-2")
+        .env("PEMWORKER_STATS_USER_PASSWORD", "stats-secret-3");
     if force {
         c.arg("--force");
     }
@@ -183,8 +184,13 @@ fn configure_for_nobody_ignores_links_nobody_planted() {
             p.display()
         );
     }
+    // The user list is the one this run wrote: the admin's SCRAM verifier (never the password).
     let userlist = std::fs::read_to_string(conf.join("userlist.txt")).unwrap();
-    assert!(userlist.contains("admin-secret-2"));
+    assert!(
+        userlist.contains("\"pem_admin1\" \"SCRAM-SHA-256$")
+            && !userlist.contains("admin-secret-2"),
+        "{userlist}"
+    );
     assert_eq!(
         std::fs::read_to_string(&secret_victim).unwrap(),
         "root's secret\n"

@@ -540,10 +540,10 @@ fn a_bad_agent_cfg_gets_one_error_per_problem_and_exit_code_1() {
 // that cannot die silently, a worker that sleeps until it has work.
 // ---------------------------------------------------------------------------------------------
 
-/// The role whose INSERT on a pemhistory table the delivery depends on. Agents write the
-/// tables as members of pem_agent today; when writes go through SECURITY DEFINER functions
-/// this becomes their owner (pem_writer).
-const WRITER_ROLE: &str = "pem_agent";
+/// The role whose INSERT on a pemhistory table the delivery depends on: agents hold no table
+/// privileges and write through pem.store_samples, a SECURITY DEFINER function owned by
+/// pem_writer.
+const WRITER_ROLE: &str = "pem_writer";
 
 /// Records every heartbeat with the clock time it was written (pem.agent_heartbeat keeps only
 /// the last one).

@@ -173,7 +173,9 @@ impl Error {
 
     /// True when the server refused for a reason an administrator must fix on the server or in
     /// the agent's setup (a privilege, a read-only server, authentication, a missing database,
-    /// function, table or column): retrying helps only once that is fixed.
+    /// function, table or column): retrying helps only once that is fixed. A write whose MAC
+    /// the server does not accept (no or another per-agent secret, class 28) is one: the data
+    /// is fine and waits until the agent is registered again.
     pub fn is_refused(&self) -> bool {
         self.code().is_some_and(|c| {
             let c = c.code();
@@ -203,6 +205,12 @@ impl Error {
             "42883" | "42P01" | "42703" | "3F000" => {
                 "the PEM server's schema lacks what this agent uses; upgrade the PEM server's schema \
                  to this agent's version"
+            }
+            // Answered to a statement: the login worked, the write's MAC did not.
+            c if c.starts_with("28") && matches!(self, Error::Query { .. }) => {
+                "the PEM server does not accept this agent's write secret (agent.cfg names no \
+                 agent_secret_file, or one from another registration); register the agent again \
+                 with --register-agent --force-registration, which keeps its agent id"
             }
             c if c.starts_with("28") => {
                 "the PEM server refused the agent's login; check agent_user, the certificate and \

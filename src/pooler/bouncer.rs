@@ -1,12 +1,30 @@
 //! `pemworker pooler configure`: pgBouncer's ini, HBA file and user list (the guide's
 //! chapter 4), written all together or not at all.
+//!
+//! Safer than the guide's files: the admin is the only admin console user and a separate
+//! statistics user (SHOW only, no database login) serves the agents' pgBouncer probes, so no
+//! agent host needs the admin's password; with the PEM database on this host's Unix socket,
+//! pgBouncer logs in to PostgreSQL by peer, so the user list holds only SCRAM verifiers (enough
+//! to check the passwords clients give) and no password in plain text; session state is reset
+//! after every transaction; a client idle in a transaction is disconnected.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{ADMIN_USER_PASSWORD_ENV, AUTH_USER_PASSWORD_ENV, Error, Report, hba};
+use super::{
+    ADMIN_USER_PASSWORD_ENV, AUTH_USER_PASSWORD_ENV, Error, Report, STATS_USER_PASSWORD_ENV, hba,
+};
 use crate::fsutil::{self, Owner, Staged};
 use crate::secret::Secret;
+
+/// What pgBouncer runs on a server connection after every transaction (with
+/// `server_reset_query_always`): DISCARD ALL without DISCARD PLANS. Everything a client can
+/// leave behind for the next (settings, prepared statements, cursors, LISTEN, advisory locks,
+/// temporary objects, sequence state, SET ROLE/SESSION AUTHORIZATION) is undone, but the
+/// plans of the server functions agents call stay cached: DISCARD PLANS made every delivery
+/// re-plan them, 2.7 times as slow (`cargo test --release --test bench_server -- --ignored`).
+pub const RESET_QUERY: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+DEALLOCATE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
 
 /// The oldest pgBouncer with certificate authentication (`auth_type = cert` / hba `cert`).
 pub const MIN_VERSION: (u32, u32) = (1, 9);
@@ -21,6 +39,8 @@ pub struct Settings {
     pub pem_db_name: String,
     pub auth_user: String,
     pub admin_user: String,
+    /// The console user for statistics only (`stats_users`), whose password agent hosts keep.
+    pub stats_user: String,
     pub pool_size: u32,
     pub fallback_pool_size: u32,
     pub listen_addr: String,
@@ -30,10 +50,18 @@ pub struct Settings {
     pub client_tls_ca_file: PathBuf,
     pub client_tls_key_file: PathBuf,
     pub client_tls_cert_file: PathBuf,
+    /// CA of the PEM server's certificate, when pgBouncer reaches it over TCP (verify-full);
+    /// `None` = `client_tls_ca_file`.
+    pub server_tls_ca_file: Option<PathBuf>,
     pub auth_query: String,
     pub max_client_conn: u32,
     pub server_idle_timeout: u32,
     pub server_reset_query: String,
+    /// Reset sessions after every transaction, not only in session pooling.
+    pub server_reset_query_always: bool,
+    /// Seconds a client may stay idle inside a transaction before pgBouncer disconnects it
+    /// (0 = never): bounds how long one client can hold a server connection and its locks.
+    pub idle_transaction_timeout: u32,
     /// Seconds pgBouncer waits after a failed server login before trying again; while it
     /// waits, agents cannot log in, so it bounds how soon they are back after a server restart.
     pub server_login_retry: u32,
@@ -46,6 +74,34 @@ pub struct Settings {
     pub admin_networks: Vec<String>,
     pub force: bool,
     pub pgbouncer_bin: String,
+}
+
+/// How pgBouncer logs in to PostgreSQL, from where the PEM database is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerLogin {
+    /// Over the Unix socket by peer (prepare-server's ident map): no password at all.
+    Peer,
+    /// Over TCP with passwords, which the user list must then hold in plain text.
+    Password,
+}
+
+impl Settings {
+    pub fn server_login(&self) -> ServerLogin {
+        if self.pem_db_host.starts_with('/') {
+            ServerLogin::Peer
+        } else {
+            ServerLogin::Password
+        }
+    }
+}
+
+/// The passwords the user list is made from.
+#[derive(Debug, Clone)]
+pub struct Passwords {
+    /// Only needed when pgBouncer logs in to PostgreSQL with passwords.
+    pub auth: Option<Secret>,
+    pub admin: Secret,
+    pub stats: Secret,
 }
 
 /// The three files, rendered.
@@ -169,21 +225,31 @@ fn path_value(what: &'static str, p: &Path) -> Result<String, Error> {
 }
 
 /// A user list line: both fields double-quoted, a quote inside doubled.
-fn userlist_line(user: &str, password: &Secret) -> String {
+fn userlist_line(user: &str, password: &str) -> String {
     let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-    format!("{} {}\n", q(user), q(password.expose()))
+    format!("{} {}\n", q(user), q(password))
+}
+
+/// A SCRAM-SHA-256 verifier of `password`: all pgBouncer needs to check a client's password,
+/// and no password to whoever reads the file.
+fn scram(password: &Secret) -> String {
+    postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
 }
 
 /// Renders the three files. Pure, so it is tested without a pgBouncer.
-pub fn render(
-    s: &Settings,
-    auth_password: &Secret,
-    admin_password: &Secret,
-) -> Result<Rendered, Error> {
+pub fn render(s: &Settings, passwords: &Passwords) -> Result<Rendered, Error> {
     let host = connstr_value("PEM database host", &s.pem_db_host)?;
     let db = connstr_value("PEM database name", &s.pem_db_name)?;
     let auth_user = pgbouncer_user("auth user", &s.auth_user)?;
     let admin = pgbouncer_user("admin user", &s.admin_user)?;
+    let stats = pgbouncer_user("statistics user", &s.stats_user)?;
+    if stats == admin {
+        return Err(invalid(
+            "statistics user",
+            &stats,
+            "it must not be the admin: agent hosts keep its password",
+        ));
+    }
     if !["require", "verify-ca", "verify-full"].contains(&s.client_tls_sslmode.as_str()) {
         return Err(invalid(
             "client_tls_sslmode",
@@ -225,6 +291,20 @@ pub fn render(
             path_value("unix socket directory", dir)?
         ));
     }
+    if s.server_login() == ServerLogin::Password {
+        // pg_hba.conf admits pgBouncer from its address over TLS only (hostssl).
+        ini.push_str(&format!(
+            "; pgBouncer logs in to the PEM database over TCP: by TLS, with the server verified.\n\
+             server_tls_sslmode = verify-full\n\
+             server_tls_ca_file = {}\n",
+            path_value(
+                "server_tls_ca_file",
+                s.server_tls_ca_file
+                    .as_ref()
+                    .unwrap_or(&s.client_tls_ca_file)
+            )?
+        ));
+    }
     ini.push_str(&format!(
         "; Agents authenticate with client certificates signed by the PEM server's CA.\n\
          client_tls_sslmode = {sslmode}\n\
@@ -236,9 +316,14 @@ pub fn render(
          auth_hba_file = {hba_file}\n\
          auth_user = {auth_user}\n\
          auth_query = {auth_query}\n\
+         ; Only the PEM admin may PAUSE or RELOAD; agents' probes use the statistics user.\n\
          admin_users = {admin}\n\
-         stats_users = {admin}\n\
+         stats_users = {stats}\n\
          server_reset_query = {reset}\n\
+         ; Also in transaction pooling: no session state (SET, advisory locks) passes to the next client.\n\
+         server_reset_query_always = {reset_always}\n\
+         ; A client idle inside a transaction holds a server connection and its locks: not for long.\n\
+         idle_transaction_timeout = {idle_tx}\n\
          max_client_conn = {max_client_conn}\n\
          ; Close server connections idle this long, so the pool shrinks after a peak.\n\
          server_idle_timeout = {idle}\n\
@@ -254,6 +339,8 @@ pub fn render(
         hba_file = path_value("HBA file", &hba_path(&s.config_dir))?,
         auth_query = ini_value("auth_query", &s.auth_query)?,
         reset = ini_value("server_reset_query", &s.server_reset_query)?,
+        reset_always = u8::from(s.server_reset_query_always),
+        idle_tx = s.idle_transaction_timeout,
         max_client_conn = s.max_client_conn,
         idle = s.server_idle_timeout,
         login_retry = s.server_login_retry,
@@ -270,23 +357,65 @@ pub fn render(
     };
     let mut hba_text = String::from(
         "# Written by `pemworker pooler configure`. First match wins.\n\
-         # The admin console over the Unix socket, with passwords from the user list.\n",
+         # The admin console over the Unix socket, by password (SCRAM), for the admin and the\n\
+         # statistics user.\n",
     );
-    hba_text.push_str("local pgbouncer all md5\n");
-    hba_text.push_str("# The PEM admin, by password, to the console and the PEM database.\n");
+    hba_text.push_str(&format!("local pgbouncer {admin},{stats} scram-sha-256\n"));
+    hba_text
+        .push_str("# The PEM admin, over TLS by password, to the console and the PEM database.\n");
     for net in &s.admin_networks {
         hba_text.push_str(&format!(
-            "host pgbouncer,{db} {admin} {} md5\n",
+            "hostssl pgbouncer,{db} {admin} {} scram-sha-256\n",
             hba::cidr(net)?
         ));
+    }
+    hba_text.push_str(
+        "# The statistics user for the agents' pgBouncer probes: the console only (SHOW).\n",
+    );
+    for net in &s.agent_networks {
+        hba_text.push_str(&format!(
+            "hostssl pgbouncer {stats} {} scram-sha-256\n",
+            hba::cidr(net)?
+        ));
+    }
+    if s.server_login() == ServerLogin::Peer {
+        // A host that enrols has no credential yet: the token it passes is checked inside the
+        // one function this login may call. TLS only, so the host verifies whom it gives it to.
+        hba_text.push_str(
+            "# Agent hosts enrolling with a token (the login may only call pem.enrol_agent).\n",
+        );
+        for net in &s.agent_networks {
+            hba_text.push_str(&format!(
+                "hostssl {db} {} {} trust\n",
+                hba::ENROLMENT_USER,
+                hba::cidr(net)?
+            ));
+        }
     }
     hba_text.push_str("# PEM agents, by TLS client certificate whose CN is the agent user.\n");
     for net in &s.agent_networks {
         hba_text.push_str(&format!("hostssl {db} {agents} {} cert\n", hba::cidr(net)?));
     }
 
-    let mut userlist = userlist_line(&auth_user, auth_password);
-    userlist.push_str(&userlist_line(&admin, admin_password));
+    // pgBouncer checks client passwords against SCRAM verifiers. It needs a password in plain
+    // text only to log in to PostgreSQL itself, which by peer it does not.
+    let mut userlist = String::new();
+    if s.server_login() == ServerLogin::Password {
+        let auth = passwords.auth.as_ref().ok_or_else(|| {
+            invalid(
+                "auth user password",
+                &auth_user,
+                "pgBouncer logs in to the PEM database over TCP and needs it",
+            )
+        })?;
+        userlist.push_str(&userlist_line(&auth_user, auth.expose()));
+        userlist.push_str(&userlist_line(&admin, passwords.admin.expose()));
+    } else {
+        userlist.push_str(&userlist_line(&admin, &scram(&passwords.admin)));
+        // Known to pgBouncer, with no password: its HBA line trusts it over TLS.
+        userlist.push_str(&userlist_line(hba::ENROLMENT_USER, ""));
+    }
+    userlist.push_str(&userlist_line(&stats, &scram(&passwords.stats)));
     Ok(Rendered {
         ini,
         hba: hba_text,
@@ -319,11 +448,23 @@ pub fn configure(s: &Settings) -> Result<Outcome, Error> {
         }
     }
     // Validate everything before asking for passwords or touching the disk.
-    let placeholder = Secret::new("x");
-    render(s, &placeholder, &placeholder)?;
-    let auth_password = super::new_password(&s.auth_user, AUTH_USER_PASSWORD_ENV)?;
-    let admin_password = super::new_password(&s.admin_user, ADMIN_USER_PASSWORD_ENV)?;
-    let rendered = render(s, &auth_password, &admin_password)?;
+    let placeholder = Passwords {
+        auth: Some(Secret::new("x")),
+        admin: Secret::new("x"),
+        stats: Secret::new("x"),
+    };
+    render(s, &placeholder)?;
+    let passwords = Passwords {
+        auth: match s.server_login() {
+            ServerLogin::Password => {
+                Some(super::new_password(&s.auth_user, AUTH_USER_PASSWORD_ENV)?)
+            }
+            ServerLogin::Peer => None,
+        },
+        admin: super::new_password(&s.admin_user, ADMIN_USER_PASSWORD_ENV)?,
+        stats: super::new_password(&s.stats_user, STATS_USER_PASSWORD_ENV)?,
+    };
+    let rendered = render(s, &passwords)?;
 
     let mut report = Report::default();
     // A directory that exists already keeps its mode and owner: it may be shared with files
@@ -353,6 +494,14 @@ pub fn configure(s: &Settings) -> Result<Outcome, Error> {
         st.commit()?;
         report.changed(format!("wrote {} (mode 0600)", t.display()));
     }
+    if s.server_login() == ServerLogin::Password {
+        tracing::warn!(
+            "pgBouncer logs in to the PEM database over TCP, so {} holds the passwords of {} and {} in plain text; with pgBouncer on the PEM server's host, give --pem-db-host the socket directory instead",
+            userlist_path(&s.config_dir).display(),
+            s.auth_user,
+            s.admin_user
+        );
+    }
     for (what, p) in [("logfile", &s.logfile), ("pidfile", &s.pidfile)] {
         if p.parent().is_some_and(|d| !d.is_dir()) {
             tracing::warn!(
@@ -377,6 +526,7 @@ mod tests {
             pem_db_name: "pem".into(),
             auth_user: "pgbouncer".into(),
             admin_user: "pem_admin1".into(),
+            stats_user: "pgbouncer_stats".into(),
             pool_size: 80,
             fallback_pool_size: 10,
             listen_addr: "*".into(),
@@ -386,10 +536,13 @@ mod tests {
             client_tls_ca_file: "/srv/pem/root.crt".into(),
             client_tls_key_file: "/srv/pem/server.key".into(),
             client_tls_cert_file: "/srv/pem/server.crt".into(),
+            server_tls_ca_file: None,
             auth_query: "SELECT * FROM pem.get_agent_pool_auth($1)".into(),
             max_client_conn: 500,
             server_idle_timeout: 60,
-            server_reset_query: "DISCARD ALL".into(),
+            server_reset_query: RESET_QUERY.into(),
+            server_reset_query_always: true,
+            idle_transaction_timeout: 60,
             server_login_retry: 15,
             logfile: "/var/log/postgresql/pgbouncer.log".into(),
             pidfile: "/var/run/postgresql/pgbouncer.pid".into(),
@@ -401,9 +554,17 @@ mod tests {
         }
     }
 
+    fn passwords() -> Passwords {
+        Passwords {
+            auth: Some(Secret::new("a\"b")),
+            admin: Secret::new("admin pw"),
+            stats: Secret::new("stats pw"),
+        }
+    }
+
     #[test]
     fn renders_the_guides_settings() {
-        let r = render(&settings(), &Secret::new("a\"b"), &Secret::new("c")).unwrap();
+        let r = render(&settings(), &passwords()).unwrap();
         assert!(r.ini.contains(
             "pem = host=/var/run/postgresql port=5432 dbname=pem auth_user=pgbouncer pool_size=80 pool_mode=transaction\n"
         ));
@@ -414,8 +575,10 @@ mod tests {
             "auth_type = hba",
             "auth_query = SELECT * FROM pem.get_agent_pool_auth($1)",
             "admin_users = pem_admin1",
-            "stats_users = pem_admin1",
-            "server_reset_query = DISCARD ALL",
+            "stats_users = pgbouncer_stats",
+            "server_reset_query = CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES",
+            "server_reset_query_always = 1",
+            "idle_transaction_timeout = 60",
             "max_client_conn = 500",
             "server_idle_timeout = 60",
             "server_login_retry = 15",
@@ -430,33 +593,64 @@ mod tests {
         }
         assert!(
             r.hba
-                .contains("host pgbouncer,pem pem_admin1 0.0.0.0/0 md5\n")
+                .contains("hostssl pgbouncer,pem pem_admin1 0.0.0.0/0 scram-sha-256\n")
+        );
+        assert!(
+            r.hba
+                .contains("hostssl pgbouncer pgbouncer_stats 0.0.0.0/0 scram-sha-256\n")
         );
         assert!(r.hba.contains("hostssl pem all 0.0.0.0/0 cert\n"));
-        assert_eq!(
-            r.userlist,
-            "\"pgbouncer\" \"a\"\"b\"\n\"pem_admin1\" \"c\"\n"
+        assert!(!r.hba.contains("pem pgbouncer_stats"), "{}", r.hba);
+    }
+
+    #[test]
+    fn with_peer_logins_the_user_list_holds_no_password() {
+        let r = render(&settings(), &passwords()).unwrap();
+        let lines: Vec<&str> = r.userlist.lines().collect();
+        assert_eq!(lines.len(), 3, "{}", r.userlist);
+        assert!(lines[0].starts_with("\"pem_admin1\" \"SCRAM-SHA-256$4096:"));
+        assert_eq!(lines[1], "\"pem_enrolment\" \"\"");
+        assert!(lines[2].starts_with("\"pgbouncer_stats\" \"SCRAM-SHA-256$4096:"));
+        assert!(
+            r.hba
+                .contains("hostssl pem pem_enrolment 0.0.0.0/0 trust\n")
         );
+        for pw in ["admin pw", "stats pw", "a\"b"] {
+            assert!(!r.userlist.contains(pw), "{pw} in {}", r.userlist);
+        }
+        // Over TCP pgBouncer needs the auth user's and the admin's own passwords.
+        let mut tcp = settings();
+        tcp.pem_db_host = "10.0.0.1".into();
+        let r = render(&tcp, &passwords()).unwrap();
+        assert!(r.ini.contains(
+            "server_tls_sslmode = verify-full\nserver_tls_ca_file = /srv/pem/root.crt\n"
+        ));
+        assert!(r.userlist.starts_with(
+            "\"pgbouncer\" \"a\"\"b\"\n\"pem_admin1\" \"admin pw\"\n\"pgbouncer_stats\" \"SCRAM-SHA-256$"
+        ));
     }
 
     #[test]
     fn refuses_values_that_would_break_the_files() {
-        let p = Secret::new("p");
+        let p = passwords();
         let mut s = settings();
         s.pem_db_host = "db host".into();
-        assert!(render(&s, &p, &p).is_err());
+        assert!(render(&s, &p).is_err());
         let mut s = settings();
         s.admin_user = "admin,postgres".into();
-        assert!(render(&s, &p, &p).is_err());
+        assert!(render(&s, &p).is_err());
         let mut s = settings();
         s.server_reset_query = "DISCARD ALL\nadmin_users = evil".into();
-        assert!(render(&s, &p, &p).is_err());
+        assert!(render(&s, &p).is_err());
         let mut s = settings();
         s.client_tls_sslmode = "disable".into();
-        assert!(render(&s, &p, &p).is_err());
+        assert!(render(&s, &p).is_err());
         let mut s = settings();
         s.agent_networks = vec!["agents.example".into()];
-        assert!(render(&s, &p, &p).is_err());
+        assert!(render(&s, &p).is_err());
+        let mut s = settings();
+        s.stats_user = s.admin_user.clone();
+        assert!(render(&s, &p).is_err());
     }
 
     #[test]

@@ -53,39 +53,68 @@ pub fn cidr(s: &str) -> Result<String, Error> {
     Ok(format!("{ip}/{prefix}"))
 }
 
-/// A database or user name as one pg_hba token. Quoted always, so that names which are also
-/// keywords (`all`, `replication`) or contain commas and spaces keep their literal meaning.
-/// PostgreSQL's pg_hba tokenizer has no escape for a double quote, so such names are refused.
+/// A database or user name as one pg_hba (or pg_ident) token. Quoted always, so that names
+/// which are also keywords (`all`, `replication`) or contain commas and spaces keep their
+/// literal meaning; a double quote inside is written twice, as PostgreSQL's tokenizer reads it.
+/// Line breaks and other control characters cannot be written and are refused.
 pub fn quote(name: &str) -> Result<String, Error> {
-    if name.is_empty() || name.contains('"') || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().any(char::is_control) {
         return Err(Error::Invalid {
             what: "name for pg_hba.conf",
             value: name.to_string(),
-            why: "it must be non-empty without double quotes or control characters".into(),
+            why: "it must be non-empty without control characters".into(),
         });
     }
-    Ok(format!("\"{name}\""))
+    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
 }
 
-/// The lines the PEM server needs: pgBouncer's auth user and the admin user, and the pooled
-/// agent users (members of pem_agent_pool) that pgBouncer logs in as with their md5 secrets.
-pub fn server_block(database: &str, users: &[&str], from: &Source) -> Result<String, Error> {
+/// The ident map (pg_ident.conf) the server keeps for pgBouncer's peer logins.
+pub const IDENT_MAP: &str = "pemworker";
+
+/// The login agent hosts enrol through with a token (migration 4); it holds no credential.
+pub const ENROLMENT_USER: &str = "pem_enrolment";
+
+/// The lines the PEM server needs so that pgBouncer, and only pgBouncer, logs in as its auth
+/// user, the PEM admin and the pooled agent users (members of pem_agent_pool).
+///
+/// From the Unix socket (`Source::Local`) by peer with the ident map the server keeps (one line
+/// per role, PostgreSQL 15 cannot map to a group), so no password is involved at all; from
+/// another host over TLS, the auth user and admin by SCRAM and the agent users by the md5
+/// secret the auth query returns. Either way pooled agent users are rejected everywhere else,
+/// so a password an agent sets for its own role opens nothing. The enrolment login is admitted
+/// like the pooled agent users, and only over the socket: enrolment with a token needs pgBouncer
+/// on the PEM server's host.
+pub fn server_block(
+    database: &str,
+    users: &[&str],
+    from: &Source,
+    os_user: &str,
+) -> Result<String, Error> {
     let db = quote(database)?;
     let users = users
         .iter()
         .map(|u| quote(u))
         .collect::<Result<Vec<_>, _>>()?
         .join(",");
-    let (kind, addr) = match from {
-        Source::Local => ("local", String::new()),
-        Source::Network(c) => ("host", format!(" {c}")),
+    let access = match from {
+        Source::Local => format!(
+            "# pgBouncer logs in over this socket as OS user {os_user} (peer, ident map {IDENT_MAP}):\n\
+             # no password is involved for its auth user, the PEM admin or the pooled agent users.\n\
+             local {db} {users},\"{ENROLMENT_USER}\",+pem_agent_pool peer map={IDENT_MAP}\n"
+        ),
+        Source::Network(c) => format!(
+            "# pgBouncer at {c} logs in over TLS: its auth user and the PEM admin by password, the\n\
+             # pooled agent users with the md5 secret its auth query returns.\n\
+             hostssl {db} {users} {c} scram-sha-256\n\
+             hostssl {db} +pem_agent_pool {c} md5\n"
+        ),
     };
     Ok(format!(
         "{BEGIN_MARK}\n\
-         # pgBouncer's auth user and the PEM admin log in with passwords;\n\
-         {kind} {db} {users}{addr} md5\n\
-         # pgBouncer logs in as each pooled agent user with the secret its auth_query returned.\n\
-         {kind} {db} +pem_agent_pool{addr} md5\n\
+         {access}\
+         # Pooled agent users and the enrolment login reach PostgreSQL through pgBouncer only.\n\
+         local all +pem_agent_pool,\"{ENROLMENT_USER}\" reject\n\
+         host all +pem_agent_pool,\"{ENROLMENT_USER}\" all reject\n\
          {END_MARK}\n"
     ))
 }
@@ -116,10 +145,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quoting_refuses_what_pg_hba_cannot_express() {
+    fn quoting_keeps_names_literal_and_refuses_line_breaks() {
         assert_eq!(quote("pem_admin1").unwrap(), "\"pem_admin1\"");
         assert_eq!(quote("all").unwrap(), "\"all\"");
-        assert!(quote("a\"b").is_err());
+        assert_eq!(quote("a\"b").unwrap(), "\"a\"\"b\"");
         assert!(quote("a\nb").is_err());
         assert!(quote("").is_err());
     }
@@ -136,9 +165,18 @@ mod tests {
 
     #[test]
     fn block_goes_first_once_and_replaces_an_old_one() {
-        let block = server_block("pem", &["pgbouncer", "pem_admin1"], &Source::Local).unwrap();
-        assert!(block.contains("local \"pem\" \"pgbouncer\",\"pem_admin1\" md5\n"));
-        assert!(block.contains("local \"pem\" +pem_agent_pool md5\n"));
+        let block = server_block(
+            "pem",
+            &["pgbouncer", "pem_admin1"],
+            &Source::Local,
+            "postgres",
+        )
+        .unwrap();
+        assert!(block.contains(
+            "local \"pem\" \"pgbouncer\",\"pem_admin1\",\"pem_enrolment\",+pem_agent_pool peer map=pemworker\n"
+        ));
+        assert!(block.contains("host all +pem_agent_pool,\"pem_enrolment\" all reject\n"));
+        assert!(!block.contains("md5"), "{block}");
         let original = "# comment\nlocal all postgres peer\n";
         let once = place_block(original, &block).unwrap();
         assert!(once.starts_with(&block) && once.ends_with(original));
@@ -151,8 +189,13 @@ mod tests {
             "pem",
             &["pgb2", "pem_admin1"],
             &Source::Network("10.1.0.0/16".into()),
+            "postgres",
         )
         .unwrap();
+        assert!(other.contains("hostssl \"pem\" +pem_agent_pool 10.1.0.0/16 md5\n"));
+        assert!(
+            other.contains("hostssl \"pem\" \"pgb2\",\"pem_admin1\" 10.1.0.0/16 scram-sha-256\n")
+        );
         let replaced = place_block(&once, &other).unwrap();
         assert_eq!(replaced, format!("{other}{original}"));
     }

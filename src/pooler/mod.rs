@@ -5,11 +5,16 @@
 //! - [`proxy_user`]: creates the common agent users pgBouncer logs in as.
 //! - [`bouncer`]: writes pgBouncer's ini, HBA and user list, after checking its version.
 //! - [`hba`]: renders and edits pg_hba-style lines, quoting names correctly.
+//! - [`check`]: inspects a running setup end to end and repairs what is safe to repair.
+//! - [`token`]: the admin's enrolment tokens, which agent hosts register with instead of its
+//!   password.
 
 pub mod bouncer;
+pub mod check;
 pub mod hba;
 pub mod prepare;
 pub mod proxy_user;
+pub mod token;
 
 use std::path::PathBuf;
 
@@ -27,6 +32,14 @@ pub enum Error {
         "the PEM schema is not installed in database {database} on {target}; rerun with --install-schema or install the PEM server first"
     )]
     SchemaMissing { database: String, target: String },
+    #[error(
+        "the PEM schema in database {database} on {target} is at version {found}, older than this pemworker's; rerun with --install-schema to upgrade it"
+    )]
+    SchemaOutdated {
+        database: String,
+        target: String,
+        found: i32,
+    },
     #[error(
         "user {user} on {target} is not a superuser; prepare-server must run as one (for example postgres)"
     )]
@@ -70,6 +83,8 @@ pub enum Error {
         "pgBouncer {found} is too old: PEM agents authenticate by certificate, which needs pgBouncer 1.9 or later; upgrade pgBouncer"
     )]
     PgbouncerTooOld { found: String },
+    #[error("pooler check found {0} problem(s), listed above with their fixes")]
+    Findings(usize),
 }
 
 impl Error {
@@ -78,6 +93,7 @@ impl Error {
             Error::Connection(e) => connection_exit_code(e),
             Error::Files(e) => files_exit_code(e),
             Error::SchemaMissing { .. }
+            | Error::SchemaOutdated { .. }
             | Error::NotSuperuser { .. }
             | Error::HbaRejected { .. } => ExitCode::Server,
             Error::NoPassword { .. }
@@ -85,7 +101,8 @@ impl Error {
             | Error::WrongHbaFile { .. }
             | Error::PgbouncerMissing { .. }
             | Error::PgbouncerVersionUnknown { .. }
-            | Error::PgbouncerTooOld { .. } => ExitCode::Config,
+            | Error::PgbouncerTooOld { .. }
+            | Error::Findings(_) => ExitCode::Config,
         }
     }
 }
@@ -94,6 +111,8 @@ impl Error {
 pub const AUTH_USER_PASSWORD_ENV: &str = "PEMWORKER_AUTH_USER_PASSWORD";
 /// Environment variable holding the password of the pgBouncer admin user.
 pub const ADMIN_USER_PASSWORD_ENV: &str = "PEMWORKER_ADMIN_USER_PASSWORD";
+/// Environment variable holding the password of pgBouncer's statistics console user.
+pub const STATS_USER_PASSWORD_ENV: &str = "PEMWORKER_STATS_USER_PASSWORD";
 
 /// A password for `role` from `env`, else a terminal prompt, else an error naming `env`.
 pub fn new_password(role: &str, env: &'static str) -> Result<Secret, Error> {

@@ -1,8 +1,12 @@
-//! `pemworker pooler prepare-server`: the guide's chapter 3, idempotently.
+//! `pemworker pooler prepare-server`: the guide's chapter 3, idempotently, and safer than the
+//! recipe it follows (the README lists each difference).
 //!
 //! Each step first reads the catalog and changes only what differs, so a second run reports
 //! nothing to change. New roles get passwords hashed here (SCRAM), so no plain password ever
-//! reaches the server's statement log.
+//! reaches the server's statement log. On a server prepared by the guide's own SQL it upgrades
+//! in place: the admin loses CREATEROLE (superuser-equivalent on PostgreSQL 15 and older) unless
+//! `--keep-guide-createrole` says otherwise, and with pgBouncer on this host the auth user and
+//! the pooled agent users lose their passwords, because pgBouncer logs in by peer.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +14,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
-use super::hba::{self, Source};
+use super::hba::{self, IDENT_MAP, Source};
 use super::{ADMIN_USER_PASSWORD_ENV, AUTH_USER_PASSWORD_ENV, Error, Report, new_password};
 use crate::connection::{self, ConnectSettings, pool};
 use crate::{fsutil, schema};
@@ -26,8 +30,14 @@ pub struct Options {
     /// The server's pg_hba.conf to insert the lines into; `None` prints them.
     pub pg_hba: Option<PathBuf>,
     pub pgbouncer_from: Source,
+    /// The operating-system user pgBouncer runs as, when it reaches the server over its Unix
+    /// socket (`pgbouncer_from` is local): the ident map lets that user, and no other, log in
+    /// as the auth user, the admin and the pooled agent users.
+    pub pgbouncer_os_user: String,
     /// Set the passwords of existing auth and admin users again.
     pub reset_passwords: bool,
+    /// Leave CREATEROLE on an admin that has it (the guide's literal recipe), with a warning.
+    pub keep_guide_createrole: bool,
 }
 
 /// Runs every step; returns what changed and, without `pg_hba`, the lines to add by hand.
@@ -35,17 +45,22 @@ pub async fn run(
     settings: &ConnectSettings,
     opts: &Options,
 ) -> Result<(Report, Option<String>), Error> {
+    check_os_user(&opts.pgbouncer_os_user)?;
     let mut report = Report::default();
     let client = connect_or_create_database(settings, opts.install_schema, &mut report).await?;
     let target = settings.target();
 
-    let is_super: bool = pool::query_value(
+    let what = "checking the connecting user";
+    let row = pool::query_one(
         &client,
-        "checking the connecting user",
-        "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+        what,
+        "SELECT rolsuper, current_setting('server_version_num')::int \
+           FROM pg_catalog.pg_roles WHERE rolname = current_user",
         &[],
     )
     .await?;
+    let is_super: bool = pool::get(&row, 0, what)?;
+    let server_version: i32 = pool::get(&row, 1, what)?;
     if !is_super {
         return Err(Error::NotSuperuser {
             user: settings.user.clone(),
@@ -63,18 +78,32 @@ pub async fn run(
         } else {
             report.changed(format!("installed PEM schema version(s) {applied:?}"));
         }
-    } else if schema::installed_version(&client).await?.is_none() {
-        return Err(Error::SchemaMissing {
-            database: settings.dbname.clone(),
-            target,
-        });
+    } else {
+        match schema::installed_version(&client).await? {
+            None => {
+                return Err(Error::SchemaMissing {
+                    database: settings.dbname.clone(),
+                    target,
+                });
+            }
+            Some(found) if found < schema::latest_version() => {
+                return Err(Error::SchemaOutdated {
+                    database: settings.dbname.clone(),
+                    target,
+                    found,
+                });
+            }
+            Some(_) => {}
+        }
     }
 
+    let local = opts.pgbouncer_from == Source::Local;
+    // With peer logins the auth user needs no password, and one would only open the auth
+    // query to whoever learns it.
     ensure_role(
         &client,
         &opts.auth_user,
-        false,
-        AUTH_USER_PASSWORD_ENV,
+        RolePassword::from(!local, AUTH_USER_PASSWORD_ENV),
         opts.reset_passwords,
         &mut report,
     )
@@ -82,15 +111,25 @@ pub async fn run(
     ensure_role(
         &client,
         &opts.admin_user,
-        true,
-        ADMIN_USER_PASSWORD_ENV,
+        RolePassword::Required(ADMIN_USER_PASSWORD_ENV),
         opts.reset_passwords,
         &mut report,
     )
     .await?;
-    for group in ["pem_admin", "pem_agent_pool"] {
-        ensure_membership(&client, group, &opts.admin_user, &mut report).await?;
-    }
+    ensure_no_createrole(
+        &client,
+        &opts.admin_user,
+        server_version,
+        opts.keep_guide_createrole,
+        &mut report,
+    )
+    .await?;
+    ensure_membership(&client, "pem_admin", &opts.admin_user, &mut report).await?;
+    // The guide also makes the admin a member of pem_agent_pool. Here that gives it nothing (the
+    // auth query never answers for administrators; pgBouncer knows the admin from its user
+    // list), and pg_hba.conf rejects pem_agent_pool members that do not come through
+    // pgBouncer, which would lock the admin out of direct logins.
+    ensure_not_member(&client, "pem_agent_pool", &opts.admin_user, &mut report).await?;
     ensure_privilege(
         &client,
         Privilege::DatabaseConnect(&settings.dbname),
@@ -113,18 +152,105 @@ pub async fn run(
     )
     .await?;
 
+    // The ident map first, so the peer line works the moment pg_hba.conf has it.
+    configure_pooler(&client, opts, false, &mut report).await?;
     let block = hba::server_block(
         &settings.dbname,
         &[&opts.auth_user, &opts.admin_user],
         &opts.pgbouncer_from,
+        &opts.pgbouncer_os_user,
     )?;
-    match &opts.pg_hba {
+    let printed = match &opts.pg_hba {
         Some(file) => {
             edit_pg_hba(&client, file, &block, &mut report).await?;
-            Ok((report, None))
+            None
         }
-        None => Ok((report, Some(block))),
+        None => Some(block),
+    };
+    // Passwords of pooled agent users go only once PostgreSQL admits pgBouncer without them.
+    let ready = !local || peer_lines_in_place(&client).await?;
+    configure_pooler(&client, opts, ready, &mut report).await?;
+    if !ready {
+        report.unchanged(
+            "pooled agent users keep their passwords until pg_hba.conf has the lines below; run prepare-server again then",
+        );
     }
+    Ok((report, printed))
+}
+
+/// An OS user name as pg_ident.conf and the server function accept it.
+fn check_os_user(name: &str) -> Result<(), Error> {
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what: "pgBouncer OS user",
+            value: name.to_string(),
+            why: "give the operating-system user pgBouncer runs as, for example postgres".into(),
+        })
+    }
+}
+
+/// Whether the server's pg_hba.conf admits pgBouncer's peer logins for the pooled agent users
+/// with our ident map.
+async fn peer_lines_in_place(client: &Client) -> Result<bool, Error> {
+    let what = "checking pg_hba.conf for pgBouncer's peer line";
+    let map = format!("map={IDENT_MAP}");
+    let row = pool::query_one(
+        client,
+        what,
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_hba_file_rules \
+                         WHERE error IS NULL AND type = 'local' AND auth_method = 'peer' \
+                           AND '+pem_agent_pool' = ANY (user_name) AND $1 = ANY (options))",
+        &[(&map, Type::TEXT)],
+    )
+    .await?;
+    Ok(pool::get(&row, 0, what)?)
+}
+
+/// Tells the server how pgBouncer reaches it (`pem.configure_pooler`), which keeps the ident
+/// map and, with `align`, the pooled agent users' passwords in line with it.
+async fn configure_pooler(
+    client: &Client,
+    opts: &Options,
+    align: bool,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let login = match opts.pgbouncer_from {
+        Source::Local => "peer",
+        Source::Network(_) => "md5",
+    };
+    let os_user = (login == "peer").then_some(opts.pgbouncer_os_user.as_str());
+    let address = match &opts.pgbouncer_from {
+        Source::Local => None,
+        Source::Network(c) => Some(c.as_str()),
+    };
+    let what = "recording how pgBouncer reaches the server";
+    let rows = pool::query(
+        client,
+        what,
+        "SELECT pem.configure_pooler($1, $2, $3::text::cidr, $4, $5, $6)",
+        &[
+            (&login, Type::TEXT),
+            (&os_user, Type::TEXT),
+            (&address, Type::TEXT),
+            (&opts.auth_user, Type::TEXT),
+            (&opts.admin_user, Type::TEXT),
+            (&align, Type::BOOL),
+        ],
+    )
+    .await?;
+    for r in &rows {
+        report.changed(pool::get::<String>(r, 0, what)?);
+    }
+    Ok(())
 }
 
 /// pgBouncer's auth_query function, as the guide names it.
@@ -163,71 +289,173 @@ async fn connect_or_create_database(
 /// Builds a utility statement on the server with `format()`, so identifiers and literals are
 /// quoted by PostgreSQL's own rules whatever the names hold.
 async fn render(client: &Client, format_sql: &str, args: &[&str]) -> Result<String, Error> {
-    let params: Vec<pool::Param<'_>> = args.iter().map(|a| (a as _, Type::TEXT)).collect();
-    Ok(pool::query_value(client, "quoting names", format_sql, &params).await?)
+    let args: Vec<Option<&str>> = args.iter().copied().map(Some).collect();
+    render_nullable(client, format_sql, &args).await
 }
 
+/// [`render`] where an argument may be NULL (`%L` renders it as NULL).
+async fn render_nullable(
+    client: &Client,
+    format_sql: &str,
+    args: &[Option<&str>],
+) -> Result<String, Error> {
+    let params: Vec<pool::Param<'_>> = args.iter().map(|a| (a as _, Type::TEXT)).collect();
+    let what = "quoting names";
+    let row = pool::query_one(client, what, format_sql, &params).await?;
+    Ok(pool::get(&row, 0, what)?)
+}
+
+/// Whether a role needs a password, and where a new one comes from.
+#[derive(Debug, Clone, Copy)]
+enum RolePassword {
+    Required(&'static str),
+    /// None at all: an existing one is removed.
+    Absent,
+}
+
+impl RolePassword {
+    fn from(required: bool, env: &'static str) -> RolePassword {
+        if required {
+            RolePassword::Required(env)
+        } else {
+            RolePassword::Absent
+        }
+    }
+}
+
+/// A LOGIN role with or without a password, as `password` says. Never with CREATEROLE (see
+/// [`ensure_no_createrole`]).
 async fn ensure_role(
     client: &Client,
     role: &str,
-    createrole: bool,
-    password_env: &'static str,
+    password: RolePassword,
     reset_password: bool,
     report: &mut Report,
 ) -> Result<(), Error> {
+    let what = format!("checking role {role}");
     let row = pool::query_opt(
         client,
-        &format!("checking role {role}"),
-        "SELECT rolcanlogin, rolcreaterole FROM pg_catalog.pg_roles WHERE rolname = $1",
+        &what,
+        "SELECT a.rolcanlogin, a.rolpassword IS NOT NULL FROM pg_catalog.pg_authid a WHERE a.rolname = $1",
         &[(&role, Type::TEXT)],
     )
     .await?;
-    let attrs = if createrole {
-        "LOGIN CREATEROLE"
-    } else {
-        "LOGIN"
+    let Some(row) = row else {
+        let secret = match password {
+            RolePassword::Required(env) => Some(scram_secret(&new_password(role, env)?)),
+            RolePassword::Absent => None,
+        };
+        let sql = render_nullable(
+            client,
+            "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
+            &[Some(role), secret.as_deref()],
+        )
+        .await?;
+        pool::batch(client, &format!("creating role {role}"), &sql).await?;
+        report.changed(match password {
+            RolePassword::Required(_) => format!("created role {role} (LOGIN)"),
+            RolePassword::Absent => {
+                format!("created role {role} (LOGIN, no password: pgBouncer logs in as it by peer)")
+            }
+        });
+        return Ok(());
     };
-    match row {
-        None => {
-            let secret = scram_secret(&new_password(role, password_env)?);
+    let login: bool = pool::get(&row, 0, &what)?;
+    let has_password: bool = pool::get(&row, 1, &what)?;
+    if login {
+        report.unchanged(format!("role {role} exists with LOGIN"));
+    } else {
+        let sql = render(
+            client,
+            "SELECT format('ALTER ROLE %I LOGIN', $1::text)",
+            &[role],
+        )
+        .await?;
+        pool::batch(client, &format!("altering role {role}"), &sql).await?;
+        report.changed(format!("gave role {role} LOGIN"));
+    }
+    match password {
+        RolePassword::Absent if has_password => {
             let sql = render(
                 client,
-                &format!("SELECT format('CREATE ROLE %I {attrs} PASSWORD %L', $1::text, $2::text)"),
+                "SELECT format('ALTER ROLE %I PASSWORD NULL', $1::text)",
+                &[role],
+            )
+            .await?;
+            pool::batch(client, &format!("removing the password of {role}"), &sql).await?;
+            report.changed(format!(
+                "removed the password of {role}: pgBouncer logs in as it by peer, and a password would only open the auth query to whoever learns it"
+            ));
+        }
+        RolePassword::Required(env) if reset_password || !has_password => {
+            let secret = scram_secret(&new_password(role, env)?);
+            let sql = render(
+                client,
+                "SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)",
                 &[role, &secret],
             )
             .await?;
-            pool::batch(client, &format!("creating role {role}"), &sql).await?;
-            report.changed(format!("created role {role} ({attrs})"));
+            pool::batch(client, &format!("setting the password of {role}"), &sql).await?;
+            report.changed(format!("set the password of role {role}"));
         }
-        Some(r) => {
-            let what = format!("checking role {role}");
-            let (login, cr): (bool, bool) = (pool::get(&r, 0, &what)?, pool::get(&r, 1, &what)?);
-            if !login || (createrole && !cr) {
-                let sql = render(
-                    client,
-                    &format!("SELECT format('ALTER ROLE %I {attrs}', $1::text)"),
-                    &[role],
-                )
-                .await?;
-                pool::batch(client, &format!("altering role {role}"), &sql).await?;
-                report.changed(format!("gave role {role} {attrs}"));
-            } else {
-                report.unchanged(format!("role {role} exists with {attrs}"));
-            }
-            if reset_password {
-                let secret = scram_secret(&new_password(role, password_env)?);
-                let sql = render(
-                    client,
-                    "SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)",
-                    &[role, &secret],
-                )
-                .await?;
-                pool::batch(client, &format!("setting the password of {role}"), &sql).await?;
-                report.changed(format!("set the password of role {role}"));
-            }
-        }
+        _ => {}
     }
     Ok(())
+}
+
+/// CREATEROLE on PostgreSQL 15 and older lets a role grant itself pg_execute_server_program
+/// and so run programs as the server's OS user: the guide's admin is a superuser in disguise.
+/// Registration needs no role rights of the admin (agent roles are made by server functions),
+/// so it goes, unless the operator insists on the guide's literal recipe.
+async fn ensure_no_createrole(
+    client: &Client,
+    role: &str,
+    server_version: i32,
+    keep: bool,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let what = format!("checking role {role}");
+    let row = pool::query_one(
+        client,
+        &what,
+        "SELECT rolcreaterole FROM pg_catalog.pg_roles WHERE rolname = $1",
+        &[(&role, Type::TEXT)],
+    )
+    .await?;
+    if !pool::get::<bool>(&row, 0, &what)? {
+        report.unchanged(format!("role {role} has no CREATEROLE"));
+        return Ok(());
+    }
+    let risk = createrole_risk(server_version);
+    if keep {
+        tracing::warn!(
+            "role {role} keeps CREATEROLE as the guide's recipe has it (--keep-guide-createrole): {risk}"
+        );
+        report.unchanged(format!(
+            "role {role} keeps CREATEROLE (--keep-guide-createrole): {risk}"
+        ));
+        return Ok(());
+    }
+    let sql = render(
+        client,
+        "SELECT format('ALTER ROLE %I NOCREATEROLE', $1::text)",
+        &[role],
+    )
+    .await?;
+    pool::batch(client, &format!("removing CREATEROLE from {role}"), &sql).await?;
+    report.changed(format!(
+        "removed CREATEROLE from {role}: {risk}; agent roles are made by server functions instead"
+    ));
+    Ok(())
+}
+
+/// What CREATEROLE on the admin means on this server version.
+pub fn createrole_risk(server_version: i32) -> &'static str {
+    if server_version < 160000 {
+        "on PostgreSQL 15 and older CREATEROLE may grant any non-superuser role (pg_execute_server_program among them), so whoever has this role's password can run programs as the server's OS user, read the CA key and make itself superuser"
+    } else {
+        "CREATEROLE lets it create and change roles, which registration does not need"
+    }
 }
 
 fn scram_secret(password: &crate::secret::Secret) -> String {
@@ -261,6 +489,41 @@ async fn ensure_membership(
         .await?;
         pool::batch(client, &format!("granting {group} to {member}"), &sql).await?;
         report.changed(format!("granted {group} to {member}"));
+    }
+    Ok(())
+}
+
+/// Revokes `group` from `member` if granted; `why` goes into the report.
+async fn ensure_not_member(
+    client: &Client,
+    group: &str,
+    member: &str,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let what = format!("checking whether {member} is in {group}");
+    let row = pool::query_one(
+        client,
+        &what,
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m \
+           JOIN pg_catalog.pg_roles g ON g.oid = m.roleid \
+           JOIN pg_catalog.pg_roles u ON u.oid = m.member \
+          WHERE g.rolname = $1 AND u.rolname = $2)",
+        &[(&group, Type::TEXT), (&member, Type::TEXT)],
+    )
+    .await?;
+    if pool::get::<bool>(&row, 0, &what)? {
+        let sql = render(
+            client,
+            "SELECT format('REVOKE %I FROM %I', $1::text, $2::text)",
+            &[group, member],
+        )
+        .await?;
+        pool::batch(client, &format!("revoking {group} from {member}"), &sql).await?;
+        report.changed(format!(
+            "revoked {group} from {member}: the admin needs nothing of it, and pooled agent users may log in only through pgBouncer"
+        ));
+    } else {
+        report.unchanged(format!("{member} is not a member of {group}"));
     }
     Ok(())
 }
@@ -323,7 +586,7 @@ async fn ensure_privilege(
 /// Puts `block` at the start of `file`, which must be the server's own pg_hba.conf, then
 /// reloads the server and checks that it accepts every line; if it does not, the backup is
 /// restored and the server reloaded again.
-async fn edit_pg_hba(
+pub(crate) async fn edit_pg_hba(
     client: &Client,
     file: &Path,
     block: &str,

@@ -48,7 +48,8 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
         .clone()
         .unwrap_or_else(|| old.pem_host().to_string());
 
-    // 1. The certificate for the common agent user.
+    // 1. The certificate for the common agent user (and a write secret, if the agent has none).
+    let mut secret_file = None;
     let (crt_path, key_path, staged) = match &o.reuse {
         Some((crt, key)) => (crt.clone(), key.clone(), Vec::new()),
         None => {
@@ -64,14 +65,32 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
             let client = connection::connect(admin).await?;
             check_rights(&client, admin).await?;
             let sign = async {
-                super::ensure_agent_user(&client, &o.agent_user).await?;
-                super::obtain_certificate(&client, &o.agent_user, admin.root_cert.as_deref()).await
+                super::ensure_agent_user(&client, admin, &o.agent_user, None).await?;
+                let (k, c) =
+                    super::obtain_certificate(&client, &o.agent_user, admin.root_cert.as_deref())
+                        .await?;
+                // An agent registered before per-agent secrets gets one now.
+                let secret = match &old.agent_secret {
+                    Some(_) => None,
+                    None => Some(super::issue_secret(&client, old.agent_id).await?),
+                };
+                Ok::<_, Error>((k, c, secret))
             };
-            let (k, c) = pool::transaction(&client, "the migration", sign).await?;
-            let staged = vec![
+            let (k, c, secret) = pool::transaction(&client, "the migration", sign).await?;
+            let mut staged = vec![
                 Staged::write(&key, k.serialize_pem().as_bytes(), 0o600, None)?,
                 Staged::write(&crt, c.as_bytes(), 0o600, None)?,
             ];
+            if let Some(secret) = secret {
+                let path = crate::mac::secret_file(&o.cert_path, old.agent_id);
+                staged.push(Staged::write(
+                    &path,
+                    secret.file_contents().expose().as_bytes(),
+                    0o600,
+                    None,
+                )?);
+                secret_file = Some(path);
+            }
             (crt, key, staged)
         }
     };
@@ -88,11 +107,12 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
             o.config_file.display()
         )));
     };
-    let created: Vec<PathBuf> = if staged.is_empty() {
+    let mut created: Vec<PathBuf> = if staged.is_empty() {
         Vec::new()
     } else {
         vec![key_path.clone(), crt_path.clone()]
     };
+    created.extend(secret_file.clone());
     for s in staged {
         s.commit()?;
     }
@@ -107,6 +127,9 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
     if let Some(r) = &o.tls.root_cert {
         let r = std::path::absolute(r).unwrap_or_else(|_| r.clone());
         doc.set("pem_ssl_root_cert", &r.display().to_string(), None);
+    }
+    if let Some(p) = &secret_file {
+        doc.set("agent_secret_file", &p.display().to_string(), None);
     }
     let mode = file_mode(&o.config_file);
     Staged::write(&o.config_file, doc.render().as_bytes(), mode, None)?.commit()?;

@@ -22,6 +22,7 @@ use crate::config::AgentConfig;
 use crate::connection::{self, ConnectSettings, pool};
 use crate::error::{ExitCode, connection_exit_code, files_exit_code};
 use crate::fsutil::{self, Staged};
+use crate::mac::AgentKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,6 +60,23 @@ pub enum Error {
     NotRegistered { agent_id: i32, target: String },
     #[error("agent {agent_id} is registered on {target} but inactive")]
     Inactive { agent_id: i32, target: String },
+    #[error(
+        "the PEM schema in database {database} on {target} is older than this pemworker; upgrade it with pemworker pooler prepare-server --install-schema"
+    )]
+    SchemaOutdated { database: String, target: String },
+    #[error(
+        "{what} on {target} gave up waiting for a lock on pem.agent_role (lock_timeout), held by another registration or role change; try again when it is done"
+    )]
+    LockTimeout { what: String, target: String },
+    #[error(
+        "{} names no agent_secret_file: agent {agent_id} was registered before per-agent secrets; register it again with --register-agent --force-registration (it keeps agent id {agent_id})",
+        config_file.display()
+    )]
+    NoSecret { agent_id: i32, config_file: PathBuf },
+    #[error(
+        "agent {agent_id} is enrolled on the PEM server, but {cause}; ask the PEM admin to unregister agent {agent_id}, then enrol again with a new token"
+    )]
+    EnrolledWithoutFiles { agent_id: i32, cause: fsutil::Error },
     #[error("{what}; {restored}")]
     MigrationFailed {
         what: String,
@@ -76,11 +94,15 @@ impl Error {
             Error::Config(_)
             | Error::Invalid { .. }
             | Error::Missing(_)
-            | Error::NotRegistered { .. } => ExitCode::Config,
+            | Error::NotRegistered { .. }
+            | Error::NoSecret { .. } => ExitCode::Config,
             Error::SchemaMissing { .. }
+            | Error::SchemaOutdated { .. }
             | Error::MissingRight { .. }
-            | Error::BadCertificate { .. } => ExitCode::Server,
+            | Error::BadCertificate { .. }
+            | Error::LockTimeout { .. } => ExitCode::Server,
             Error::Inactive { .. } => ExitCode::Inactive,
+            Error::EnrolledWithoutFiles { cause, .. } => files_exit_code(cause),
             Error::MigrationFailed { code, .. } => *code,
         }
     }
@@ -140,8 +162,11 @@ pub fn parse_override(s: &str) -> Result<(String, String), Error> {
 /// Everything `--register-agent` needs, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The PEM admin's session (host and port as agent.cfg will hold them).
+    /// The PEM admin's session, or with `token` the enrolment login's (host and port as
+    /// agent.cfg will hold them).
     pub server: ConnectSettings,
+    /// An enrolment token: registration without the admin's password.
+    pub token: Option<crate::secret::Secret>,
     pub agent_user: Option<String>,
     pub display_name: String,
     pub host_name: String,
@@ -270,56 +295,97 @@ pub(crate) async fn check_rights(client: &Client, settings: &ConnectSettings) ->
             "not a member of pem_admin (run GRANT pem_admin TO {user} on the PEM server)"
         )));
     }
+    // One round trip: whether the schema has the functions this build calls (an older one
+    // gets the upgrade advice, not "function does not exist"), and the rights on them.
+    let what = "checking the registering user's rights";
     let row = pool::query_one(
         client,
         what,
-        "SELECT has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
+        "SELECT pg_catalog.to_regprocedure('pem.ensure_agent_user(text,integer)') IS NOT NULL, \
+                has_table_privilege('pem.agent', 'INSERT, UPDATE'), \
                 has_function_privilege('pem.sign_agent_csr(text)', 'EXECUTE'), \
-                has_function_privilege('pem.create_proxy_agent_user(varchar)', 'EXECUTE')",
+                CASE WHEN pg_catalog.to_regprocedure('pem.ensure_agent_user(text,integer)') IS NOT NULL THEN \
+                     has_function_privilege('pem.ensure_agent_user(text, integer)', 'EXECUTE') \
+                      AND has_function_privilege('pem.issue_agent_secret(integer)', 'EXECUTE') \
+                      AND has_function_privilege('pem.unregister_agent(integer)', 'EXECUTE') END",
         &[],
     )
     .await?;
-    for (i, lacking) in [
-        (0, "no INSERT or UPDATE on pem.agent"),
-        (1, "no EXECUTE on pem.sign_agent_csr(text)"),
-        (2, "no EXECUTE on pem.create_proxy_agent_user(varchar)"),
+    if !pool::get::<bool>(&row, 0, what)? {
+        return Err(Error::SchemaOutdated {
+            database: settings.dbname.clone(),
+            target,
+        });
+    }
+    for (i, right) in [
+        (1, "no INSERT or UPDATE on pem.agent"),
+        (2, "no EXECUTE on pem.sign_agent_csr(text)"),
+        (
+            3,
+            "no EXECUTE on pem.ensure_agent_user, pem.issue_agent_secret or pem.unregister_agent",
+        ),
     ] {
         if !pool::get::<bool>(&row, i, what)? {
             return Err(missing(format!(
-                "{lacking} (grant it to pem_admin on the PEM server)"
+                "{right} (grant it to pem_admin on the PEM server)"
             )));
         }
     }
     Ok(())
 }
 
-/// Makes sure `agent_user` exists as an agent user; true when this call created it.
-/// Serialized with the server function's own lock, so concurrent registrations never race on
-/// CREATE ROLE or GRANT (PEM's "tuple concurrently updated").
-pub(crate) async fn ensure_agent_user(client: &Client, agent_user: &str) -> Result<bool, Error> {
-    let exists = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)";
-    let what = format!("checking agent user {agent_user}");
-    if pool::query_value::<bool>(client, &what, exists, &[(&agent_user, Type::TEXT)]).await? {
-        return Ok(false);
-    }
-    pool::execute(
+/// Makes sure `agent_user` exists as an agent user; true when this call created it. The server
+/// function serializes creators with a table lock no agent can take, so concurrent
+/// registrations never race on CREATE ROLE or GRANT (PEM's "tuple concurrently updated"), and
+/// a lock held too long is a one-line error rather than a hang.
+pub(crate) async fn ensure_agent_user(
+    client: &Client,
+    settings: &ConnectSettings,
+    agent_user: &str,
+    dedicated_to: Option<i32>,
+) -> Result<bool, Error> {
+    let what = format!("creating agent user {agent_user}");
+    let row = pool::query_one(
         client,
         &what,
-        "SELECT pg_advisory_xact_lock(hashtext('pem.create_proxy_agent_user'))",
-        &[],
+        "SELECT pem.ensure_agent_user($1, $2)",
+        &[(&agent_user, Type::TEXT), (&dedicated_to, Type::INT4)],
     )
-    .await?;
-    if pool::query_value::<bool>(client, &what, exists, &[(&agent_user, Type::TEXT)]).await? {
-        return Ok(false);
+    .await
+    .map_err(|e| lock_timeout(e, &what, settings))?;
+    Ok(pool::get(&row, 0, &what)?)
+}
+
+/// A lock wait over lock_timeout (SQLSTATE 55P03) as the one-line error that says so.
+fn lock_timeout(e: connection::Error, what: &str, settings: &ConnectSettings) -> Error {
+    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        Error::LockTimeout {
+            what: what.to_string(),
+            target: settings.target(),
+        }
+    } else {
+        e.into()
     }
-    pool::execute(
+}
+
+/// A new write secret for the agent (replacing any earlier one), made by the server.
+pub(crate) async fn issue_secret(client: &Client, agent_id: i32) -> Result<AgentKey, Error> {
+    let what = format!("making the write secret of agent {agent_id}");
+    let row = pool::query_one(
         client,
-        &format!("creating agent user {agent_user}"),
-        "SELECT pem.create_proxy_agent_user($1::varchar)",
-        &[(&agent_user, Type::TEXT)],
+        &what,
+        "SELECT pem.issue_agent_secret($1)",
+        &[(&agent_id, Type::INT4)],
     )
     .await?;
-    Ok(true)
+    let hex: String = pool::get(&row, 0, &what)?;
+    AgentKey::from_hex(&hex).ok_or_else(|| {
+        connection::Error::Reply {
+            what,
+            why: "not a 32-byte secret in hexadecimal".into(),
+        }
+        .into()
+    })
 }
 
 /// Generates a key, has the server sign a CSR for `agent_user`, and checks the result.
@@ -330,13 +396,15 @@ pub(crate) async fn obtain_certificate(
 ) -> Result<(KeyPair, String), Error> {
     let key = certs::generate_key()?;
     let csr = certs::csr_pem(&key, agent_user)?;
-    let cert: String = pool::query_value(
+    let what = format!("signing the certificate of {agent_user}");
+    let row = pool::query_one(
         client,
-        &format!("signing the certificate of {agent_user}"),
+        &what,
         "SELECT pem.sign_agent_csr($1)",
         &[(&csr, Type::TEXT)],
     )
     .await?;
+    let cert: String = pool::get(&row, 0, &what)?;
     cert_check::check(&cert, &key, agent_user, root_cert).map_err(|why| Error::BadCertificate {
         agent_user: agent_user.to_string(),
         why,
@@ -377,76 +445,30 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     drop(Staged::write(&config_file, b"", 0o644, None)?);
 
     let client = connection::connect(&opts.server).await?;
-    check_rights(&client, &opts.server).await?;
+    match &opts.token {
+        None => check_rights(&client, &opts.server).await?,
+        Some(_) => check_enrolment(&client, &opts.server).await?,
+    }
 
     let work = async {
-        let (agent_id, kept_id) = upsert_agent(&client, opts, previous_id).await?;
-        let agent_user = opts
-            .agent_user
-            .clone()
-            .unwrap_or_else(|| format!("agent{agent_id}"));
-        let (key_path, crt_path) = (
-            key_file(&opts.cert_path, &agent_user),
-            cert_file(&opts.cert_path, &agent_user),
-        );
-        if opts.agent_user.is_none() {
-            refuse_existing(&key_path, opts.force)?;
-            refuse_existing(&crt_path, opts.force)?;
-        }
-        pool::execute(
-            &client,
-            "recording the agent user",
-            "UPDATE pem.agent SET agent_user = $2 WHERE id = $1",
-            &[(&agent_id, Type::INT4), (&agent_user, Type::TEXT)],
-        )
-        .await?;
-        let created_role = ensure_agent_user(&client, &agent_user).await?;
-        let (key, cert) =
-            obtain_certificate(&client, &agent_user, opts.server.root_cert.as_deref()).await?;
-        let deactivated = if kept_id {
-            deactivate_duplicates(&client, agent_id, opts).await?
-        } else {
-            Vec::new()
+        let e = match &opts.token {
+            None => with_admin(&client, opts, previous_id).await?,
+            Some(token) => with_token(&client, opts, token).await?,
         };
-
-        let cfg = agent_config(opts, agent_id, &agent_user, &key_path, &crt_path);
-        let staged = vec![
-            (
-                key_path.clone(),
-                Staged::write(&key_path, key.serialize_pem().as_bytes(), 0o600, None)?,
-            ),
-            (
-                crt_path.clone(),
-                Staged::write(&crt_path, cert.as_bytes(), 0o600, None)?,
-            ),
-            (
-                config_file.clone(),
-                Staged::write(&config_file, cfg.render().as_bytes(), 0o644, None)?,
-            ),
-        ];
-        let existing: Vec<&PathBuf> = staged
-            .iter()
-            .map(|(p, _)| p)
-            .filter(|p| std::fs::symlink_metadata(p).is_ok())
-            .collect();
-        let backups = fsutil::backup_all(&existing)?;
-        let registered = Registered {
-            agent_id,
-            agent_user,
-            config_file: config_file.clone(),
-            key_file: key_path,
-            cert_file: crt_path,
-            backups,
-            kept_id,
-            deactivated,
-        };
-        Ok::<_, Error>((registered, created_role, staged))
+        stage(opts, &config_file, e)
     };
     let (registered, created_role, staged) =
         pool::transaction(&client, "the registration", work).await?;
 
     for (_, s) in staged {
         if let Err(e) = s.commit() {
+            if opts.token.is_some() {
+                // The enrolment login may undo nothing; say what is left.
+                return Err(Error::EnrolledWithoutFiles {
+                    agent_id: registered.agent_id,
+                    cause: e,
+                });
+            }
             let role = created_role.then_some(registered.agent_user.as_str());
             undo_registration(&client, registered.agent_id, registered.kept_id, role).await;
             return Err(e.into());
@@ -454,6 +476,211 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     }
     dirs.keep();
     Ok(registered)
+}
+
+/// What the server side of a registration produced.
+struct Enrolled {
+    agent_id: i32,
+    agent_user: String,
+    kept_id: bool,
+    created_role: bool,
+    key: KeyPair,
+    cert: String,
+    secret: AgentKey,
+    deactivated: Vec<i32>,
+}
+
+/// The admin's registration: the agent row, its user, certificate and secret, each by its own
+/// statement in the caller's transaction.
+async fn with_admin(
+    client: &Client,
+    opts: &Options,
+    previous_id: Option<i32>,
+) -> Result<Enrolled, Error> {
+    let (agent_id, kept_id) = upsert_agent(client, opts, previous_id).await?;
+    let agent_user = opts
+        .agent_user
+        .clone()
+        .unwrap_or_else(|| format!("agent{agent_id}"));
+    pool::execute(
+        client,
+        "recording the agent user",
+        "UPDATE pem.agent SET agent_user = $2 WHERE id = $1",
+        &[(&agent_id, Type::INT4), (&agent_user, Type::TEXT)],
+    )
+    .await?;
+    let dedicated = opts.agent_user.is_none().then_some(agent_id);
+    let created_role = ensure_agent_user(client, &opts.server, &agent_user, dedicated).await?;
+    let (key, cert) =
+        obtain_certificate(client, &agent_user, opts.server.root_cert.as_deref()).await?;
+    let secret = issue_secret(client, agent_id).await?;
+    let deactivated = if kept_id {
+        deactivate_duplicates(client, agent_id, opts).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Enrolled {
+        agent_id,
+        agent_user,
+        kept_id,
+        created_role,
+        key,
+        cert,
+        secret,
+        deactivated,
+    })
+}
+
+/// The login a token enrols through must find the entry point; a server too old to have it
+/// gets the same one-line advice as the admin's path.
+async fn check_enrolment(client: &Client, settings: &ConnectSettings) -> Result<(), Error> {
+    let what = "looking for the enrolment function";
+    let row = pool::query_one(
+        client,
+        what,
+        "SELECT pg_catalog.to_regprocedure('pem.enrol_agent(text,text,text,text,text,jsonb)') IS NOT NULL",
+        &[],
+    )
+    .await?;
+    if pool::get::<bool>(&row, 0, what)? {
+        Ok(())
+    } else {
+        Err(Error::SchemaOutdated {
+            database: settings.dbname.clone(),
+            target: settings.target(),
+        })
+    }
+}
+
+/// Enrolment with a token: one call to the server's single entry point, which checks the
+/// token, registers the agent, makes its user if needed, signs the CSR only for that user and
+/// hands out the write secret. The CSR names the agent user asked for, or just "agent" when the
+/// token decides (its agent user, or a dedicated agent<ID> role whose id the server picks).
+async fn with_token(
+    client: &Client,
+    opts: &Options,
+    token: &crate::secret::Secret,
+) -> Result<Enrolled, Error> {
+    let key = certs::generate_key()?;
+    let csr = certs::csr_pem(&key, opts.agent_user.as_deref().unwrap_or("agent"))?;
+    let details = serde_json::json!({
+        "group": opts.group,
+        "team": opts.team,
+        "owner": opts.owner,
+        "allow_server_restart": opts.allow_server_restart,
+        "allow_batch_probes": opts.allow_batch_probes,
+        "batch_script_user": opts.batch_script_user,
+        "heartbeat_connection": opts.heartbeat_connection,
+    })
+    .to_string();
+    let token = token.expose();
+    let what = "enrolling the agent with the token";
+    let row = pool::query_one(
+        client,
+        what,
+        "SELECT agent_id, agent_user, certificate, secret \
+           FROM pem.enrol_agent($1, $2, $3, $4, $5, $6::text::jsonb)",
+        &[
+            (&token, Type::TEXT),
+            (&opts.agent_user, Type::TEXT),
+            (&opts.display_name, Type::TEXT),
+            (&opts.host_name, Type::TEXT),
+            (&csr, Type::TEXT),
+            (&details, Type::TEXT),
+        ],
+    )
+    .await?;
+    let agent_id: i32 = pool::get(&row, 0, what)?;
+    let agent_user: String = pool::get(&row, 1, what)?;
+    let cert: String = pool::get(&row, 2, what)?;
+    let secret_hex: String = pool::get(&row, 3, what)?;
+    cert_check::check(&cert, &key, &agent_user, opts.server.root_cert.as_deref()).map_err(
+        |why| Error::BadCertificate {
+            agent_user: agent_user.clone(),
+            why,
+        },
+    )?;
+    let secret = AgentKey::from_hex(&secret_hex).ok_or_else(|| connection::Error::Reply {
+        what: what.to_string(),
+        why: "the write secret is not 32 bytes in hexadecimal".into(),
+    })?;
+    Ok(Enrolled {
+        agent_id,
+        agent_user,
+        kept_id: false,
+        created_role: false,
+        key,
+        cert,
+        secret,
+        deactivated: Vec::new(),
+    })
+}
+
+type StagedFiles = Vec<(PathBuf, Staged)>;
+
+/// Every file of the registration, staged beside its target (existing ones backed up), for the
+/// caller to move into place once the server committed.
+fn stage(
+    opts: &Options,
+    config_file: &Path,
+    e: Enrolled,
+) -> Result<(Registered, bool, StagedFiles), Error> {
+    let key_path = key_file(&opts.cert_path, &e.agent_user);
+    let crt_path = cert_file(&opts.cert_path, &e.agent_user);
+    let secret_path = crate::mac::secret_file(&opts.cert_path, e.agent_id);
+    if opts.agent_user.is_none() {
+        refuse_existing(&key_path, opts.force)?;
+        refuse_existing(&crt_path, opts.force)?;
+    }
+    refuse_existing(&secret_path, opts.force)?;
+    let cfg = agent_config(
+        opts,
+        e.agent_id,
+        &e.agent_user,
+        &key_path,
+        &crt_path,
+        &secret_path,
+    );
+    let staged = vec![
+        (
+            secret_path.clone(),
+            Staged::write(
+                &secret_path,
+                e.secret.file_contents().expose().as_bytes(),
+                0o600,
+                None,
+            )?,
+        ),
+        (
+            key_path.clone(),
+            Staged::write(&key_path, e.key.serialize_pem().as_bytes(), 0o600, None)?,
+        ),
+        (
+            crt_path.clone(),
+            Staged::write(&crt_path, e.cert.as_bytes(), 0o600, None)?,
+        ),
+        (
+            config_file.to_path_buf(),
+            Staged::write(config_file, cfg.render().as_bytes(), 0o644, None)?,
+        ),
+    ];
+    let existing: Vec<&PathBuf> = staged
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .collect();
+    let backups = fsutil::backup_all(&existing)?;
+    let registered = Registered {
+        agent_id: e.agent_id,
+        agent_user: e.agent_user,
+        config_file: config_file.to_path_buf(),
+        key_file: key_path,
+        cert_file: crt_path,
+        backups,
+        kept_id: e.kept_id,
+        deactivated: e.deactivated,
+    };
+    Ok((registered, e.created_role, staged))
 }
 
 /// Inserts the agent row, or with a previous id that the server knows, updates and reactivates
@@ -505,14 +732,16 @@ async fn upsert_agent(
     Ok((id, false))
 }
 
-/// Marks other active registrations of the same host and display name inactive: the row a
-/// plain re-registration would have left for the DBA to disable by hand.
+/// Unregisters other active registrations of the same host and display name (inactive, no
+/// write secret, dedicated role dropped): the row a plain re-registration would have left for
+/// the DBA to disable by hand.
 async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Result<Vec<i32>, Error> {
+    let what = "deactivating duplicate registrations";
     let rows = pool::query(
         client,
-        "deactivating duplicate registrations",
-        "UPDATE pem.agent SET active = false, unregistered_at = now() \
-          WHERE active AND id <> $1 AND host_name = $2 AND display_name = $3 RETURNING id",
+        what,
+        "SELECT id FROM pem.agent \
+          WHERE active AND id <> $1 AND host_name = $2 AND display_name = $3 ORDER BY id",
         &[
             (&keep, Type::INT4),
             (&o.host_name, Type::TEXT),
@@ -520,10 +749,19 @@ async fn deactivate_duplicates(client: &Client, keep: i32, o: &Options) -> Resul
         ],
     )
     .await?;
-    rows.iter()
-        .map(|r| pool::get(r, 0, "deactivating duplicate registrations"))
-        .collect::<Result<_, _>>()
-        .map_err(Error::from)
+    let mut ids = Vec::new();
+    for r in &rows {
+        let id: i32 = pool::get(r, 0, what)?;
+        pool::execute(
+            client,
+            what,
+            "SELECT pem.unregister_agent($1)",
+            &[(&id, Type::INT4)],
+        )
+        .await?;
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Best effort after the server committed but a file could not be put in place.
@@ -543,20 +781,24 @@ async fn undo_registration(
         .await;
     }
     if let Some(role) = created_role {
-        if let Ok(drop) = pool::query_value::<String>(
+        let _ = pool::execute(
             client,
-            "undo",
-            "SELECT format('DROP ROLE %I', $1::text)",
+            "undoing the agent user",
+            "SELECT pem.drop_agent_user($1)",
             &[(&role, Type::TEXT)],
         )
-        .await
-        {
-            let _ = pool::batch(client, "undoing the agent user", &drop).await;
-        }
+        .await;
     }
 }
 
-fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &Path) -> Document {
+fn agent_config(
+    o: &Options,
+    agent_id: i32,
+    agent_user: &str,
+    key: &Path,
+    crt: &Path,
+    secret: &Path,
+) -> Document {
     let mut d = Document::with_defaults();
     let b = |v: bool| if v { "true" } else { "false" };
     d.set("pem_host", &o.server.host, None);
@@ -565,6 +807,7 @@ fn agent_config(o: &Options, agent_id: i32, agent_user: &str, key: &Path, crt: &
     d.set("agent_user", agent_user, None);
     d.set("agent_ssl_key", &key.display().to_string(), None);
     d.set("agent_ssl_crt", &crt.display().to_string(), None);
+    d.set("agent_secret_file", &secret.display().to_string(), None);
     d.set("allow_server_restart", b(o.allow_server_restart), None);
     d.set("allow_batch_probes", b(o.allow_batch_probes), None);
     d.set("heartbeat_connection", b(o.heartbeat_connection), None);
@@ -601,14 +844,26 @@ pub(crate) async fn check_active(
     id: &AgentConfig,
     target: &str,
 ) -> Result<(), Error> {
+    let Some(key) = id.agent_secret.as_ref() else {
+        return Err(Error::NoSecret {
+            agent_id: id.agent_id,
+            config_file: id.path.clone(),
+        });
+    };
+    let sent_at = crate::mac::now();
+    let signature = key.sign(crate::mac::Kind::Verify, id.agent_id, &sent_at, "");
+    let what = "reading the agent's registration";
     let row = pool::query_opt(
         client,
-        "reading the agent's registration",
-        "SELECT active FROM pem.agent WHERE id = $1",
-        &[(&id.agent_id, Type::INT4)],
+        what,
+        "SELECT active FROM pem.check_agent($1, $2, $3)",
+        &[
+            (&id.agent_id, Type::INT4),
+            (&sent_at, Type::TEXT),
+            (&signature, Type::TEXT),
+        ],
     )
     .await?;
-    let what = "reading the agent's registration";
     match row.map(|r| pool::get::<bool>(&r, 0, what)).transpose()? {
         Some(true) => Ok(()),
         Some(false) => Err(Error::Inactive {
@@ -631,18 +886,23 @@ pub async fn unregister(
     let (_, id) = AgentConfig::load_with_document(config_file)?;
     let client = connection::connect(server).await?;
     check_rights(&client, server).await?;
-    let n = pool::execute(
+    let what = "unregistering the agent";
+    let row = pool::query_opt(
         &client,
-        "unregistering the agent",
-        "UPDATE pem.agent SET active = false, unregistered_at = now() WHERE id = $1",
+        what,
+        "SELECT dropped_role FROM pem.unregister_agent($1)",
         &[(&id.agent_id, Type::INT4)],
     )
-    .await?;
-    if n == 0 {
+    .await
+    .map_err(|e| lock_timeout(e, what, server))?;
+    let Some(row) = row else {
         return Err(Error::NotRegistered {
             agent_id: id.agent_id,
             target: server.target(),
         });
+    };
+    if let Some(role) = pool::get::<Option<String>>(&row, 0, what)? {
+        tracing::info!("dropped the dedicated agent role {role}");
     }
     let backup = fsutil::backup(config_file)?;
     std::fs::remove_file(config_file).map_err(fsutil::Error::io("remove", config_file))?;

@@ -132,9 +132,42 @@ pub async fn run(settings: &Settings) -> Result<(), Error> {
 async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
     let site = servers.root.join("agent");
     let cfg = site.join("etc").join(crate::agentcfg::FILE_NAME);
+    // The PEM admin makes a single-use enrolment token ...
+    std::fs::create_dir_all(&site).map_err(|e| Error::Step(e.to_string()))?;
+    let token = site.join("enrolment.token");
     let out = servers
         .pemworker_command()
         .env("PEM_SERVER_PASSWORD", servers.passwords.admin.expose())
+        .args([
+            "pooler",
+            "enrolment-token",
+            "create",
+            "--pem-server",
+            "127.0.0.1",
+        ])
+        .arg("--pem-port")
+        .arg(servers.pgb_port.to_string())
+        .args([
+            "--pem-user",
+            servers::ADMIN_USER,
+            "--ttl",
+            "10m",
+            "--uses",
+            "1",
+        ])
+        .args(["--agent-user", AGENT_USER, "--output"])
+        .arg(&token)
+        .output()
+        .map_err(|e| Error::Step(format!("cannot make an enrolment token: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Step(format!(
+            "making an enrolment token failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    // ... and the agent host registers with it alone: no password in its environment.
+    let out = servers
+        .agent_host_command()
         .args([
             "--register-agent",
             "--pem-server",
@@ -142,9 +175,9 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
             "--pem-port",
         ])
         .arg(servers.pgb_port.to_string())
+        .arg("--enrolment-token-file")
+        .arg(&token)
         .args([
-            "--pem-user",
-            servers::ADMIN_USER,
             "--pem-agent-user",
             AGENT_USER,
             "--display-name",
@@ -156,6 +189,7 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
         .arg(site.join("etc"))
         .output()
         .map_err(|e| Error::Step(format!("cannot run the registration: {e}")))?;
+    let _ = std::fs::remove_file(&token);
     if !out.status.success() {
         return Err(Error::Step(format!(
             "registration failed: {}",
@@ -184,10 +218,7 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
     let stderr = std::fs::File::create(site.join("worker.stderr"))
         .map_err(|e| Error::Step(e.to_string()))?;
     let child = servers
-        .pemworker_command()
-        .env_remove("PEM_SERVER_PASSWORD")
-        .env_remove("PEMWORKER_AUTH_USER_PASSWORD")
-        .env_remove("PEMWORKER_ADMIN_USER_PASSWORD")
+        .agent_host_command()
         .arg("-c")
         .arg(&cfg)
         .arg("-f")
@@ -210,9 +241,10 @@ async fn register_and_start(servers: &Servers) -> Result<Agent, Error> {
 }
 
 /// Binds the sandbox's own PostgreSQL (through a `monitor` login in pg_monitor) and pgBouncer
-/// to agent `agent_id`, schedules their probes every `interval` seconds, keeps the passwords
-/// those logins need in the agent's `<home>/.pgpass` (never on the PEM server), and records
-/// both as registered from this host beside the agent's `config_file` (see [`crate::targets`]).
+/// (through its statistics console user, never the admin) to agent `agent_id`, schedules their
+/// probes every `interval` seconds, keeps the passwords those logins need in the agent's
+/// `<home>/.pgpass` (never on the PEM server), and records both as registered from this host
+/// beside the agent's `config_file` (see [`crate::targets`]).
 /// Returns the monitored server's id.
 pub async fn bind_servers(
     servers: &Servers,
@@ -247,7 +279,7 @@ pub async fn bind_servers(
             (&agent_id, Type::INT4),
             (&pg_port, Type::INT4),
             (&pgb_port, Type::INT4),
-            (&servers::ADMIN_USER, Type::TEXT),
+            (&servers::STATS_USER, Type::TEXT),
             (&interval, Type::INT4),
         ],
     )
@@ -261,8 +293,8 @@ pub async fn bind_servers(
             servers.pg_port,
             esc(&monitor_pw),
             servers.pgb_port,
-            servers::ADMIN_USER,
-            esc(servers.passwords.admin.expose())
+            servers::STATS_USER,
+            esc(servers.passwords.stats.expose())
         )
         .as_bytes(),
         0o600,
@@ -292,7 +324,7 @@ pub async fn bind_servers(
                 crate::targets::Kind::Pgbouncer,
                 servers.pgb_port,
                 "pgbouncer",
-                servers::ADMIN_USER,
+                servers::STATS_USER,
             ))
         })
         .and_then(|r| r.stage(&file))

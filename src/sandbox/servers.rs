@@ -20,6 +20,9 @@ use crate::secret::Secret;
 /// The auth and admin users `prepare-server` creates, under the guide's names.
 pub const AUTH_USER: &str = "pgbouncer";
 pub const ADMIN_USER: &str = "pem_admin1";
+/// pgBouncer's statistics console user (`configure`'s default), whose password agent hosts keep
+/// for their pgBouncer probes instead of the admin's.
+pub const STATS_USER: &str = "pgbouncer_stats";
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -53,12 +56,14 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// The passwords of the three users the servers are set up with.
+/// The passwords of the users the servers are set up with. The auth user's is offered to the
+/// commands but not used: pgBouncer logs in to PostgreSQL by peer.
 #[derive(Debug, Clone)]
 pub struct Passwords {
     pub superuser: Secret,
     pub auth: Secret,
     pub admin: Secret,
+    pub stats: Secret,
 }
 
 impl Passwords {
@@ -75,6 +80,7 @@ impl Passwords {
             superuser: r(),
             auth: r(),
             admin: r(),
+            stats: r(),
         }
     }
 }
@@ -175,6 +181,22 @@ impl Servers {
     /// Starts PostgreSQL, prepares it with `prepare-server --install-schema --pg-hba`, writes
     /// pgBouncer's files with `configure`, and starts pgBouncer.
     pub fn start(opts: &Options) -> Result<Servers, Error> {
+        let mut s = Servers::start_postgres_only(opts)?;
+        s.prepare_and_start_pgbouncer()?;
+        Ok(s)
+    }
+
+    /// `prepare-server`, `configure` and pgBouncer, on a PostgreSQL started with
+    /// [`Servers::start_postgres_only`] (an upgrade test prepares the server its own way first).
+    pub fn prepare_and_start_pgbouncer(&mut self) -> Result<(), Error> {
+        self.run_pemworker("pemworker pooler prepare-server", &self.prepare_args())?;
+        self.run_pemworker("pemworker pooler configure", &self.configure_args())?;
+        self.start_pgbouncer()
+    }
+
+    /// PostgreSQL with TLS and the CA in its data directory, and nothing else: no database, no
+    /// schema, no pgBouncer.
+    pub fn start_postgres_only(opts: &Options) -> Result<Servers, Error> {
         let bin_dir = pg_bin_dir()?;
         let pgbouncer_bin = find_pgbouncer()?;
         let run_as = is_root().then(|| "postgres".to_string());
@@ -208,9 +230,6 @@ impl Servers {
             keep: false,
         };
         s.init_postgres()?;
-        s.run_pemworker("pemworker pooler prepare-server", &s.prepare_args())?;
-        s.run_pemworker("pemworker pooler configure", &s.configure_args())?;
-        s.start_pgbouncer()?;
         Ok(s)
     }
 
@@ -356,12 +375,31 @@ impl Servers {
                 "PEMWORKER_ADMIN_USER_PASSWORD",
                 self.passwords.admin.expose(),
             )
+            .env(
+                "PEMWORKER_STATS_USER_PASSWORD",
+                self.passwords.stats.expose(),
+            )
             .env("PGSSLROOTCERT", &self.root_crt)
             .stdin(Stdio::null());
         c
     }
 
-    fn run_pemworker(&self, what: &str, args: &[String]) -> Result<Output, Error> {
+    /// This program as it runs on an agent host: a private HOME and the servers' root
+    /// certificate to verify them (sslmode is verify-full by default), and no password of any
+    /// kind in its environment.
+    pub fn agent_host_command(&self) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &self.home)
+            .env("PGSSLROOTCERT", &self.root_crt)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs this program (see [`Servers::pemworker_command`]); a failure is an error with its
+    /// output.
+    pub fn run_pemworker(&self, what: &str, args: &[String]) -> Result<Output, Error> {
         let out = self
             .pemworker_command()
             .args(args)
@@ -388,7 +426,15 @@ impl Servers {
         a.extend(self.superuser_args());
         a.extend(["--install-schema".into(), "--pg-hba".into()]);
         a.push(self.data_dir.join("pg_hba.conf").display().to_string());
+        a.extend(["--pgbouncer-os-user".into(), self.os_user()]);
         a
+    }
+
+    /// The operating-system user both servers run as.
+    pub fn os_user(&self) -> String {
+        self.run_as
+            .clone()
+            .unwrap_or_else(|| crate::fsutil::Owner::current().name)
     }
 
     pub fn configure_args(&self) -> Vec<String> {
@@ -418,6 +464,7 @@ impl Servers {
                 d(&self.data_dir.join("server.crt")),
             ),
             ("--pgbouncer-bin", d(&self.pgbouncer_bin)),
+            ("--stats-user", STATS_USER.into()),
             ("--agent-network", "127.0.0.0/8".into()),
             ("--admin-network", "127.0.0.0/8".into()),
             // Back within seconds after a PostgreSQL restart, not pgBouncer's default 15.
@@ -526,6 +573,14 @@ impl Servers {
     pub fn console(&self) -> ConnectSettings {
         let mut s = self.admin_via_pooler();
         s.dbname = "pgbouncer".into();
+        s
+    }
+
+    /// pgBouncer's console as the statistics user, as agents' probes log in.
+    pub fn stats_console(&self) -> ConnectSettings {
+        let mut s = self.tls_settings(self.pgb_port, STATS_USER);
+        s.dbname = "pgbouncer".into();
+        s.password = Some(self.passwords.stats.clone());
         s
     }
 

@@ -156,7 +156,9 @@ async fn replay(c: &AgentConfig, a: &SpoolSelectArgs) -> Result<(), crate::Error
         other => crate::Error::Usage(other.to_string()),
     })?;
     let samples: Vec<_> = records.iter().map(|(_, r)| r.sample.clone()).collect();
-    let refusals = delivery::store(&mut session, c.agent_id, &samples).await?;
+    // As the worker delivers: pem.store_samples, with this agent's MAC.
+    let refusals =
+        delivery::store(&mut session, c.agent_id, c.agent_secret.as_ref(), &samples).await?;
     let mut again = 0;
     for (i, (seq, mut r)) in records.into_iter().enumerate() {
         match refusals.iter().find(|x| x.index == i) {

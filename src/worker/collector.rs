@@ -54,13 +54,10 @@ pub const ROUND_WAIT: Duration = Duration::from_secs(2);
 
 const SCHEDULE: &str = "SELECT probe, target_type, server_id, pgbouncer, interval_seconds, enabled \
                           FROM pem.agent_schedule($1)";
-const SERVERS: &str = "SELECT b.server_id, coalesce(b.host, s.server_addr), coalesce(b.port, s.port), \
-                              coalesce(b.database, s.database)::text, coalesce(b.username, s.username)::text, \
-                              coalesce(b.sslmode, 'prefer') \
-                         FROM pem.agent_server_binding b JOIN pem.server s ON s.id = b.server_id \
-                        WHERE b.agent_id = $1 AND s.active";
-const PGBOUNCERS: &str = "SELECT host || ':' || port::text, host, port, username::text, coalesce(sslmode, 'prefer') \
-                            FROM pem.agent_pgbouncer_binding WHERE agent_id = $1";
+// Agents hold no table privileges: the monitored servers and pgBouncers bound to them come
+// from pem.agent_targets.
+const TARGETS: &str = "SELECT target_type, server_id, pgbouncer, host, port, database, username, sslmode \
+                         FROM pem.agent_targets($1)";
 
 /// Where a job runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -214,7 +211,7 @@ struct Fetched {
     fingerprint: String,
 }
 
-/// Reads the schedule and bindings, on a session of its own, the three statements pipelined.
+/// Reads the schedule and bindings, on a session of its own, the two statements pipelined.
 async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     let manager = shared.pem();
     let mut session = match manager.checkout().await {
@@ -232,10 +229,14 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     let client = session.client().await?;
     let read = tokio::try_join!(
         pool::query(client, "reading the probe schedule", SCHEDULE, &id),
-        pool::query(client, "reading monitored servers", SERVERS, &id),
-        pool::query(client, "reading bound pgBouncers", PGBOUNCERS, &id),
+        pool::query(
+            client,
+            "reading monitored servers and pgBouncers",
+            TARGETS,
+            &id
+        ),
     );
-    let (rows, servers, bouncers) = match read {
+    let (rows, bound) = match read {
         Ok(r) => r,
         Err(e) => {
             session.failed(&e);
@@ -267,42 +268,37 @@ async fn fetch(shared: &Shared) -> Result<Option<Fetched>, connection::Error> {
     }
     let registry = local_targets(&shared.config().path);
     let mut server_map = HashMap::new();
-    for r in &servers {
-        let what = "reading monitored servers";
-        let id: i32 = pool::get(r, 0, what)?;
+    let mut bouncer_map = HashMap::new();
+    for r in &bound {
+        let what = "reading monitored servers and pgBouncers";
+        let target: String = pool::get(r, 0, what)?;
         let (host, port, db, user, ssl): (String, i32, String, String, String) = (
-            pool::get(r, 1, what)?,
-            pool::get(r, 2, what)?,
             pool::get(r, 3, what)?,
             pool::get(r, 4, what)?,
             pool::get(r, 5, what)?,
+            pool::get(r, 6, what)?,
+            pool::get(r, 7, what)?,
         );
-        fingerprint.push_str(&format!("s{id}|{host}|{port}|{db}|{user}|{ssl}\n"));
-        if let Some(s) = monitored(&registry, Kind::Server, host, port, &db, user, ssl) {
-            server_map.insert(id, s);
-        }
-    }
-    let mut bouncer_map = HashMap::new();
-    for r in &bouncers {
-        let what = "reading bound pgBouncers";
-        let (key, host, port, user, ssl): (String, String, i32, String, String) = (
-            pool::get(r, 0, what)?,
-            pool::get(r, 1, what)?,
-            pool::get(r, 2, what)?,
-            pool::get(r, 3, what)?,
-            pool::get(r, 4, what)?,
-        );
-        fingerprint.push_str(&format!("b{key}|{user}|{ssl}\n"));
-        if let Some(s) = monitored(
-            &registry,
-            Kind::Pgbouncer,
-            host,
-            port,
-            "pgbouncer",
-            user,
-            ssl,
-        ) {
-            bouncer_map.insert(key, s);
+        // Every binding goes through the local record: only targets registered from this
+        // host are probed, never with a weaker sslmode than recorded.
+        match Target::parse(&target) {
+            Some(Target::Server) => {
+                let id: i32 = pool::get(r, 1, what)?;
+                fingerprint.push_str(&format!("s{id}|{host}|{port}|{db}|{user}|{ssl}\n"));
+                if let Some(s) = monitored(&registry, Kind::Server, host, port, &db, user, ssl) {
+                    server_map.insert(id, s);
+                }
+            }
+            Some(Target::Pgbouncer) => {
+                let key: String = pool::get(r, 2, what)?;
+                fingerprint.push_str(&format!("b{key}|{user}|{ssl}\n"));
+                // The console's database is pgbouncer, whatever the binding says.
+                let db = "pgbouncer";
+                if let Some(s) = monitored(&registry, Kind::Pgbouncer, host, port, db, user, ssl) {
+                    bouncer_map.insert(key, s);
+                }
+            }
+            _ => {}
         }
     }
     Ok(Some(Fetched {
@@ -544,6 +540,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 check.at = Instant::now() + check.wait;
             }
         }
+        if stop.is_cancelled() {
+            // No new round once shutdown began (see `Shared::rounds`).
+            return;
+        }
         let now = Instant::now();
         if fetching.is_none() && now >= check.at {
             let sh = shared.clone();
@@ -559,9 +559,9 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             continue;
         }
         let (round, rx) = mpsc::unbounded_channel::<Vec<Sample>>();
-        shared
-            .tasks
-            .spawn("spool writer", write_round(shared.clone(), rx));
+        // The writer is a round too: shutdown waits for it to spool what the round collected.
+        let writer = shared.rounds.track_future(write_round(shared.clone(), rx));
+        shared.tasks.spawn("spool writer", writer);
         for (place, specs) in due {
             let busy_key = format!("{place}: busy");
             if !busy
@@ -586,10 +586,11 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             match &place {
                 Place::Agent => {
                     let os = os.clone();
-                    shared.tasks.spawn(name, async move {
+                    let task = shared.rounds.track_future(async move {
                         let _guard = guard;
                         let _ = round.send(collect_os(os, specs).await);
                     });
+                    shared.tasks.spawn(name, task);
                 }
                 Place::Server(_) | Place::Pgbouncer(_) => {
                     let settings = match &place {
@@ -600,7 +601,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     let Some(settings) = settings else { continue };
                     let permits = permits.clone();
                     let (sh, troubles) = (shared.clone(), troubles.clone());
-                    shared.tasks.spawn(name, async move {
+                    let task = shared.rounds.track_future(async move {
                         let _guard = guard;
                         if let Ok(_permit) = permits.acquire().await {
                             let r = collect_remote(&place, &settings, &specs).await;
@@ -608,6 +609,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             let _ = round.send(r.samples);
                         }
                     });
+                    shared.tasks.spawn(name, task);
                 }
             }
         }

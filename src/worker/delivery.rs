@@ -1,19 +1,20 @@
 //! Delivery: spooled batches to the PEM server, oldest first, one transaction per batch.
 //!
-//! Each sample becomes two statements on its probe's tables: history rows inserted with
-//! `ON CONFLICT (delivery_key) DO NOTHING` (so a batch delivered twice, after a commit whose
-//! answer was lost, is stored once) together with an upsert of the latest values; then latest
-//! rows this sample no longer has (a vanished mount point) are deleted. Rows travel as one
-//! JSON parameter expanded by `jsonb_to_recordset`, so every statement is a single unnamed
-//! statement with text parameters: safe behind pgBouncer in transaction pooling.
+//! A batch travels as one JSON text to `pem.store_samples(agent_id, sent_at, batch, mac)`, a
+//! SECURITY DEFINER function (agents hold no table privileges), with a MAC made with the agent's
+//! secret over the batch so no other agent can write it. The server stores each sample in its
+//! own subtransaction: history rows keyed by their delivery key (a batch sent again after a lost
+//! commit is stored once), latest values upserted, rows a sample no longer has pruned. A sample
+//! it rejects as data comes back as (index, SQLSTATE, message); anything else (a MAC it does not
+//! accept, a missing privilege, a read-only server) fails the whole call and stores nothing.
+//! One unnamed statement with text parameters, in a transaction of the delivery's own session
+//! ([`crate::connection::session::Transaction`]): safe behind pgBouncer in transaction pooling.
 //!
-//! [`store`] is the one entry point. When the server refuses a batch as data (SQLSTATE class
-//! 22 or 23), the batch is stored again with a savepoint per sample, so only the samples the
-//! server refuses are left out, and returned as [`Rejection`]s: the shape the PEM server's
-//! `pem.store_samples` answers with, so moving to it changes this module only.
+//! [`store`] is the one entry point, for the delivery loop and for `pemworker spool replay`
+//! alike. The loop keeps the samples the server rejected in the spool's `rejected/` area and
+//! keeps any batch that failed as a whole, retrying it with backoff.
 
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::types::Type;
@@ -23,16 +24,12 @@ use super::Shared;
 use crate::backoff::Backoff;
 use crate::spool::RejectedSample;
 
-use crate::connection::session::{Session, Transaction};
+use crate::connection::session::Session;
 use crate::connection::{Error, pool};
-use crate::probes::{PROBES, ProbeSpec, Sample, Target, Value};
+use crate::mac::{self, AgentKey, Kind};
+use crate::probes::{ProbeSpec, Sample, Value};
 
-/// The statements of one probe.
-#[derive(Debug)]
-pub struct Statements {
-    pub store: String,
-    pub prune: String,
-}
+const STORE: &str = "SELECT sample_index, sqlstate, message FROM pem.store_samples($1, $2, $3, $4)";
 
 /// A sample the server refused as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,67 +40,6 @@ pub struct Rejection {
     pub sqlstate: Option<String>,
     pub message: String,
 }
-
-fn build(p: &ProbeSpec) -> Statements {
-    let t = p.table();
-    let (ctx_cols, ctx_vals, ctx_match): (&[&str], &[&str], &str) = match p.target() {
-        Target::Agent => (&[], &[], ""),
-        Target::Server => (
-            &["server_id"],
-            &["$3::int"],
-            " AND server_id IS NOT DISTINCT FROM $3::int",
-        ),
-        Target::Pgbouncer => (
-            &["server_id", "pgbouncer"],
-            &["$3::int", "$4::text"],
-            " AND server_id IS NOT DISTINCT FROM $3::int AND pgbouncer IS NOT DISTINCT FROM $4::text",
-        ),
-    };
-    let data_cols: Vec<&str> = p.columns.iter().map(|(c, _)| *c).collect();
-    let recordset: Vec<String> = std::iter::once("delivery_key uuid".to_string())
-        .chain(p.columns.iter().map(|(c, ty)| format!("{c} {ty}")))
-        .collect();
-    let mut all_cols = vec!["agent_id"];
-    all_cols.extend(ctx_cols);
-    all_cols.push("collected_at");
-    let mut all_vals = vec!["$2::int"];
-    all_vals.extend(ctx_vals);
-    all_vals.push("$5::text::timestamptz");
-    let conflict: Vec<&str> = std::iter::once("agent_id")
-        .chain(ctx_cols.iter().copied())
-        .chain(p.key.iter().copied())
-        .collect();
-    let updates: Vec<String> = std::iter::once("collected_at".to_string())
-        .chain(
-            data_cols
-                .iter()
-                .filter(|c| !p.key.contains(c))
-                .map(|c| c.to_string()),
-        )
-        .map(|c| format!("{c} = EXCLUDED.{c}"))
-        .collect();
-    let store = format!(
-        "WITH s AS (SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS x({recordset})), \
-         h AS (INSERT INTO pemhistory.{t} ({all_cols}, delivery_key, {data}) \
-               SELECT {all_vals}, delivery_key, {data} FROM s ON CONFLICT (delivery_key) DO NOTHING) \
-         INSERT INTO pemdata.{t} ({all_cols}, {data}) SELECT {all_vals}, {data} FROM s \
-         ON CONFLICT ({conflict}) DO UPDATE SET {updates} WHERE pemdata.{t}.collected_at <= EXCLUDED.collected_at",
-        recordset = recordset.join(", "),
-        all_cols = all_cols.join(", "),
-        all_vals = all_vals.join(", "),
-        data = data_cols.join(", "),
-        conflict = conflict.join(", "),
-        updates = updates.join(", "),
-    );
-    let prune = format!(
-        "DELETE FROM pemdata.{t} WHERE agent_id = $2::int{ctx_match} AND collected_at < $5::text::timestamptz"
-    );
-    Statements { store, prune }
-}
-
-/// Every probe's statements, built once.
-pub static STATEMENTS: LazyLock<HashMap<&'static str, Statements>> =
-    LazyLock::new(|| PROBES.iter().map(|p| (p.name, build(p))).collect());
 
 fn value_json(v: &Value) -> serde_json::Value {
     match v {
@@ -117,7 +53,7 @@ fn value_json(v: &Value) -> serde_json::Value {
     }
 }
 
-fn rows_json(spec: &ProbeSpec, s: &Sample) -> String {
+fn rows_json(spec: &ProbeSpec, s: &Sample) -> serde_json::Value {
     let rows: Vec<serde_json::Value> = s
         .rows
         .iter()
@@ -130,102 +66,98 @@ fn rows_json(spec: &ProbeSpec, s: &Sample) -> String {
             serde_json::Value::Object(m)
         })
         .collect();
-    serde_json::Value::Array(rows).to_string()
+    serde_json::Value::Array(rows)
 }
 
-/// Stores one batch; returns the samples the server refused as data (all others are stored,
-/// in one transaction). Any other failure stores nothing and is returned as the error.
+/// The batch as `pem.store_samples` reads it, and the positions in `samples` of the samples it
+/// holds (in its order). Samples of probes this agent does not know (a newer agent's spool read
+/// by an older one) cannot be sent at all: they are returned as refused here, never skipped
+/// silently.
+fn batch_json(samples: &[Sample]) -> (String, Vec<usize>, Vec<Rejection>) {
+    let mut items = Vec::new();
+    let mut sent = Vec::new();
+    let mut refused = Vec::new();
+    for (index, s) in samples.iter().enumerate() {
+        let Some(spec) = crate::probes::spec(&s.probe) else {
+            refused.push(Rejection {
+                index,
+                sqlstate: None,
+                message: format!("this agent does not know probe {}", s.probe),
+            });
+            continue;
+        };
+        items.push(serde_json::json!({
+            "probe": s.probe,
+            "server_id": s.server_id,
+            "pgbouncer": s.pgbouncer,
+            "collected_at": s.collected_at.to_rfc3339(),
+            "rows": rows_json(spec, s),
+        }));
+        sent.push(index);
+    }
+    (serde_json::Value::Array(items).to_string(), sent, refused)
+}
+
+/// Stores one batch with `pem.store_samples`, authenticated with `key` (without one, the
+/// server refuses the call, and says how to fix it); returns the samples refused as data,
+/// by their position in `samples`. All others are stored, in one transaction. Any other
+/// failure stores nothing and is returned as the error.
 pub async fn store(
     session: &mut Session,
     agent_id: i32,
+    key: Option<&AgentKey>,
     samples: &[Sample],
 ) -> Result<Vec<Rejection>, Error> {
-    // Samples this agent cannot send at all (a newer agent's spool read by an older one) are
-    // refused here, never skipped silently.
-    let mut rejected: Vec<Rejection> = samples
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| crate::probes::spec(&s.probe).is_none())
-        .map(|(index, s)| Rejection {
-            index,
-            sqlstate: None,
-            message: format!("this agent does not know probe {}", s.probe),
-        })
-        .collect();
-    let known: Vec<(usize, &Sample)> = samples
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| crate::probes::spec(&s.probe).is_some())
-        .collect();
-    if known.is_empty() {
+    let (batch, sent, mut rejected) = batch_json(samples);
+    if sent.is_empty() {
         return Ok(rejected);
     }
+    let sent_at = mac::now();
+    let signature = mac::sign(key, Kind::Samples, agent_id, &sent_at, &batch);
+    let what = format!("storing a batch of {} samples", sent.len());
+    let params: [pool::Param<'_>; 4] = [
+        (&agent_id, Type::INT4),
+        (&sent_at, Type::TEXT),
+        (&batch, Type::TEXT),
+        (&signature, Type::TEXT),
+    ];
     let mut tx = session.begin("a delivery").await?;
-    let whole = async {
-        for (_, s) in &known {
-            store_sample(&mut tx, agent_id, s).await?;
-        }
-        Ok::<_, Error>(())
-    }
-    .await;
-    match whole {
-        Ok(()) => {
-            crate::testhooks::pause_async("in-transaction").await;
-            tx.commit().await?;
-            return Ok(rejected);
-        }
-        Err(e) if e.is_data() => {
-            tracing::debug!("a batch was refused as data ({e}); storing its samples one by one");
-            tx.rollback().await?;
-        }
-        Err(e) => {
-            // An open transaction is rolled back by the session before its next use.
-            return Err(e);
-        }
-    }
-    let mut tx = session.begin("a delivery, sample by sample").await?;
-    for (index, s) in known {
-        tx.savepoint("sample").await?;
-        match store_sample(&mut tx, agent_id, s).await {
-            Ok(()) => tx.release("sample").await?,
-            Err(e) if e.is_data() => {
-                tx.rollback_to("sample").await?;
-                rejected.push(Rejection {
-                    index,
-                    sqlstate: e.code().map(|c| c.code().to_string()),
-                    message: e.to_string(),
-                });
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let rows = tx.query(&what, STORE, &params).await?;
+    // Read before committing: a reply that does not say which samples were refused stores
+    // nothing (the transaction is dropped, and the session closed), and the batch stays.
+    rejected.extend(refusals(&rows, &sent, &what)?);
+    crate::testhooks::pause_async("in-transaction").await;
     tx.commit().await?;
     rejected.sort_by_key(|r| r.index);
     Ok(rejected)
 }
 
-/// The statements of one sample of a known probe.
-async fn store_sample(tx: &mut Transaction<'_>, agent_id: i32, s: &Sample) -> Result<(), Error> {
-    let (Some(spec), Some(st)) = (
-        crate::probes::spec(&s.probe),
-        STATEMENTS.get(s.probe.as_str()),
-    ) else {
-        return Ok(());
-    };
-    let json = rows_json(spec, s);
-    let at = s.collected_at.to_rfc3339();
-    let params: [pool::Param<'_>; 5] = [
-        (&json, Type::TEXT),
-        (&agent_id, Type::INT4),
-        (&s.server_id, Type::INT4),
-        (&s.pgbouncer, Type::TEXT),
-        (&at, Type::TEXT),
-    ];
-    let what = format!("storing a {} sample", s.probe);
-    // Every parameter's type is declared, so a statement may leave some unused.
-    tx.execute(&what, &st.store, &params).await?;
-    tx.execute(&what, &st.prune, &params).await?;
-    Ok(())
+/// The server's rows as [`Rejection`]s of `samples`, whose positions the batch's `sent` holds.
+fn refusals(
+    rows: &[tokio_postgres::Row],
+    sent: &[usize],
+    what: &str,
+) -> Result<Vec<Rejection>, Error> {
+    let mut out: Vec<Rejection> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let at: i32 = pool::get(row, 0, what)?;
+        let sqlstate: Option<String> = pool::get(row, 1, what)?;
+        let message: Option<String> = pool::get(row, 2, what)?;
+        let index = usize::try_from(at)
+            .ok()
+            .and_then(|i| sent.get(i).copied())
+            .filter(|i| out.iter().all(|r| r.index != *i))
+            .ok_or_else(|| Error::Reply {
+                what: what.to_string(),
+                why: format!("sample {at} refused, in a batch of {} samples", sent.len()),
+            })?;
+        out.push(Rejection {
+            index,
+            sqlstate,
+            message: message.unwrap_or_default(),
+        });
+    }
+    Ok(out)
 }
 
 /// What the delivery loop does next.
@@ -341,8 +273,9 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                 return Next::RetryIn(backoff.next_delay());
             }
         };
-        let agent_id = shared.config().agent_id;
-        match store(&mut session, agent_id, &entry.samples).await {
+        let config = shared.config();
+        let key = config.agent_secret.as_ref();
+        match store(&mut session, config.agent_id, key, &entry.samples).await {
             Ok(refusals) => {
                 drop(session);
                 crate::testhooks::pause_async("after-commit").await;
@@ -402,48 +335,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statements_name_the_right_tables_and_keys() {
-        let disk = &STATEMENTS["disk_space"];
-        assert!(disk.store.contains(
-            "INSERT INTO pemhistory.disk_space (agent_id, collected_at, delivery_key, mount_point"
-        ));
-        assert!(
-            disk.store
-                .contains("ON CONFLICT (agent_id, mount_point) DO UPDATE")
-        );
-        assert!(!disk.store.contains("mount_point = EXCLUDED.mount_point"));
-        let pools = &STATEMENTS["pgbouncer_pools"];
-        assert!(
-            pools
-                .store
-                .contains("ON CONFLICT (agent_id, server_id, pgbouncer, database, user_name)")
-        );
-        assert!(
-            pools
-                .prune
-                .contains("pgbouncer IS NOT DISTINCT FROM $4::text")
-        );
-        let info = &STATEMENTS["server_info"];
-        assert!(
-            info.store
-                .contains("ON CONFLICT (agent_id, server_id) DO UPDATE")
-        );
-        assert_eq!(STATEMENTS.len(), PROBES.len());
-    }
-
-    #[test]
-    fn rows_become_named_json_fields() {
-        let spec = crate::probes::spec("load_average").unwrap();
-        let s = Sample::new(
+    fn a_batch_names_each_sample_and_its_columns() {
+        let load = Sample::new(
             "load_average",
             None,
             None,
             vec![vec![Value::Float(0.5), Value::Int(1), Value::Null]],
         );
-        let j: serde_json::Value = serde_json::from_str(&rows_json(spec, &s)).unwrap();
-        assert_eq!(j[0]["one"], 0.5);
-        assert_eq!(j[0]["five"], 1);
-        assert!(j[0]["fifteen"].is_null());
-        assert_eq!(j[0]["delivery_key"], s.rows[0].0.to_string());
+        let pools = Sample::new(
+            "pgbouncer_pools",
+            None,
+            Some("127.0.0.1:6432".into()),
+            vec![vec![Value::Text("pem".into()), Value::Text("u".into())]],
+        );
+        let unknown = Sample::new("from_the_future", None, None, vec![]);
+        let samples = [load.clone(), unknown, pools];
+        let (text, sent, refused) = batch_json(&samples);
+        assert_eq!(sent, [0, 2], "the unknown probe is left out");
+        assert_eq!(refused.len(), 1, "and refused, not skipped silently");
+        assert_eq!(refused[0].index, 1);
+        assert_eq!(refused[0].sqlstate, None);
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(j[0]["probe"], "load_average");
+        assert!(j[0]["server_id"].is_null());
+        assert_eq!(j[0]["rows"][0]["one"], 0.5);
+        assert_eq!(j[0]["rows"][0]["five"], 1);
+        assert!(j[0]["rows"][0]["fifteen"].is_null());
+        assert_eq!(j[0]["rows"][0]["delivery_key"], load.rows[0].0.to_string());
+        assert_eq!(
+            j[0]["collected_at"].as_str().unwrap(),
+            load.collected_at.to_rfc3339()
+        );
+        assert_eq!(j[1]["probe"], "pgbouncer_pools");
+        assert_eq!(j[1]["pgbouncer"], "127.0.0.1:6432");
+        assert_eq!(j[1]["rows"][0]["user_name"], "u");
     }
 }

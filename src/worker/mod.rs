@@ -11,8 +11,9 @@
 //! Each loop checks its own session out of the connection manager, so none waits behind
 //! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
 //! SIGHUP re-reads agent.cfg (log level and intervals at once, connection settings by
-//! reconnecting); SIGTERM and SIGINT stop collecting, deliver what they can within the grace
-//! period and leave the rest in the spool for the next start.
+//! reconnecting); SIGTERM and SIGINT stop collecting (rounds already running finish and spool
+//! their samples), deliver what they can within the grace period and leave the rest in the
+//! spool for the next start.
 
 pub mod clock;
 pub mod collector;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::agentcfg::Problems;
 use crate::config::AgentConfig;
@@ -40,6 +42,11 @@ use tasks::Tasks;
 
 /// How long shutdown waits for pending deliveries before leaving them in the spool.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits, within [`SHUTDOWN_GRACE`], for probe rounds already running to
+/// spool what they collected; a round stuck longer (a monitored server that hangs) is
+/// abandoned rather than holding the exit up.
+const ROUND_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,6 +73,9 @@ pub struct Shared {
     pub spooled: Notify,
     pub stats: Stats,
     pub tasks: Tasks,
+    /// The probe rounds running now (each also a task on `tasks`), so that shutdown can let
+    /// them spool what they collected before it delivers.
+    pub rounds: TaskTracker,
 }
 
 impl Shared {
@@ -219,6 +229,7 @@ pub async fn run(
         spooled: Notify::new(),
         stats: Stats::default(),
         tasks: Tasks::new(),
+        rounds: TaskTracker::new(),
     });
     let c = shared.config();
     tracing::info!(
@@ -229,6 +240,16 @@ pub async fn run(
         c.agent_user,
         lock.dir().display()
     );
+    if c.agent_secret.is_none() {
+        tracing::error!(
+            "{} names no agent_secret_file: agent {} was registered before per-agent secrets, so the PEM server \
+             refuses its heartbeats and samples (they stay in the spool); register it again with \
+             --register-agent --force-registration, which keeps agent id {}",
+            c.path.display(),
+            c.agent_id,
+            c.agent_id
+        );
+    }
 
     warn_of_expiry(&c);
 
@@ -274,12 +295,10 @@ pub async fn run(
     );
     collect_stop.cancel();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    // Rounds already collecting are kept too (not waiting long for a slow target).
-    let collecting = |t: &String| t.starts_with("probes of") || t == "spool writer";
-    let collected = tokio::time::Instant::now() + collector::ROUND_WAIT;
-    while tasks.running().iter().any(collecting) && tokio::time::Instant::now() < collected {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Probe rounds already running finish and spool what they collected, which is then
+    // delivered now rather than at the next start.
+    shared.rounds.close();
+    let _ = tokio::time::timeout(ROUND_GRACE, shared.rounds.wait()).await;
     shared.spooled.notify_one();
     while shared.spool.figures().batches > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
