@@ -89,6 +89,13 @@ impl Authority {
     /// A server certificate for `names` (DNS names or IP addresses), valid for one year.
     /// Returns (certificate PEM, key PEM).
     pub fn issue_server(&self, names: &[&str]) -> Result<(String, String), Error> {
+        self.issue_server_for(names, 365)
+    }
+
+    /// A TLS server certificate (`CA:FALSE`, server-auth usage) whose subject alternative
+    /// names are `names` (DNS names or IP addresses; the first is also the CommonName), valid
+    /// for `days`, with a fresh ECDSA P-256 key. Returns (certificate PEM, key PEM).
+    pub fn issue_server_for(&self, names: &[&str], days: u32) -> Result<(String, String), Error> {
         let ca_key = rc("load the CA key", KeyPair::from_pem(&self.key_pem))?;
         let issuer = rc(
             "load the CA certificate",
@@ -114,12 +121,13 @@ impl Authority {
             DnType::CommonName,
             names.first().copied().unwrap_or("localhost"),
         );
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + Duration::days(365);
+        params.not_after = now + Duration::days(i64::from(days));
         let cert = rc(
             "sign the server certificate",
             params.signed_by(&key, &issuer),

@@ -187,13 +187,23 @@ pub struct AgentArgs {
         help_heading = "Monitored servers"
     )]
     pub asb_host_user: Option<String>,
-    /// libpq sslmode for the agent's connection [default: prefer].
+    /// libpq sslmode for the agent's connection [default: prefer]. Never taken from
+    /// PGSSLMODE, which is the PEM server's.
     #[arg(
         long = "asb-ssl-mode",
         value_name = "MODE",
         help_heading = "Monitored servers"
     )]
     pub asb_ssl_mode: Option<String>,
+    /// Root certificate that signed the monitored server's certificate (for verify-ca,
+    /// verify-full, or require with the chain checked). Never taken from PGSSLROOTCERT or
+    /// ~/.postgresql/root.crt, which are the PEM server's.
+    #[arg(
+        long = "asb-ssl-root-cert",
+        value_name = "FILE",
+        help_heading = "Monitored servers"
+    )]
+    pub asb_ssl_root_cert: Option<PathBuf>,
     #[arg(
         long = "remote-monitoring",
         value_name = "yes|no",
@@ -239,6 +249,10 @@ pub struct AgentArgs {
         requires = "agent_ssl_crt"
     )]
     pub agent_ssl_key: Option<PathBuf>,
+    /// With --migrate-to-pooler: once the agent logs in through the pooler, drop the dedicated
+    /// agent<ID> role it logged in as before and remove that role's key and certificate here.
+    #[arg(long = "retire-dedicated-role", requires = "migrate_to_pooler")]
+    pub retire_dedicated_role: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,6 +326,110 @@ pub enum PoolerCommand {
     /// Inspect the PEM server, pgBouncer's files and a certificate login through pgBouncer;
     /// print each problem with its fix; exit 1 if any is left. --fix repairs what is safe.
     Check(CheckArgs),
+    /// Issue pgBouncer's TLS server certificate and key from the PEM CA (run on the PEM
+    /// server's host), with the names agents dial it by.
+    ServerCertificate(Box<ServerCertificateArgs>),
+    /// Bind a pgBouncer to this agent, so that its pgBouncer probes run (as the statistics
+    /// console user, whose password is kept only in this host's ~/.pgpass).
+    Bind(Box<BindArgs>),
+    /// Unbind a pgBouncer from this agent (and forget its console password here).
+    Unbind(Box<UnbindArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerCertificateArgs {
+    /// The PEM server's data directory, which holds the PEM CA (ca_certificate.crt, ca_key.key).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// A host name agents dial pgBouncer by (repeatable).
+    #[arg(long = "dns-name", value_name = "NAME")]
+    pub dns_names: Vec<String>,
+    /// An address agents dial pgBouncer by (repeatable).
+    #[arg(long = "ip-address", value_name = "ADDRESS")]
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    /// Where the certificate goes (pgbouncer.ini's client_tls_cert_file).
+    #[arg(long, default_value = "/etc/pgbouncer/server.crt", value_name = "FILE")]
+    pub cert_file: PathBuf,
+    /// Where the key goes (client_tls_key_file), mode 0600.
+    #[arg(long, default_value = "/etc/pgbouncer/server.key", value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// Operating-system user pgBouncer runs as; owns both files. Default: postgres when run as
+    /// root, else the current user.
+    #[arg(long, value_name = "USER")]
+    pub owner: Option<String>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365, value_name = "DAYS")]
+    pub days: u32,
+    /// Replace existing files (each is backed up first).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The agent whose bindings change (its agent.cfg) and the PEM admin who changes them.
+#[derive(Debug, Args)]
+pub struct AgentAdminArgs {
+    /// The PEM admin. Password: PEM_SERVER_PASSWORD, PGPASSWORD, ~/.pgpass or a prompt.
+    #[arg(long = "pem-user", value_name = "USER")]
+    pub pem_user: String,
+    /// PEM server (or pgBouncer) host [default: agent.cfg's pem_host].
+    #[arg(long = "pem-server", value_name = "HOST")]
+    pub pem_server: Option<String>,
+    /// [default: agent.cfg's pem_port]
+    #[arg(long = "pem-port", value_name = "PORT")]
+    pub pem_port: Option<u16>,
+    /// sslmode towards the PEM server [default: agent.cfg's pem_ssl_mode].
+    #[arg(long = "pem-ssl-mode", value_name = "MODE")]
+    pub pem_ssl_mode: Option<String>,
+    /// [default: agent.cfg's pem_ssl_root_cert]
+    #[arg(long = "pem-ssl-root-cert", value_name = "FILE")]
+    pub pem_ssl_root_cert: Option<PathBuf>,
+    /// Directory of agent.cfg [default: <binary directory>/../etc].
+    #[arg(long = "config-dir", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BindArgs {
+    /// pgBouncer's host name or address, as this agent reaches it.
+    #[arg(long = "pgbouncer-host", value_name = "HOST")]
+    pub pgbouncer_host: String,
+    #[arg(long = "pgbouncer-port", value_name = "PORT", default_value_t = 6432)]
+    pub pgbouncer_port: u16,
+    /// pgBouncer's statistics console user (stats_users). Password:
+    /// PEMWORKER_STATS_USER_PASSWORD, ~/.pgpass or a prompt; kept only in ~/.pgpass (0600).
+    #[arg(
+        long = "stats-user",
+        value_name = "USER",
+        default_value = "pgbouncer_stats"
+    )]
+    pub stats_user: String,
+    /// sslmode towards pgBouncer's console.
+    #[arg(
+        long = "pgbouncer-ssl-mode",
+        value_name = "MODE",
+        default_value = "verify-full"
+    )]
+    pub ssl_mode: String,
+    /// Root certificate that signed pgBouncer's certificate [default: agent.cfg's
+    /// pem_ssl_root_cert: the PEM CA, which issues the certificate of the pgBouncer in front
+    /// of the PEM server].
+    #[arg(long = "pgbouncer-ssl-root-cert", value_name = "FILE")]
+    pub ssl_root_cert: Option<PathBuf>,
+    #[command(flatten)]
+    pub agent: AgentAdminArgs,
+    /// Update an existing binding.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnbindArgs {
+    #[arg(long = "pgbouncer-host", value_name = "HOST")]
+    pub pgbouncer_host: String,
+    #[arg(long = "pgbouncer-port", value_name = "PORT", default_value_t = 6432)]
+    pub pgbouncer_port: u16,
+    #[command(flatten)]
+    pub agent: AgentAdminArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -577,7 +695,9 @@ fn resolve_server_with(
         configured,
     )?;
     s.resolve_password(&["PEM_SERVER_PASSWORD", "PGPASSWORD"]);
-    if s.password.is_none() {
+    // Over the server's Unix socket the superuser usually logs in by peer, with no password to
+    // ask for; one the server does ask for comes from the variables or ~/.pgpass above.
+    if s.password.is_none() && !s.is_unix_socket() {
         s.password =
             crate::secret::prompt(&format!("Password for {}@{}: ", a.pem_user, s.target()));
     }
@@ -677,6 +797,121 @@ pub fn resolve_configure(a: &ConfigureArgs) -> Result<bouncer::Settings, Error> 
         force: a.force,
         pgbouncer_bin: a.pgbouncer_bin.clone(),
     })
+}
+
+pub fn resolve_server_certificate(
+    a: &ServerCertificateArgs,
+) -> Result<crate::pooler::certificate::Options, Error> {
+    let owner = match &a.owner {
+        Some(name) => Owner::lookup(name)?,
+        None if nix::unistd::Uid::effective().is_root() => Owner::lookup("postgres")?,
+        None => Owner::current(),
+    };
+    Ok(crate::pooler::certificate::Options {
+        data_dir: a.data_dir.clone(),
+        dns_names: a.dns_names.clone(),
+        ip_addresses: a.ip_addresses.clone(),
+        cert_file: a.cert_file.clone(),
+        key_file: a.key_file.clone(),
+        owner,
+        days: a.days,
+        force: a.force,
+    })
+}
+
+/// The agent's configuration and the PEM admin's session: host, port and TLS from agent.cfg
+/// unless the flags say otherwise.
+fn agent_admin(a: &AgentAdminArgs) -> Result<(crate::config::AgentConfig, ConnectSettings), Error> {
+    let file = a
+        .config_dir
+        .clone()
+        .unwrap_or_else(default_config_dir)
+        .join(crate::agentcfg::FILE_NAME);
+    let (_, agent) =
+        crate::config::AgentConfig::load_with_document(&file).map_err(registration::Error::from)?;
+    let admin = resolve_server_with(
+        &PemServerArgs {
+            pem_server: a
+                .pem_server
+                .clone()
+                .unwrap_or_else(|| agent.pem_host().to_string()),
+            pem_port: a.pem_port.unwrap_or(agent.pem_port),
+            pem_user: a.pem_user.clone(),
+            pem_database: "pem".into(),
+            pem_ssl_mode: a.pem_ssl_mode.clone(),
+            pem_ssl_root_cert: a.pem_ssl_root_cert.clone(),
+        },
+        &agent.tls_choice(),
+    )?;
+    Ok((agent, admin))
+}
+
+pub fn resolve_bind(a: &BindArgs) -> Result<crate::monitored::BouncerOptions, Error> {
+    let sslmode: SslMode = a.ssl_mode.parse()?;
+    let (agent, admin) = agent_admin(&a.agent)?;
+    let root = a
+        .ssl_root_cert
+        .clone()
+        .or_else(|| agent.tls_choice().root_cert);
+    if sslmode.verifies(false) && root.is_none() {
+        return Err(Error::Usage(format!(
+            "--pgbouncer-ssl-mode {sslmode} needs --pgbouncer-ssl-root-cert FILE (agent.cfg has no pem_ssl_root_cert to default to)"
+        )));
+    }
+    let console = ConnectSettings::monitored(
+        &a.pgbouncer_host,
+        a.pgbouncer_port,
+        &a.stats_user,
+        "pgbouncer",
+        sslmode,
+        root.as_deref(),
+    );
+    let pgpass = crate::monitored::pgpass_file();
+    let in_pgpass = crate::secret::from_pgpass(
+        &pgpass,
+        &console.host,
+        console.port,
+        &console.dbname,
+        &console.user,
+    )
+    .is_some();
+    let password =
+        crate::secret::from_env(&[crate::pooler::STATS_USER_PASSWORD_ENV]).or_else(|| {
+            (!in_pgpass)
+                .then(|| {
+                    crate::secret::prompt(&format!(
+                        "Password of pgBouncer's console user {}@{}: ",
+                        console.user,
+                        console.target()
+                    ))
+                })
+                .flatten()
+        });
+    let mut console = console;
+    if password.is_none() {
+        console.password = crate::secret::from_pgpass(
+            &pgpass,
+            &console.host,
+            console.port,
+            &console.dbname,
+            &console.user,
+        );
+    }
+    Ok(crate::monitored::BouncerOptions {
+        targets_file: crate::targets::file_for(&agent.path),
+        admin,
+        agent,
+        console,
+        force: a.force,
+        password,
+        pgpass,
+    })
+}
+
+pub fn resolve_unbind(
+    a: &UnbindArgs,
+) -> Result<(crate::config::AgentConfig, ConnectSettings), Error> {
+    agent_admin(&a.agent)
 }
 
 fn missing(flag: &str, why: &str) -> Error {
@@ -885,8 +1120,8 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
     registration::check_agent_user(&agent_user)?;
     let reuse = a.agent_ssl_crt.clone().zip(a.agent_ssl_key.clone());
     let admin = match (&reuse, &a.pem_user) {
-        (Some(_), _) => None,
-        (None, Some(_)) => {
+        (Some(_), None) => None,
+        (_, Some(_)) => {
             let host = match &a.pem_server {
                 Some(h) => h.clone(),
                 None => crate::config::AgentConfig::load_with_document(&file)
@@ -917,6 +1152,7 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
         reuse,
         force: a.force_registration,
         tls: tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
+        retire_dedicated_role: a.retire_dedicated_role,
     })
 }
 
@@ -1002,6 +1238,19 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         .as_deref()
         .unwrap_or("prefer")
         .parse::<crate::connection::SslMode>()?;
+    if sslmode.verifies(false) && a.asb_ssl_root_cert.is_none() {
+        return Err(Error::Usage(format!(
+            "--asb-ssl-mode {sslmode} needs --asb-ssl-root-cert FILE, the root certificate that signed the monitored server's certificate (the PEM server's PGSSLROOTCERT is not used for it)"
+        )));
+    }
+    if let Some(root) = &a.asb_ssl_root_cert {
+        if let Err(e) = std::fs::metadata(root) {
+            return Err(Error::Usage(format!(
+                "cannot read --asb-ssl-root-cert {}: {e}",
+                root.display()
+            )));
+        }
+    }
     let remote_monitoring = match a.remote_monitoring.as_deref() {
         None | Some("no") => false,
         Some("yes") => true,
@@ -1026,6 +1275,10 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
             .clone()
             .unwrap_or_else(|| server_user.clone()),
         sslmode,
+        root_cert: a
+            .asb_ssl_root_cert
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     };
     let (agent, admin) = agent_and_admin(a)?;
     let targets_file = crate::targets::file_for(&agent.path);

@@ -36,7 +36,8 @@ impl LogLevel {
     pub fn filter(self) -> &'static str {
         match self {
             LogLevel::Error => "error",
-            LogLevel::Warning => "warn",
+            // The worker's start line (worker::START_TARGET) also at the default level.
+            LogLevel::Warning => "warn,pemworker::started=info",
             LogLevel::Info => "warn,pemworker=info",
             LogLevel::Debug1 => "warn,pemworker=debug",
             LogLevel::Debug2 => "debug,pemworker=trace",

@@ -20,10 +20,12 @@
 //! - [`worker`]: the running agent: heartbeat, collector and delivery loops, reload, shutdown.
 //! - [`testhooks`]: faults the integration tests inject (feature `test-hooks`; empty otherwise).
 //! - [`schema`]: the reference PEM server schema (`etc/sql`) and its ordered migrations.
-//! - [`monitored`]: monitored servers and probe settings (`--register-server`, `--enable-probe` ...).
+//! - [`monitored`]: monitored servers, pgBouncer bindings and probe settings (`--register-server`,
+//!   `pooler bind`, `--enable-probe` ...).
 //! - [`targets`]: the monitored servers registered from this host, the only ones that get a
 //!   password, and the weakest sslmode for each.
-//! - [`pooler`]: the pooled side: preparing the PEM server, proxy agent users, pgBouncer's files.
+//! - [`pooler`]: the pooled side: preparing the PEM server (and its CA), proxy agent users,
+//!   pgBouncer's files and certificate.
 //! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
 

@@ -94,8 +94,12 @@ pub fn init_worker(level: LogLevel, file: Option<&Path>, stderr: bool) -> Result
         }
         None => (None, None),
     };
-    let stderr_layer =
-        stderr.then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    // Colours only on a terminal: under systemd stderr is the journal.
+    let stderr_layer = stderr.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    });
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(file_layer)

@@ -98,6 +98,60 @@ async fn run(cli: Cli) -> Result<(), pemworker::Error> {
                 return Err(pemworker::pooler::Error::Findings(outcome.problems.len()).into());
             }
         }
+        Command::Pooler(PoolerCommand::ServerCertificate(a)) => {
+            let opts = cli::resolve_server_certificate(&a)?;
+            let issued = pemworker::pooler::certificate::issue(&opts)?;
+            for b in &issued.backups {
+                println!("backup: {}", b.display());
+            }
+            println!(
+                "issued {} for {} (valid until {}), signed by the PEM CA {}",
+                opts.cert_file.display(),
+                issued.names.join(", "),
+                issued.not_after,
+                issued.ca_subject
+            );
+            println!(
+                "key: {} (mode 0600, owned by {})",
+                opts.key_file.display(),
+                opts.owner.name
+            );
+        }
+        Command::Pooler(PoolerCommand::Bind(a)) => {
+            let opts = cli::resolve_bind(&a)?;
+            let r = pemworker::monitored::bind_pgbouncer(&opts).await?;
+            println!(
+                "pgBouncer {} ({}) {} agent {}: its pools and statistics are probed as {}",
+                opts.console.target(),
+                r.version,
+                if r.updated {
+                    "binding updated for"
+                } else {
+                    "bound to"
+                },
+                opts.agent.agent_id,
+                opts.console.user
+            );
+            if let Some(f) = r.password_saved_in {
+                println!("its password is kept only in {} (mode 0600)", f.display());
+            }
+        }
+        Command::Pooler(PoolerCommand::Unbind(a)) => {
+            let (agent, admin) = cli::resolve_unbind(&a)?;
+            let user = pemworker::monitored::unbind_pgbouncer(
+                &admin,
+                agent.agent_id,
+                &a.pgbouncer_host,
+                a.pgbouncer_port,
+                &pemworker::targets::file_for(&agent.path),
+                &pemworker::monitored::pgpass_file(),
+            )
+            .await?;
+            println!(
+                "pgBouncer {}:{} is no longer probed by agent {}; the password of {user} is gone from this host",
+                a.pgbouncer_host, a.pgbouncer_port, agent.agent_id
+            );
+        }
         Command::Pooler(PoolerCommand::Configure(a)) => {
             let settings = cli::resolve_configure(&a)?;
             let outcome = bouncer::configure(&settings)?;
@@ -197,8 +251,38 @@ async fn run_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
             "agent {} now logs in through the pooler at port {} as {}",
             m.agent_id, opts.pooler_port, opts.agent_user
         );
+        if m.recorded {
+            println!(
+                "the PEM server records {} as agent {}'s user",
+                opts.agent_user, m.agent_id
+            );
+        }
         for b in &m.backups {
             println!("backup: {}", b.display());
+        }
+        if let Some((role, removed)) = &m.retired {
+            if !role.is_empty() {
+                println!("dropped the dedicated role {role}: its certificate logs in nowhere now");
+            }
+            for f in removed {
+                println!("removed {}", f.display());
+            }
+        }
+        match m.reload {
+            migrate::Reload::Signalled(pid) => println!(
+                "told the running worker (pid {pid}) to reload: it reconnects with the new settings"
+            ),
+            migrate::Reload::Failed(pid, why) => println!(
+                "the running worker (pid {pid}) could not be told to reload ({why}): run systemctl reload pemagent.service, or kill -HUP {pid}"
+            ),
+            migrate::Reload::NotRunning(state) => println!(
+                "no worker runs with {}{}; start it with systemctl start pemagent.service (or pemworker -c {}), or if one runs with another state_dir, reload it: systemctl reload pemagent.service (or kill -HUP its pid)",
+                opts.config_file.display(),
+                state
+                    .map(|d| format!(" (state directory {})", d.display()))
+                    .unwrap_or_default(),
+                opts.config_file.display()
+            ),
         }
     } else if a.register_server {
         let opts = cli::resolve_register_server(a)?;

@@ -1,12 +1,14 @@
-//! Monitored servers and probe settings: `--register-server`, `--unregister-server`,
-//! `--enable-probe` and `--disable-probe`, through the pooler like everything else, each in one
-//! server transaction.
+//! Monitored servers, pgBouncer bindings and probe settings: `--register-server`,
+//! `--unregister-server`, `pooler bind` and `pooler unbind`, `--enable-probe` and
+//! `--disable-probe`, through the pooler like everything else, each in one server transaction.
 //!
-//! Where the monitored server's password lives: never on the PEM server (no table has a
-//! password column, and nothing here sends it there). The agent needs it to log in, so it is
-//! kept only on the agent host, in the agent user's libpq password file (`~/.pgpass` or
-//! `PGPASSFILE`, mode 0600, which libpq ignores if others can read it), where the worker looks
-//! for it. Where peer or certificate authentication serves, no password is stored at all.
+//! Where the monitored server's (or pgBouncer console's) password lives: never on the PEM
+//! server (no table has a password column, and nothing here sends it there). The agent needs
+//! it to log in, so it is kept only on the agent host, in the agent user's libpq password file
+//! (`~/.pgpass` or `PGPASSFILE`, mode 0600, which libpq ignores if others can read it), where
+//! the worker looks for it. Where peer or certificate authentication serves, no password is
+//! stored at all. TLS towards them comes from their own settings (`--asb-ssl-*`,
+//! `--pgbouncer-ssl-*`), never from the PEM server's libpq variables.
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +80,8 @@ pub struct Binding {
     pub database: String,
     pub user: String,
     pub sslmode: SslMode,
+    /// `--asb-ssl-root-cert`: the only root certificate the server's may chain to.
+    pub root_cert: Option<PathBuf>,
 }
 
 /// Everything `--register-server` needs.
@@ -114,11 +118,18 @@ pub struct Registered {
     pub password_saved_in: Option<PathBuf>,
 }
 
-/// The monitored server as the agent will reach it.
+/// The monitored server as the agent will reach it (with `--asb-ssl-*` only, never the PEM
+/// server's libpq variables).
 fn binding_settings(o: &ServerOptions) -> Result<ConnectSettings, Error> {
     let b = &o.binding;
-    let mut s = ConnectSettings::from_env(&b.host, b.port, &b.user, &b.database)?;
-    s.sslmode = b.sslmode;
+    let mut s = ConnectSettings::monitored(
+        &b.host,
+        b.port,
+        &b.user,
+        &b.database,
+        b.sslmode,
+        b.root_cert.as_deref(),
+    );
     s.password = o.password.clone();
     if s.password.is_none() {
         s.password = crate::secret::from_pgpass(&o.pgpass, &b.host, b.port, &b.database, &b.user);
@@ -126,18 +137,61 @@ fn binding_settings(o: &ServerOptions) -> Result<ConnectSettings, Error> {
     Ok(s)
 }
 
-/// `pgpass` with a line for the binding's host, port and user set to `password`, replacing any
-/// line for exactly those (other lines stay as they were).
-fn pgpass_with(existing: &str, b: &Binding, password: &Secret) -> String {
+/// The start of a password-file line for `host:port:database:user:` (libpq's escapes).
+fn pgpass_prefix(host: &str, port: u16, database: &str, user: &str) -> String {
     let esc = crate::secret::pgpass_escape;
-    let prefix = format!("{}:{}:*:{}:", esc(&b.host), b.port, esc(&b.user));
-    let mut out: String = existing
+    format!("{}:{port}:{}:{}:", esc(host), esc(database), esc(user))
+}
+
+/// `pgpass` without the line that starts with `prefix` (other lines stay as they were).
+fn pgpass_without(existing: &str, prefix: &str) -> String {
+    existing
         .lines()
-        .filter(|l| !l.starts_with(&prefix))
+        .filter(|l| !l.starts_with(prefix))
         .map(|l| format!("{l}\n"))
-        .collect();
-    out.push_str(&format!("{prefix}{}\n", esc(password.expose())));
+        .collect()
+}
+
+/// `pgpass` with the line for `prefix` set to `password`, replacing any line for exactly those
+/// (other lines stay as they were).
+fn pgpass_with(existing: &str, prefix: &str, password: &Secret) -> String {
+    let mut out = pgpass_without(existing, prefix);
+    out.push_str(&format!(
+        "{prefix}{}\n",
+        crate::secret::pgpass_escape(password.expose())
+    ));
     out
+}
+
+/// The password file with `prefix` set to `password`, staged (0600) for the caller to commit.
+fn stage_pgpass(file: &Path, prefix: &str, password: &Secret) -> Result<Staged, Error> {
+    let existing = std::fs::read_to_string(file).unwrap_or_default();
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
+    }
+    Ok(Staged::write(
+        file,
+        pgpass_with(&existing, prefix, password).as_bytes(),
+        0o600,
+        None,
+    )?)
+}
+
+/// Puts the agent host's part in place once the PEM server committed: the targets record, then
+/// the password file if a password was given. Returns the password file then.
+fn commit_local(
+    target: Staged,
+    pgpass: Option<Staged>,
+    pgpass_file: &Path,
+) -> Result<Option<PathBuf>, Error> {
+    target.commit()?;
+    match pgpass {
+        Some(s) => {
+            s.commit()?;
+            Ok(Some(pgpass_file.to_path_buf()))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Checks the monitored server with the binding's settings, then records it and binds it to
@@ -173,16 +227,9 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
     // The password file is staged before the server is touched, so a failure leaves neither.
     let staged_pgpass = match &o.password {
         Some(p) => {
-            let existing = std::fs::read_to_string(&o.pgpass).unwrap_or_default();
-            if let Some(dir) = o.pgpass.parent() {
-                std::fs::create_dir_all(dir).map_err(fsutil::Error::io("create directory", dir))?;
-            }
-            Some(Staged::write(
-                &o.pgpass,
-                pgpass_with(&existing, &o.binding, p).as_bytes(),
-                0o600,
-                None,
-            )?)
+            let b = &o.binding;
+            let prefix = pgpass_prefix(&b.host, b.port, "*", &b.user);
+            Some(stage_pgpass(&o.pgpass, &prefix, p)?)
         }
         None => None,
     };
@@ -208,14 +255,7 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
         record_server(&client, o),
     )
     .await?;
-    staged_target.commit()?;
-    let password_saved_in = match staged_pgpass {
-        Some(s) => {
-            s.commit()?;
-            Some(o.pgpass.clone())
-        }
-        None => None,
-    };
+    let password_saved_in = commit_local(staged_target, staged_pgpass, &o.pgpass)?;
     Ok(Registered {
         server_id,
         updated,
@@ -360,6 +400,182 @@ pub async fn unregister_server(
     let id = pool::transaction(&client, "unregistering the server", work).await?;
     staged.commit()?;
     Ok(id)
+}
+
+/// Everything `pemworker pooler bind` needs.
+#[derive(Debug, Clone)]
+pub struct BouncerOptions {
+    pub admin: ConnectSettings,
+    pub agent: AgentConfig,
+    /// pgBouncer's console as the agent will reach it (database pgbouncer, the statistics
+    /// user, sslmode and root certificate of its own).
+    pub console: ConnectSettings,
+    pub force: bool,
+    /// From PEMWORKER_STATS_USER_PASSWORD or a prompt; `None` when ~/.pgpass has it.
+    pub password: Option<Secret>,
+    pub pgpass: PathBuf,
+    pub targets_file: PathBuf,
+}
+
+/// What `pemworker pooler bind` did.
+#[derive(Debug, Clone)]
+pub struct BouncerBound {
+    pub version: String,
+    pub updated: bool,
+    pub password_saved_in: Option<PathBuf>,
+}
+
+/// Binds a pgBouncer to the agent so its pgBouncer probes (SHOW POOLS, SHOW STATS) run: checks
+/// the console login as the agent will make it, keeps the console user's password only in the
+/// agent user's password file, records the console as registered from this host, and binds it
+/// on the PEM server; all or nothing.
+pub async fn bind_pgbouncer(o: &BouncerOptions) -> Result<BouncerBound, Error> {
+    let mut console = o.console.clone();
+    if console.password.is_none() {
+        console.password = o.password.clone();
+    }
+    let target = console.target();
+    let client = connection::connect(&console)
+        .await
+        .map_err(|e| Error::Monitored {
+            target: format!("{target} (pgBouncer's console)"),
+            user: console.user.clone(),
+            cause: match &e {
+                connection::Error::Connect { source, .. } => connection::describe(source),
+                other => other.to_string(),
+            },
+        })?;
+    let rows = pool::simple_rows(&client, "SHOW VERSION", "SHOW VERSION").await?;
+    let version = rows
+        .first()
+        .and_then(|r| r.get(0))
+        .unwrap_or("pgBouncer")
+        .to_string();
+    drop(client);
+
+    let prefix = pgpass_prefix(&console.host, console.port, &console.dbname, &console.user);
+    let staged_pgpass = match &o.password {
+        Some(p) => Some(stage_pgpass(&o.pgpass, &prefix, p)?),
+        None => None,
+    };
+    let staged_target = Registry::load(&o.targets_file)?
+        .with(targets::Target {
+            kind: Kind::Pgbouncer,
+            host: console.host.clone(),
+            port: console.port,
+            database: console.dbname.clone(),
+            user: console.user.clone(),
+            sslmode: console.sslmode.name().to_string(),
+            root_cert: console.root_cert.clone(),
+        })
+        .stage(&o.targets_file)?;
+
+    let admin = connection::connect(&o.admin).await?;
+    check_rights(&admin, &o.admin).await?;
+    let port = i32::from(console.port);
+    let sslmode = console.sslmode.name();
+    let agent_id = o.agent.agent_id;
+    let work = async {
+        let what = "looking for the pgBouncer binding";
+        let existing = pool::query_opt(
+            &admin,
+            what,
+            "SELECT 1 FROM pem.agent_pgbouncer_binding WHERE agent_id = $1 AND host = $2 AND port = $3 FOR UPDATE",
+            &[
+                (&agent_id, Type::INT4),
+                (&console.host, Type::TEXT),
+                (&port, Type::INT4),
+            ],
+        )
+        .await?
+        .is_some();
+        if existing && !o.force {
+            return Err(Error::Usage(format!(
+                "pgBouncer {target} is already bound to agent {agent_id}; rerun with --force to update it"
+            )));
+        }
+        pool::execute(
+            &admin,
+            "binding pgBouncer to the agent",
+            "INSERT INTO pem.agent_pgbouncer_binding (agent_id, host, port, username, sslmode) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (agent_id, host, port) DO UPDATE \
+                SET username = EXCLUDED.username, sslmode = EXCLUDED.sslmode",
+            &[
+                (&agent_id, Type::INT4),
+                (&console.host, Type::TEXT),
+                (&port, Type::INT4),
+                (&console.user, Type::TEXT),
+                (&sslmode, Type::TEXT),
+            ],
+        )
+        .await?;
+        Ok::<_, Error>(existing)
+    };
+    let updated = pool::transaction(&admin, "binding pgBouncer", work).await?;
+    let password_saved_in = commit_local(staged_target, staged_pgpass, &o.pgpass)?;
+    Ok(BouncerBound {
+        version,
+        updated,
+        password_saved_in,
+    })
+}
+
+/// Unbinds the pgBouncer at `host:port` from the agent, removes its record on this host and its
+/// console user's line from the agent user's password file. Returns the console user.
+pub async fn unbind_pgbouncer(
+    admin: &ConnectSettings,
+    agent_id: i32,
+    host: &str,
+    port: u16,
+    targets_file: &Path,
+    pgpass: &Path,
+) -> Result<String, Error> {
+    let registry = Registry::load(targets_file)?;
+    let recorded = registry
+        .targets
+        .iter()
+        .find(|t| t.kind == Kind::Pgbouncer && t.host == host && t.port == port)
+        .cloned();
+    let staged = registry
+        .without(Kind::Pgbouncer, host, port)
+        .stage(targets_file)?;
+    let client = connection::connect(admin).await?;
+    check_rights(&client, admin).await?;
+    let bport = i32::from(port);
+    let user: Option<String> = pool::query_opt(
+        &client,
+        "unbinding pgBouncer",
+        "DELETE FROM pem.agent_pgbouncer_binding WHERE agent_id = $1 AND host = $2 AND port = $3 RETURNING username::text",
+        &[
+            (&agent_id, Type::INT4),
+            (&host, Type::TEXT),
+            (&bport, Type::INT4),
+        ],
+    )
+    .await?
+    .map(|r| pool::get(&r, 0, "unbinding pgBouncer"))
+    .transpose()?;
+    let Some(user) = user.or_else(|| recorded.as_ref().map(|t| t.user.clone())) else {
+        return Err(Error::Usage(format!(
+            "no pgBouncer {host}:{port} is bound to agent {agent_id}; pemworker pooler bind binds one"
+        )));
+    };
+    staged.commit()?;
+    // The password was kept for this console only; with the binding it goes too.
+    let prefix = pgpass_prefix(host, port, "pgbouncer", &user);
+    if let Ok(existing) = std::fs::read_to_string(pgpass) {
+        if existing.lines().any(|l| l.starts_with(&prefix)) {
+            Staged::write(
+                pgpass,
+                pgpass_without(&existing, &prefix).as_bytes(),
+                0o600,
+                None,
+            )?
+            .commit()?;
+        }
+    }
+    Ok(user)
 }
 
 /// Which probe `--enable-probe` / `--disable-probe` mean.
@@ -521,15 +737,10 @@ mod tests {
 
     #[test]
     fn a_password_line_is_replaced_not_duplicated() {
-        let b = Binding {
-            host: "db1".into(),
-            port: 5432,
-            database: "postgres".into(),
-            user: "mon:itor".into(),
-            sslmode: SslMode::Require,
-        };
-        let once = pgpass_with("other:1:*:x:y\n", &b, &Secret::new("p1"));
-        let twice = pgpass_with(&once, &b, &Secret::new("p:2"));
+        let prefix = pgpass_prefix("db1", 5432, "*", "mon:itor");
+        let once = pgpass_with("other:1:*:x:y\n", &prefix, &Secret::new("p1"));
+        let twice = pgpass_with(&once, &prefix, &Secret::new("p:2"));
         assert_eq!(twice, "other:1:*:x:y\ndb1:5432:*:mon\\:itor:p\\:2\n");
+        assert_eq!(pgpass_without(&twice, &prefix), "other:1:*:x:y\n");
     }
 }

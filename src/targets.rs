@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{self, ConnectSettings, SslMode, TlsChoice};
+use crate::connection::{self, ConnectSettings, SslMode};
 use crate::fsutil::{self, Staged};
 
 pub const FILE_NAME: &str = "monitored_targets.json";
@@ -208,16 +208,18 @@ impl Registry {
         let mode = server_sslmode
             .parse::<SslMode>()
             .map_or(recorded, |m| m.max(recorded));
+        // Only what was recorded for this target: the PEM server's PGSSLROOTCERT or
+        // ~/.postgresql/root.crt says nothing about a monitored server's certificate.
+        if mode.verifies(false) && t.root_cert.is_none() {
+            return Err(Refusal::Settings {
+                what: t.describe(),
+                why: format!(
+                    "sslmode {mode} needs the root certificate that signed its certificate, and none was recorded; register it again with --asb-ssl-root-cert FILE"
+                ),
+            });
+        }
         let mut s =
-            ConnectSettings::from_env(host, port, user, database).map_err(settings_error)?;
-        s.choose_tls(
-            &TlsChoice {
-                mode: Some(mode),
-                root_cert: t.root_cert.clone(),
-            },
-            &TlsChoice::default(),
-        )
-        .map_err(settings_error)?;
+            ConnectSettings::monitored(host, port, user, database, mode, t.root_cert.as_deref());
         s.resolve_password(&[]);
         Ok(s)
     }
@@ -299,6 +301,28 @@ mod tests {
     }
 
     #[test]
+    fn a_verifying_mode_without_a_recorded_root_is_refused_not_guessed() {
+        let mut t = target(5432, "require");
+        t.root_cert = None;
+        let r = Registry::default().with(t);
+        let s = r
+            .settings(Kind::Server, "db1", 5432, "postgres", "monitor", "prefer")
+            .unwrap();
+        assert_eq!((s.sslmode, s.root_cert), (SslMode::Require, None));
+        let e = r
+            .settings(
+                Kind::Server,
+                "db1",
+                5432,
+                "postgres",
+                "monitor",
+                "verify-ca",
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("--asb-ssl-root-cert"), "{e}");
+    }
+
+    #[test]
     fn records_round_trip_and_replace_their_place() {
         let r = Registry::default()
             .with(target(5432, "require"))
@@ -342,7 +366,7 @@ mod tests {
                     database: database.clone(),
                     user: user.clone(),
                     sslmode: mode.to_string(),
-                    root_cert: None,
+                    root_cert: Some("/etc/pem/root.crt".into()),
                 };
                 let r = Registry::parse(&Registry::default().with(t).render()).unwrap();
                 let s = r.settings(Kind::Server, &host, port, &database, &user, &server).unwrap();

@@ -67,6 +67,7 @@ async fn a_binding_changed_on_the_server_gets_no_password() {
         pool::batch(&su, "setup", &sql).await.unwrap();
     }
     let port = bed.pg_port.to_string();
+    let root = bed.root_crt.display().to_string();
     let (code, out, err) = cli(
         &bed,
         &cfg,
@@ -82,6 +83,8 @@ async fn a_binding_changed_on_the_server_gets_no_password() {
             "monitor",
             "--asb-ssl-mode",
             "verify-full",
+            "--asb-ssl-root-cert",
+            &root,
         ],
     );
     assert_eq!(code, 0, "{out}{err}");

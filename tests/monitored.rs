@@ -416,3 +416,131 @@ async fn bad_input_records_nothing() {
         assert_eq!(state().await, before, "{name}: something was recorded");
     }
 }
+
+/// PGSSLROOTCERT and PGSSLMODE name the PEM server's CA and mode on an agent host: with them
+/// set to another CA, --register-server and the worker's probes of a monitored server go on,
+/// taking TLS settings only from --asb-ssl-mode and --asb-ssl-root-cert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pem_servers_tls_variables_do_not_reach_the_monitored_server() {
+    let bed = TestBed::start();
+    let (cfg, agent) = bed.register_agent("agent");
+    let su = bed.connect(&bed.superuser()).await;
+    pool::batch(
+        &su,
+        "monitor",
+        &format!("CREATE ROLE monitor LOGIN PASSWORD '{MONITOR_PASSWORD}' IN ROLE pg_monitor"),
+    )
+    .await
+    .unwrap();
+    // A CA that signed nothing the bed serves, where an operator points libpq for the PEM
+    // server (PEM's documentation sets PGSSLMODE for registration).
+    let other = bed.home.join("other-ca.crt");
+    std::fs::write(
+        &other,
+        pemworker::certs::Authority::generate("another CA")
+            .unwrap()
+            .cert_pem,
+    )
+    .unwrap();
+    let other_s = other.display().to_string();
+    let pem_env = [
+        ("PEM_MONITORED_SERVER_PASSWORD", MONITOR_PASSWORD),
+        ("PGSSLROOTCERT", other_s.as_str()),
+        ("PGSSLMODE", "verify-full"),
+    ];
+    let bed_root = bed.root_crt.display().to_string();
+    let with = |extra: &[&str]| {
+        let mut a = register_server_args(&cfg, "monitor", bed.pg_port);
+        let at = a.iter().position(|x| x == "--asb-ssl-mode").unwrap();
+        a.drain(at..at + 2);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let record = cfg.parent().unwrap().join(pemworker::targets::FILE_NAME);
+
+    // A verifying mode needs the monitored server's own root certificate: one line, nothing
+    // recorded.
+    let (code, out, err) = run(&bed, &with(&["--asb-ssl-mode", "verify-full"]), &pem_env);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--asb-ssl-root-cert"), "{err}");
+    assert!(!record.exists());
+    // The root certificate given is the one checked: the other CA did not sign the server's.
+    let (code, out, err) = run(
+        &bed,
+        &with(&[
+            "--asb-ssl-mode",
+            "verify-full",
+            "--asb-ssl-root-cert",
+            &other_s,
+        ]),
+        &pem_env,
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("certificate verify failed"), "{err}");
+    assert!(!record.exists());
+    // require: encrypted, the chain not checked, whatever PGSSLROOTCERT and PGSSLMODE say
+    // (libpq would have checked it against PGSSLROOTCERT and failed).
+    let (code, out, err) = run(&bed, &with(&["--asb-ssl-mode", "require"]), &pem_env);
+    assert_eq!(code, 0, "{out}{err}");
+    // verify-full against the right CA, given for the monitored server alone.
+    let (code, out, err) = run(
+        &bed,
+        &with(&[
+            "--asb-ssl-mode",
+            "verify-full",
+            "--asb-ssl-root-cert",
+            &bed_root,
+            "--force-registration",
+        ]),
+        &pem_env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        text.contains("\"verify-full\"") && text.contains(&bed_root) && !text.contains(&other_s),
+        "{text}"
+    );
+
+    // The worker, with the same variables in its environment, probes the server.
+    let (code, out, err) = run(
+        &bed,
+        &args(
+            &cfg,
+            &[
+                "--set-probe-interval",
+                "1",
+                "--probe-internal-name",
+                "server_info",
+                "--asb-host-name",
+                "127.0.0.1",
+                "--server-port",
+                &bed.pg_port.to_string(),
+            ],
+        ),
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let site = cfg.parent().unwrap().parent().unwrap().to_path_buf();
+    let log = site.join("worker.log");
+    let _worker = Running(bed.start_worker_env(
+        &cfg,
+        &[
+            ("state_dir", site.join("state").display().to_string()),
+            ("log_location", log.display().to_string()),
+            ("short_wait", "1".into()),
+        ],
+        &[
+            ("PGSSLROOTCERT", other_s.clone()),
+            ("PGSSLMODE", "verify-full".into()),
+        ],
+    ));
+    wait_for(
+        "probes of the monitored server",
+        Duration::from_secs(60),
+        || async { server_rows(&su, agent).await >= 2 },
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("certificate verify failed"), "{text}");
+}

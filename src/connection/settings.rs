@@ -132,6 +132,39 @@ impl ConnectSettings {
         Ok(s)
     }
 
+    /// Settings for a monitored server or pgBouncer console: sslmode and root certificate are
+    /// exactly the ones given (`--asb-ssl-mode`, `--asb-ssl-root-cert`, or what the targets
+    /// record holds), never libpq's PGSSLMODE, PGSSLROOTCERT, PGSSLCERT/PGSSLKEY or
+    /// `~/.postgresql/root.crt`: on an agent host those name the PEM server's, whose CA has
+    /// nothing to say about a monitored server.
+    pub fn monitored(
+        host: &str,
+        port: u16,
+        user: &str,
+        dbname: &str,
+        sslmode: SslMode,
+        root_cert: Option<&Path>,
+    ) -> Self {
+        let connect_timeout = env("PGCONNECT_TIMEOUT")
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|&s| s > 0)
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        ConnectSettings {
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            dbname: dbname.to_string(),
+            password: None,
+            sslmode,
+            root_cert: root_cert
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+            client_cert: None,
+            connect_timeout,
+            application_name: env("PGAPPNAME").unwrap_or_else(|| "pemworker".to_string()),
+        }
+    }
+
     /// Sets sslmode and the root certificate from, in this order: the command line
     /// (`explicit`), the agent's configuration (`configured`, libpq's connection parameters),
     /// libpq's variables (PGSSLMODE, PGSSLROOTCERT), and the defaults (verify-full,

@@ -8,8 +8,10 @@
 //! - [`check`]: inspects a running setup end to end and repairs what is safe to repair.
 //! - [`token`]: the admin's enrolment tokens, which agent hosts register with instead of its
 //!   password.
+//! - [`certificate`]: pgBouncer's TLS server certificate, issued from the PEM CA.
 
 pub mod bouncer;
+pub mod certificate;
 pub mod check;
 pub mod hba;
 pub mod prepare;

@@ -78,6 +78,7 @@ pub async fn run(
         } else {
             report.changed(format!("installed PEM schema version(s) {applied:?}"));
         }
+        install_ca(&client, &mut report).await?;
     } else {
         match schema::installed_version(&client).await? {
             None => {
@@ -252,6 +253,40 @@ async fn configure_pooler(
     }
     Ok(())
 }
+
+/// Makes the PEM CA where PEM's installer keeps it (the data directory), unless there is one:
+/// the key is generated inside the server and never leaves it, and no file is ever replaced
+/// (`etc/sql/install_ca.sql`).
+async fn install_ca(client: &Client, report: &mut Report) -> Result<(), Error> {
+    let what = "making the PEM CA";
+    pool::batch(client, what, INSTALL_CA).await?;
+    let rows = pool::query(
+        client,
+        what,
+        "SELECT path, action FROM pg_temp.pemworker_install_ca()",
+        &[],
+    )
+    .await?;
+    for r in &rows {
+        let path: String = pool::get(r, 0, what)?;
+        let action: String = pool::get(r, 1, what)?;
+        match action.as_str() {
+            "created" => report.changed(format!("created the PEM CA's {path}")),
+            "exists" => report.unchanged(format!("the PEM CA's {path} exists; kept as it is")),
+            other => {
+                tracing::warn!(
+                    "{path} {other}: pgBouncer's client_tls_ca_file must hold the PEM CA certificate, or agents' certificates do not verify"
+                );
+                report.unchanged(format!("{path} {other}; kept as it is"));
+            }
+        }
+    }
+    pool::batch(client, what, "DROP FUNCTION pg_temp.pemworker_install_ca()").await?;
+    Ok(())
+}
+
+/// The session-local function that makes the PEM CA.
+const INSTALL_CA: &str = include_str!("../../etc/sql/install_ca.sql");
 
 /// pgBouncer's auth_query function, as the guide names it.
 pub const AUTH_FUNCTION: &str = "pem.get_agent_pool_auth(text)";

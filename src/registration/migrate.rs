@@ -5,9 +5,14 @@
 //! agent.cfg, key and certificate are backed up, agent.cfg is rewritten in place (agent_user
 //! added, pem_port and the certificate paths changed, every other line kept), and then a login
 //! through the pooler with the new settings must succeed; if it does not, agent.cfg is put back
-//! and the new files removed.
+//! and the new files removed. Then, with the PEM admin's session, the agent's row names its new
+//! user; a worker running with this agent.cfg is told to reload (SIGHUP), and on request the
+//! dedicated `agent<ID>` role it logged in as before is dropped and its key and certificate are
+//! removed from this host, so the old credentials log in nowhere.
 
 use std::path::{Path, PathBuf};
+
+use tokio_postgres::types::Type;
 
 use super::{Error, agent_settings, check_active, check_agent_user, check_rights, refuse_existing};
 use crate::config::AgentConfig;
@@ -30,6 +35,9 @@ pub struct Options {
     pub force: bool,
     /// sslmode and root certificate given on the command line, written into agent.cfg.
     pub tls: TlsChoice,
+    /// Drop the dedicated `agent<ID>` role the agent logged in as before, and remove its key
+    /// and certificate from this host.
+    pub retire_dedicated_role: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +46,23 @@ pub struct Migrated {
     pub backups: Vec<PathBuf>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The agent's row names the new user (false without the admin's session).
+    pub recorded: bool,
+    /// The role that was dropped and the files that were removed, with the flag.
+    pub retired: Option<(String, Vec<PathBuf>)>,
+    /// What happened to a running worker.
+    pub reload: Reload,
+}
+
+/// Whether a worker with this agent.cfg was running, and what it was told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// It was sent SIGHUP and reconnects with the new settings.
+    Signalled(i32),
+    /// It runs, but could not be signalled (another user's process): the reason.
+    Failed(i32, String),
+    /// No worker holds this agent.cfg's state directory (named when agent.cfg could be read).
+    NotRunning(Option<PathBuf>),
 }
 
 pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
@@ -47,36 +72,49 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
         .pem_host
         .clone()
         .unwrap_or_else(|| old.pem_host().to_string());
+    let retire = match o.retire_dedicated_role {
+        true => Some(retirable(o, &old)?),
+        false => None,
+    };
+
+    // The admin's session: signing, the agent's row, retiring the old role.
+    let admin = match &o.admin {
+        Some(settings) => {
+            let client = connection::connect(settings).await?;
+            check_rights(&client, settings).await?;
+            Some((client, settings))
+        }
+        None => None,
+    };
 
     // 1. The certificate for the common agent user (and a write secret, if the agent has none).
     let mut secret_file = None;
     let (crt_path, key_path, staged) = match &o.reuse {
         Some((crt, key)) => (crt.clone(), key.clone(), Vec::new()),
         None => {
-            let admin = o.admin.as_ref().ok_or_else(|| {
+            let (client, admin) = admin.as_ref().ok_or_else(|| {
                 Error::Missing("--migrate-to-pooler needs --pem-user (to have a certificate signed) or --agent-ssl-crt and --agent-ssl-key".into())
             })?;
+            let (client, admin) = (client, *admin);
             let crt = super::cert_file(&o.cert_path, &o.agent_user);
             let key = super::key_file(&o.cert_path, &o.agent_user);
             refuse_existing(&crt, o.force)?;
             refuse_existing(&key, o.force)?;
             fsutil::ensure_dir(&o.cert_path, 0o700, None)?;
             super::check_key_dir(&o.cert_path)?;
-            let client = connection::connect(admin).await?;
-            check_rights(&client, admin).await?;
             let sign = async {
-                super::ensure_agent_user(&client, admin, &o.agent_user, None).await?;
+                super::ensure_agent_user(client, admin, &o.agent_user, None).await?;
                 let (k, c) =
-                    super::obtain_certificate(&client, &o.agent_user, admin.root_cert.as_deref())
+                    super::obtain_certificate(client, &o.agent_user, admin.root_cert.as_deref())
                         .await?;
                 // An agent registered before per-agent secrets gets one now.
                 let secret = match &old.agent_secret {
                     Some(_) => None,
-                    None => Some(super::issue_secret(&client, old.agent_id).await?),
+                    None => Some(super::issue_secret(client, old.agent_id).await?),
                 };
                 Ok::<_, Error>((k, c, secret))
             };
-            let (k, c, secret) = pool::transaction(&client, "the migration", sign).await?;
+            let (k, c, secret) = pool::transaction(client, "the migration", sign).await?;
             let mut staged = vec![
                 Staged::write(&key, k.serialize_pem().as_bytes(), 0o600, None)?,
                 Staged::write(&crt, c.as_bytes(), 0o600, None)?,
@@ -151,12 +189,139 @@ pub async fn migrate(o: &Options) -> Result<Migrated, Error> {
             },
         });
     }
+
+    // 4. The agent's row names its new user; the old dedicated role goes if asked.
+    let mut backups = backups;
+    let recorded = admin.is_some();
+    let mut retired = None;
+    if let Some((client, settings)) = &admin {
+        let dropped = pool::transaction(client, "recording the agent's new user", async {
+            pool::execute(
+                client,
+                "recording the agent's new user",
+                "UPDATE pem.agent SET agent_user = $2 WHERE id = $1",
+                &[(&old.agent_id, Type::INT4), (&o.agent_user, Type::TEXT)],
+            )
+            .await?;
+            match &retire {
+                Some(role) => {
+                    let what = format!("dropping the dedicated role {role}");
+                    let row = pool::query_one(
+                        client,
+                        &what,
+                        "SELECT pem.drop_agent_user($1)",
+                        &[(role, Type::TEXT)],
+                    )
+                    .await
+                    .map_err(|e| super::lock_timeout(e, &what, settings))?;
+                    Ok::<_, Error>(Some(pool::get::<bool>(&row, 0, &what)?))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| Error::MigrationFailed {
+            code: e.exit_code(),
+            what: format!(
+                "agent {} now logs in through the pooler as {}, but the PEM server was not updated: {e}",
+                old.agent_id, o.agent_user
+            ),
+            restored: format!(
+                "{} keeps the new settings; run the same command again with --force-registration to finish",
+                o.config_file.display()
+            ),
+        })?;
+        if let (Some(role), Some(dropped)) = (&retire, dropped) {
+            if !dropped {
+                tracing::warn!(
+                    "role {role} was not made by pemworker's agent-role functions (or is gone already); it was left as it is"
+                );
+            }
+            // The old key and certificate, and the backups just made of them, leave this host.
+            let old_files = [&old.agent_ssl_key, &old.agent_ssl_crt];
+            let mut removed = Vec::new();
+            for (orig, backup) in existing.iter().zip(backups.clone()) {
+                if old_files.contains(orig) {
+                    for f in [*orig, &backup] {
+                        match std::fs::remove_file(f) {
+                            Ok(()) => removed.push(f.clone()),
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(fsutil::Error::io("remove", f)(e).into()),
+                        }
+                    }
+                    backups.retain(|b| b != &backup);
+                }
+            }
+            retired = Some((if dropped { role.clone() } else { String::new() }, removed));
+        }
+    } else {
+        tracing::warn!(
+            "the PEM server still names {} as agent {}'s user (pem.agent.agent_user): give --pem-user to record the change",
+            old.agent_user,
+            old.agent_id
+        );
+    }
+
+    // 5. A worker running with this agent.cfg reconnects with the new settings.
+    let reload = reload_worker(&o.config_file);
     Ok(Migrated {
         agent_id: old.agent_id,
         backups,
         cert_file: crt_path,
         key_file: key_path,
+        recorded,
+        retired,
+        reload,
     })
+}
+
+/// The dedicated role `--retire-dedicated-role` may drop: the `agent<ID>` role agent.cfg logged
+/// in as, which is not the new agent user. Checked before anything changes.
+fn retirable(o: &Options, old: &AgentConfig) -> Result<String, Error> {
+    let dedicated = format!("agent{}", old.agent_id);
+    let why = if o.admin.is_none() {
+        Some("it needs --pem-user, the PEM admin who drops the role".to_string())
+    } else if old.agent_user != dedicated {
+        Some(format!(
+            "agent {} logs in as {}, not as its dedicated role {dedicated}; a shared agent user is dropped only when no agent uses it (pemworker --unregister-agent)",
+            old.agent_id, old.agent_user
+        ))
+    } else if o.agent_user == dedicated {
+        Some(format!("{dedicated} is the agent user it moves to"))
+    } else if o
+        .reuse
+        .as_ref()
+        .is_some_and(|(c, k)| *c == old.agent_ssl_crt || *k == old.agent_ssl_key)
+    {
+        Some("the reused certificate or key is the one to retire".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::Invalid {
+            what: "--retire-dedicated-role",
+            value: dedicated,
+            why,
+        }),
+        None => Ok(dedicated),
+    }
+}
+
+/// Sends SIGHUP to the worker holding the state directory of the (new) agent.cfg, if one runs.
+fn reload_worker(config_file: &Path) -> Reload {
+    let Ok((config, _)) = AgentConfig::load(config_file, &[]) else {
+        return Reload::NotRunning(None);
+    };
+    let Some(pid) = crate::spool::lock::holder(&config.state_dir) else {
+        return Reload::NotRunning(Some(config.state_dir));
+    };
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    ) {
+        Ok(()) => Reload::Signalled(pid),
+        Err(e) => Reload::Failed(pid, e.desc().to_string()),
+    }
 }
 
 async fn verify_login(config_file: &Path) -> Result<(), Error> {

@@ -182,6 +182,35 @@ impl Schedule {
         self.loaded = true;
     }
 
+    /// The probes that run, by place, for the start line: "14 probes scheduled: 6 on this
+    /// host, 6 on 1 monitored server, 2 on 1 pgBouncer".
+    fn summary(&self) -> String {
+        let (mut host, mut server, mut bouncer) = (0, 0, 0);
+        let mut servers = HashSet::new();
+        let mut bouncers = HashSet::new();
+        for job in self.jobs.values() {
+            match &job.place {
+                Place::Agent => host += 1,
+                Place::Server(id) if self.servers.contains_key(id) => {
+                    server += 1;
+                    servers.insert(*id);
+                }
+                Place::Pgbouncer(b) if self.bouncers.contains_key(b) => {
+                    bouncer += 1;
+                    bouncers.insert(b.clone());
+                }
+                _ => {}
+            }
+        }
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{} scheduled: {host} on this host, {server} on {}, {bouncer} on {}",
+            plural(host + server + bouncer, "probe"),
+            plural(servers.len(), "monitored server"),
+            plural(bouncers.len(), "pgBouncer")
+        )
+    }
+
     fn next_due(&self) -> Option<Instant> {
         self.jobs.values().map(|j| j.next_due).min()
     }
@@ -522,6 +551,9 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             sched.merge(f.jobs);
                             sched.servers = f.servers;
                             sched.bouncers = f.bouncers;
+                            if check.fingerprint.is_none() {
+                                shared.started_probes(sched.summary());
+                            }
                             check.fingerprint = Some(f.fingerprint);
                             check.wait = short_wait;
                         }

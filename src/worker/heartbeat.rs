@@ -108,11 +108,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             // Through pgBouncer the backend's port is not the one we dialled.
                             let tcp = !config.pem_hosts.iter().all(|h| h.starts_with('/'));
                             let pooled = tcp && b.server_port != Some(i32::from(config.pem_port));
-                            if pooled {
-                                tracing::info!(
-                                    "connected to the PEM server through a connection pooler"
-                                );
-                            }
+                            shared.started_through(pooled);
                             for w in super::startup_warnings(&config, pooled) {
                                 tracing::warn!("{w}");
                             }

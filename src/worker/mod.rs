@@ -76,6 +76,20 @@ pub struct Shared {
     /// The probe rounds running now (each also a task on `tasks`), so that shutdown can let
     /// them spool what they collected before it delivers.
     pub rounds: TaskTracker,
+    /// What the start line says, gathered from the first heartbeat and schedule read.
+    start_line: std::sync::Mutex<StartLine>,
+}
+
+/// The tracing target of the line a worker logs once it runs. The default level (warning)
+/// lets it through too, so a healthy worker in the foreground is not silent.
+pub const START_TARGET: &str = "pemworker::started";
+
+/// The parts of the start line; logged once both are known.
+#[derive(Debug, Default)]
+struct StartLine {
+    pooled: Option<bool>,
+    probes: Option<String>,
+    logged: bool,
 }
 
 impl Shared {
@@ -95,6 +109,42 @@ impl Shared {
             .expect("manager lock")
             .clone()
             .unwrap_or_else(|| self.pem())
+    }
+
+    /// The first heartbeat's finding: whether the PEM server is reached through a pooler.
+    pub fn started_through(&self, pooled: bool) {
+        self.start_line_part(|l| l.pooled = Some(pooled));
+    }
+
+    /// The first schedule read's finding: what is probed where.
+    pub fn started_probes(&self, probes: String) {
+        self.start_line_part(|l| l.probes = Some(probes));
+    }
+
+    fn start_line_part(&self, set: impl FnOnce(&mut StartLine)) {
+        let mut line = self.start_line.lock().unwrap_or_else(|p| p.into_inner());
+        set(&mut line);
+        if line.logged {
+            return;
+        }
+        let (Some(pooled), Some(probes)) = (line.pooled, &line.probes) else {
+            return;
+        };
+        let c = self.config();
+        tracing::info!(
+            target: START_TARGET,
+            "agent {} running as {} on {}:{} ({}); {probes}",
+            c.agent_id,
+            c.agent_user,
+            c.pem_hosts.join(","),
+            c.pem_port,
+            if pooled {
+                "through a connection pooler"
+            } else {
+                "directly to the PEM server"
+            },
+        );
+        line.logged = true;
     }
 
     /// Keeps a round's samples in the spool (on disk, or held in memory when it cannot be
@@ -230,6 +280,7 @@ pub async fn run(
         stats: Stats::default(),
         tasks: Tasks::new(),
         rounds: TaskTracker::new(),
+        start_line: Default::default(),
     });
     let c = shared.config();
     tracing::info!(
