@@ -187,6 +187,13 @@ impl Error {
         })
     }
 
+    /// True when the server answered a statement by refusing the write's credentials (class 28:
+    /// the MAC made with the agent's secret, a heartbeat's timestamp), not the login.
+    pub fn is_write_refused(&self) -> bool {
+        matches!(self, Error::Query { .. })
+            && self.code().is_some_and(|c| c.code().starts_with("28"))
+    }
+
     /// What an administrator can do about a refusal ([`Error::is_refused`]), if we know.
     pub fn advice(&self) -> Option<&'static str> {
         let code = self.code()?.code();
@@ -207,7 +214,7 @@ impl Error {
                  to this agent's version"
             }
             // Answered to a statement: the login worked, the write's MAC did not.
-            c if c.starts_with("28") && matches!(self, Error::Query { .. }) => {
+            _ if self.is_write_refused() => {
                 "the PEM server does not accept this agent's write secret (agent.cfg names no \
                  agent_secret_file, or one from another registration); register the agent again \
                  with --register-agent --force-registration, which keeps its agent id"

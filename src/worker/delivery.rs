@@ -320,6 +320,10 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                 if let Err(e) = shared.spool.release().await {
                     tracing::error!("cannot update the spool after a failed delivery: {e}");
                 }
+                if e.is_write_refused() && shared.reread_secret() {
+                    tracing::debug!("delivery refused: {e}; trying the new secret");
+                    continue;
+                }
                 let wait = backoff.next_delay();
                 let long_wait = shared.config().long_wait;
                 let problem = outage.failed(&e, shared.spool.figures().samples, long_wait);

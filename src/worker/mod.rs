@@ -97,6 +97,34 @@ impl Shared {
         self.config.read().expect("config lock").clone()
     }
 
+    /// After the PEM server refused this agent's write credentials: takes its secret file again
+    /// if it holds another secret than the one in use (the agent was registered again with
+    /// --force-registration, which issues a new secret, while this worker ran, for example to
+    /// renew its certificate). True when it did, so the refused write can be tried again now.
+    pub fn reread_secret(&self) -> bool {
+        let c = self.config();
+        let Some(path) = &c.agent_secret_file else {
+            return false;
+        };
+        match crate::mac::AgentKey::load(path) {
+            Ok(key) if c.agent_secret.as_ref() != Some(&key) => {
+                let mut new = (*c).clone();
+                new.agent_secret = Some(key);
+                *self.config.write().expect("config lock") = Arc::new(new);
+                tracing::warn!(
+                    "{} holds a new secret (the agent was registered again): using it from now on",
+                    path.display()
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!("{e}");
+                false
+            }
+        }
+    }
+
     pub fn pem(&self) -> Manager {
         self.pem.read().expect("manager lock").clone()
     }
