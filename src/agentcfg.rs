@@ -185,13 +185,18 @@ impl Document {
     /// of the section when `after` is absent).
     pub fn set(&mut self, key: &str, value: &str, after: Option<&str>) {
         let (start, end) = self.section_range();
+        // Every occurrence in every `[PEM/agent]` section (a file may repeat the header), as
+        // `get` reads them all.
         let mut found = false;
-        for l in &mut self.lines[start + 1..end] {
-            if let Line::Entry { key: k, value: v } = l {
-                if k == key {
+        let mut inside = false;
+        for l in &mut self.lines {
+            match l {
+                Line::Section(s) => inside = s == SECTION,
+                Line::Entry { key: k, value: v } if inside && k == key => {
                     *v = value.to_string();
                     found = true;
                 }
+                _ => {}
             }
         }
         if found {
@@ -274,6 +279,17 @@ mod tests {
             "# my agent\n[PEM/agent]\npem_host=10.0.0.5\npem_port=6432\nagent_id=12\nagent_user=pem_agent_user1\n\
              agent_ssl_key=/root/.pem/agent12.key\nagent_ssl_crt=/root/.pem/agent12.crt\n\
              custom_thing=keep me\nlog_level=warning\n"
+        );
+    }
+
+    #[test]
+    fn a_repeated_section_header_is_one_section_to_set_as_to_get() {
+        let mut d = Document::parse("[PEM/agent]\npem_port=5432\n[PEM/agent]\npem_port=5433\n");
+        d.set("pem_port", "6432", None);
+        assert_eq!(d.get("pem_port"), Some("6432"));
+        assert_eq!(
+            d.render(),
+            "[PEM/agent]\npem_port=6432\n[PEM/agent]\npem_port=6432\n"
         );
     }
 

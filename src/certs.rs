@@ -48,6 +48,10 @@ pub fn csr_pem(key: &KeyPair, common_name: &str) -> Result<String, Error> {
     rc("encode the request", csr.pem())
 }
 
+/// How far certificates are dated back, as CAs commonly do: a client whose clock lags behind the
+/// server's (by up to a day) still accepts a certificate issued a moment ago.
+const BACKDATE: Duration = Duration::days(1);
+
 /// A self-signed CA certificate and its key, both PEM.
 #[derive(Clone)]
 pub struct Authority {
@@ -73,7 +77,7 @@ impl Authority {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
+        params.not_before = now - BACKDATE;
         params.not_after = now + Duration::days(3650);
         let cert = rc("self-sign the CA", params.self_signed(&key))?;
         Ok(Authority {
@@ -122,7 +126,7 @@ impl Authority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
+        params.not_before = now - BACKDATE;
         params.not_after = now + Duration::days(i64::from(days));
         let cert = rc(
             "sign the server certificate",

@@ -63,6 +63,8 @@ pub struct AgentConfig {
     /// The secret every write is authenticated with (`agent_secret_file`); `None` for an agent
     /// registered before per-agent secrets, whose writes the server refuses.
     pub agent_secret: Option<crate::mac::AgentKey>,
+    /// Where `agent_secret` was read from (read again when the server refuses it).
+    pub agent_secret_file: Option<PathBuf>,
     /// The older name of the root certificate, read when pem_ssl_root_cert is not set.
     pub ca_file: Option<PathBuf>,
     pub log_level: LogLevel,
@@ -339,6 +341,9 @@ impl AgentConfig {
                 problem(Some(*line), format!("agent_ssl_crt {}: {e}", c.display()));
             }
         }
+        let agent_secret_file = find("agent_secret_file")
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v));
         let agent_secret = find("agent_secret_file")
             .filter(|(_, v)| !v.is_empty())
             .and_then(|(line, v)| match crate::mac::AgentKey::load(Path::new(v)) {
@@ -495,6 +500,7 @@ impl AgentConfig {
                         pem_ssl_mode,
                         pem_ssl_root_cert,
                         agent_secret,
+                        agent_secret_file,
                         ca_file,
                         log_level,
                         log_location,

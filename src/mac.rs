@@ -130,7 +130,12 @@ pub fn sign(
 
 /// Now, as the server reads it (`sent_at`): RFC 3339 with microseconds.
 pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    timestamp(chrono::Utc::now())
+}
+
+/// `at` as messages carry it.
+pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// Where registration keeps an agent's secret: beside its key, named after the agent id.

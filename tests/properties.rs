@@ -213,7 +213,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         for i in 0..good {
-            spool.push(&[sample(i as i64)]).unwrap();
+            spool.push(vec![sample(i as i64)]).unwrap();
         }
         drop(spool);
         let valid = std::fs::read(dir.path().join(format!("{:020}.json", 1))).unwrap();

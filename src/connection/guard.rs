@@ -35,6 +35,83 @@ pub struct Seen {
     pub cleartext_refused: bool,
     /// The server asked for a password of any kind (cleartext, md5, SCRAM).
     pub password_requested: bool,
+    /// What the failed handshake says about certificates, if anything.
+    pub tls_failure: Option<TlsFailure>,
+    /// The TLS handshake completed (this side's view: under TLS 1.3 the server may still
+    /// refuse this side's certificate afterwards).
+    pub tls_established: bool,
+}
+
+/// A TLS failure over a certificate, told by OpenSSL's error codes. Fixed by replacing a file
+/// (or the clock), never by trying again at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// This side could not verify the server's certificate (another CA, expired, another name).
+    ServerNotVerified,
+    /// The server refused this side's certificate as expired.
+    ClientExpired,
+    /// The server refused this side's certificate otherwise (a CA it does not trust, revoked,
+    /// unknown, missing).
+    ClientRefused,
+}
+
+/// OpenSSL's reason codes for these failures (include/openssl/sslerr.h, library SSL).
+const ERR_LIB_SSL: i32 = 20;
+const SSL_R_CERTIFICATE_VERIFY_FAILED: i32 = 134;
+const SSL_R_SSLV3_ALERT_BAD_CERTIFICATE: i32 = 1042;
+const SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE: i32 = 1043;
+const SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED: i32 = 1044;
+const SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED: i32 = 1045;
+const SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN: i32 = 1046;
+const SSL_R_TLSV1_ALERT_UNKNOWN_CA: i32 = 1048;
+const SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED: i32 = 1116;
+
+fn classify(stack: &openssl::error::ErrorStack) -> Option<TlsFailure> {
+    stack
+        .errors()
+        .iter()
+        .filter(|e| e.library_code() == ERR_LIB_SSL)
+        .find_map(|e| match e.reason_code() {
+            SSL_R_CERTIFICATE_VERIFY_FAILED => Some(TlsFailure::ServerNotVerified),
+            SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED => Some(TlsFailure::ClientExpired),
+            SSL_R_SSLV3_ALERT_BAD_CERTIFICATE
+            | SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE
+            | SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED
+            | SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN
+            | SSL_R_TLSV1_ALERT_UNKNOWN_CA
+            | SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED => Some(TlsFailure::ClientRefused),
+            _ => None,
+        })
+}
+
+/// The certificate problem in an error's chain, if any: from a failed handshake, or (TLS 1.3,
+/// where the server judges the client's certificate after the client finished its handshake)
+/// from the first read after it.
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(stack) = err.downcast_ref::<openssl::error::ErrorStack>() {
+            if let Some(f) = classify(stack) {
+                return Some(f);
+            }
+        }
+        if let Some(f) = err
+            .downcast_ref::<openssl::ssl::Error>()
+            .and_then(|e| e.ssl_error())
+            .and_then(classify)
+        {
+            return Some(f);
+        }
+        if let Some(f) = err
+            .downcast_ref::<io::Error>()
+            .and_then(|e| e.get_ref())
+            .and_then(|inner| tls_failure(inner))
+        {
+            return Some(f);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Shared between the guards of one connection attempt and the code that reports its outcome.
@@ -333,10 +410,16 @@ where
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             match super::tls::handshake(self.ssl, stream).await {
-                Ok(s) => Ok(Guarded::tls(s, self.watch, self.guard_cleartext)),
-                Err(why) => {
-                    let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
-                    self.watch.update(|s| s.handshake_error = Some(why.clone()));
+                Ok(s) => {
+                    self.watch.update(|s| s.tls_established = true);
+                    Ok(Guarded::tls(s, self.watch, self.guard_cleartext))
+                }
+                Err(e) => {
+                    let why = e.why.split_whitespace().collect::<Vec<_>>().join(" ");
+                    self.watch.update(|s| {
+                        s.handshake_error = Some(why.clone());
+                        s.tls_failure = e.failure;
+                    });
                     Err(io::Error::other(why))
                 }
             }

@@ -8,9 +8,12 @@
 //!
 //! Connecting happens without any lock held, so a slow host stalls only the loop that asked.
 //! Hosts are tried in order, starting with the one that served last; when all fail, checkouts
-//! fail at once until a jittered exponential backoff (capped at long_wait) has passed. The
-//! outage is logged once, and its end once.
+//! fail at once until a jittered exponential backoff (capped at long_wait) has passed. A
+//! certificate problem (the server's certificate from another CA, this agent's expired) is
+//! fixed by replacing a file, not by time: it is retried every long_wait from the start. The
+//! outage is logged once (again if its cause changes), and its end once.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,12 +47,18 @@ struct State {
     generation: u64,
     /// An outage was logged and its end was not yet.
     down: bool,
+    /// Per target, what the outage's last line about it said: a certificate problem or not.
+    logged: HashMap<usize, bool>,
+    /// During an outage, a loop is trying to connect for all.
+    probing: bool,
 }
 
 struct Inner {
     name: &'static str,
     targets: Vec<ConnectSettings>,
     lifetime: Option<Duration>,
+    /// long_wait: the longest wait between attempts, and the wait after a certificate problem.
+    max_wait: Duration,
     state: Mutex<State>,
 }
 
@@ -62,6 +71,15 @@ impl Inner {
 
     fn expired(&self, opened: Instant) -> bool {
         self.lifetime.is_some_and(|l| opened.elapsed() >= l)
+    }
+}
+
+/// Ends a loop's attempt to connect for all, however the attempt ends (a cancelled future too).
+struct Probing<'a>(&'a Inner);
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.state().probing = false;
     }
 }
 
@@ -109,6 +127,7 @@ impl Manager {
                 name,
                 targets,
                 lifetime,
+                max_wait,
                 state: Mutex::new(State {
                     idle: Vec::new(),
                     backoff,
@@ -117,6 +136,8 @@ impl Manager {
                     preferred: 0,
                     generation: 0,
                     down: false,
+                    logged: HashMap::new(),
+                    probing: false,
                 }),
             }),
         }
@@ -133,7 +154,7 @@ impl Manager {
 
     /// A session for the caller alone: an idle one, or a new connection.
     pub async fn checkout(&self) -> Result<Session, Unavailable> {
-        let (preferred, generation) = {
+        let (preferred, generation, probing) = {
             let mut st = self.inner.state();
             while let Some((client, opened)) = st.idle.pop() {
                 if client.is_closed() || self.inner.expired(opened) {
@@ -161,8 +182,19 @@ impl Manager {
                     });
                 }
             }
-            (st.preferred, st.generation)
+            // During an outage one loop tries for all: the others wait for its outcome rather
+            // than knock at the same moment.
+            if st.down && st.probing {
+                return Err(Unavailable::Backoff {
+                    wait: Duration::ZERO,
+                    last: st.last_error.clone(),
+                });
+            }
+            let probing = st.down;
+            st.probing |= probing;
+            (st.preferred, st.generation, probing)
         };
+        let _probe = probing.then(|| Probing(&self.inner));
 
         // No lock from here to the end of the attempts: other loops go on meanwhile.
         let n = self.inner.targets.len();
@@ -179,6 +211,7 @@ impl Manager {
                         tracing::debug!("{}: connected to {}", self.inner.name, t.target());
                     }
                     st.down = false;
+                    st.logged.clear();
                     st.retry_at = None;
                     st.preferred = idx;
                     st.backoff.reset();
@@ -186,10 +219,18 @@ impl Manager {
                     return Ok(self.session(client, Instant::now(), generation));
                 }
                 Err(e) => {
-                    let st = self.inner.state();
-                    // Warn once per outage; the retries that follow are routine.
-                    if st.down {
+                    let mut st = self.inner.state();
+                    // Once per outage, and again when its cause changes; the retries that follow
+                    // are routine.
+                    let certificate = e.is_certificate();
+                    if st.logged.insert(idx, certificate) == Some(certificate) {
                         tracing::debug!("{}: {e}", self.inner.name);
+                    } else if certificate {
+                        tracing::error!(
+                            "{}: {e}; trying again every {} s (long_wait)",
+                            self.inner.name,
+                            self.inner.max_wait.as_secs()
+                        );
                     } else {
                         tracing::warn!("{}: {e}", self.inner.name);
                     }
@@ -202,7 +243,12 @@ impl Manager {
         st.down = true;
         // Two loops failing at once move the backoff on once.
         if st.retry_at.is_none_or(|at| at <= Instant::now()) {
-            let wait = st.backoff.next_delay();
+            let wait = if e.is_certificate() {
+                // Jittered a little, so agents cut off together do not come back in lockstep.
+                self.inner.max_wait.mul_f64(0.9 + fastrand::f64() * 0.1)
+            } else {
+                st.backoff.next_delay()
+            };
             st.retry_at = Some(Instant::now() + wait);
         }
         st.last_error = e.to_string();

@@ -42,6 +42,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A certificate stands in the way: the server's failed verification, or the server refused
+    /// this side's. Fixed by replacing a file (or the clock), not by trying again at once.
+    #[error("cannot connect to {at}: {why}")]
+    Certificate {
+        /// `<target> as <user>`.
+        at: String,
+        why: String,
+    },
     /// The session was refused on this side: the server is not what the settings demand.
     #[error("cannot connect to {target} as {user}: {why}")]
     Refused {
@@ -105,10 +113,16 @@ impl Error {
             self,
             Error::Connect { .. }
                 | Error::Socket { .. }
+                | Error::Certificate { .. }
                 | Error::Refused { .. }
                 | Error::ConnectTimeout { .. }
                 | Error::Tls(_)
         )
+    }
+
+    /// True when a certificate stands in the way (see [`Error::Certificate`]).
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, Error::Certificate { .. })
     }
 
     /// True when local settings or files are wrong, so retrying cannot help.
@@ -177,6 +191,13 @@ impl Error {
         })
     }
 
+    /// True when the server answered a statement by refusing the write's credentials (class 28:
+    /// the MAC made with the agent's secret, a heartbeat's timestamp), not the login.
+    pub fn is_write_refused(&self) -> bool {
+        matches!(self, Error::Query { .. })
+            && self.code().is_some_and(|c| c.code().starts_with("28"))
+    }
+
     /// What an administrator can do about a refusal ([`Error::is_refused`]), if we know.
     pub fn advice(&self) -> Option<&'static str> {
         let code = self.code()?.code();
@@ -197,7 +218,7 @@ impl Error {
                  to this agent's version"
             }
             // Answered to a statement: the login worked, the write's MAC did not.
-            c if c.starts_with("28") && matches!(self, Error::Query { .. }) => {
+            _ if self.is_write_refused() => {
                 "the PEM server does not accept this agent's write secret (agent.cfg names no \
                  agent_secret_file, or one from another registration); register the agent again \
                  with --register-agent --force-registration, which keeps its agent id"
@@ -292,6 +313,110 @@ async fn open(settings: &ConnectSettings, watch: &guard::Watch) -> Result<Client
     Ok(client)
 }
 
+/// When the certificate in `path` (PEM) expires, if it can be read. Read with OpenSSL, which
+/// every TLS session loads anyway.
+pub fn certificate_expiry(path: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let data = std::fs::read(path).ok()?;
+    let cert = openssl::x509::X509::from_pem(&data).ok()?;
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let d = epoch.diff(cert.not_after()).ok()?;
+    chrono::DateTime::from_timestamp(i64::from(d.days) * 86_400 + i64::from(d.secs), 0)
+}
+
+/// The command that gets this agent a new certificate (re-registration keeps the agent id).
+pub fn renewal_command(settings: &ConnectSettings) -> String {
+    let cert_dir = settings
+        .client_cert
+        .as_ref()
+        .and_then(|(crt, _)| crt.parent())
+        .map(|d| format!(" --cert-path {}", d.display()))
+        .unwrap_or_default();
+    // Agents registered without --pem-agent-user log in as their own agent<ID> role.
+    let own_role = settings
+        .user
+        .strip_prefix("agent")
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+    let agent_user = if own_role {
+        String::new()
+    } else {
+        format!(" --pem-agent-user {}", settings.user)
+    };
+    format!(
+        "pemworker --register-agent --force-registration --pem-server {} --pem-port {}{agent_user}{cert_dir} \
+         --config-dir <directory of agent.cfg> --pem-user <a PEM admin>",
+        settings.host, settings.port
+    )
+}
+
+/// A certificate problem in the user's terms: which file, and what fixes it. `detail` is the
+/// TLS library's text, whose last parenthesis holds the verification's result.
+fn certificate_problem(
+    settings: &ConnectSettings,
+    failure: guard::TlsFailure,
+    detail: &str,
+) -> String {
+    use guard::TlsFailure;
+    match failure {
+        TlsFailure::ServerNotVerified => {
+            let reason = detail
+                .rsplit_once('(')
+                .and_then(|(_, r)| r.split_once(')'))
+                .map_or("no reason given", |(r, _)| r)
+                .to_string();
+            let root = settings.root_cert.as_ref().map_or_else(
+                || "(no root certificate)".to_string(),
+                |r| r.display().to_string(),
+            );
+            let fix = if reason.contains("expired") {
+                "the server's certificate has expired: renew it on the server".to_string()
+            } else if reason.contains("not yet valid") {
+                "the server's certificate is not valid yet by this host's clock: check the clock (NTP)"
+                    .to_string()
+            } else if reason.contains("mismatch") {
+                format!(
+                    "the server's certificate does not name {}: set pem_host to a name it holds, or renew it \
+                     with this one",
+                    settings.host
+                )
+            } else {
+                format!(
+                    "the server's certificate is not signed by a CA in {root} (pem_ssl_root_cert); if the PEM \
+                     server's CA was replaced, put the new CA certificate in {root}"
+                )
+            };
+            format!("TLS handshake failed: certificate verify failed ({reason}): {fix}")
+        }
+        TlsFailure::ClientExpired | TlsFailure::ClientRefused => {
+            let Some((crt, _)) = &settings.client_cert else {
+                return format!(
+                    "the server refused the TLS handshake over a certificate: {detail}"
+                );
+            };
+            let expired = certificate_expiry(crt).filter(|at| *at <= chrono::Utc::now());
+            let what = match (failure, expired) {
+                (_, Some(at)) => format!(
+                    "this agent's certificate {} expired on {}",
+                    crt.display(),
+                    at.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                (TlsFailure::ClientExpired, None) => format!(
+                    "the server says this agent's certificate {} has expired (check this host's clock too)",
+                    crt.display()
+                ),
+                _ => format!(
+                    "the server does not accept this agent's certificate {}: it was not issued by a CA the \
+                     server trusts (was the CA replaced?), or it was revoked",
+                    crt.display()
+                ),
+            };
+            format!(
+                "{what}; get a new one with: {} (add --pem-ssl-root-cert FILE if the CA changed)",
+                renewal_command(settings)
+            )
+        }
+    }
+}
+
 /// A failed attempt in the user's terms, from what the guards saw.
 fn explain(
     settings: &ConnectSettings,
@@ -329,6 +454,31 @@ fn explain(
             "the server does not offer TLS, which sslmode {mode} requires; nothing else was sent"
         ));
     }
+    // TLS 1.3 servers judge the client's certificate after the client's handshake ended: their
+    // refusal comes with the first read, in the driver's error, or (when the server's reset
+    // outruns its alert) as a connection reset; then this agent's certificate, expired by its
+    // own clock, is what the server refused.
+    let expired_here = || {
+        let (crt, _) = settings.client_cert.as_ref()?;
+        (seen.tls_established
+            && !seen.password_requested
+            && certificate_expiry(crt).is_some_and(|at| at <= chrono::Utc::now()))
+        .then_some(guard::TlsFailure::ClientExpired)
+    };
+    let failure = seen
+        .tls_failure
+        .or_else(|| guard::tls_failure(&source))
+        .or_else(expired_here);
+    if let Some(failure) = failure {
+        let detail = seen
+            .handshake_error
+            .clone()
+            .unwrap_or_else(|| describe(&source));
+        return Error::Certificate {
+            at: format!("{} as {}", settings.target(), settings.user),
+            why: certificate_problem(settings, failure, &detail),
+        };
+    }
     if let Some(why) = seen.handshake_error {
         let checked = match (
             &settings.root_cert,
@@ -351,5 +501,36 @@ fn explain(
         target: settings.target(),
         user: settings.user.clone(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificates_expiry_is_read_and_the_renewal_command_names_its_directory() {
+        let ca = crate::certs::Authority::generate("test CA").unwrap();
+        let (crt, _) = ca.issue_server(&["127.0.0.1"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.crt");
+        std::fs::write(&file, crt).unwrap();
+        let at = certificate_expiry(&file).unwrap();
+        let want = chrono::Utc::now() + chrono::Duration::days(365);
+        assert!((at - want).num_seconds().abs() < 60, "{at} vs {want}");
+        assert!(certificate_expiry(&dir.path().join("missing")).is_none());
+
+        let mut s = ConnectSettings::from_env("127.0.0.1", 6432, "pem_agent_user1", "pem").unwrap();
+        s.client_cert = Some((file.clone(), dir.path().join("agent.key")));
+        let command = renewal_command(&s);
+        assert!(
+            command.starts_with(
+                "pemworker --register-agent --force-registration --pem-server 127.0.0.1 --pem-port 6432 \
+                 --pem-agent-user pem_agent_user1 --cert-path "
+            ),
+            "{command}"
+        );
+        s.user = "agent12".into();
+        assert!(!renewal_command(&s).contains("--pem-agent-user"));
     }
 }

@@ -311,13 +311,22 @@ impl Context {
     }
 }
 
-/// Runs the handshake on `stream`; the error says why, with the certificate check's verdict
-/// when that is what failed.
-pub(super) async fn handshake<S>(ssl: Ssl, stream: S) -> Result<TlsStream<S>, String>
+/// Why a handshake failed: in words, with the certificate check's verdict when that is what
+/// failed, and what it says about certificates (for the error that names the file to fix).
+pub(super) struct HandshakeError {
+    pub why: String,
+    pub failure: Option<super::guard::TlsFailure>,
+}
+
+/// Runs the handshake on `stream`.
+pub(super) async fn handshake<S>(ssl: Ssl, stream: S) -> Result<TlsStream<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut s = tokio_openssl::SslStream::new(ssl, stream).map_err(|e| one_line_stack(&e))?;
+    let mut s = tokio_openssl::SslStream::new(ssl, stream).map_err(|e| HandshakeError {
+        why: one_line_stack(&e),
+        failure: None,
+    })?;
     match Pin::new(&mut s).connect().await {
         Ok(()) => Ok(TlsStream(s)),
         Err(e) => {
@@ -329,7 +338,8 @@ where
             if verdict != openssl::x509::X509VerifyResult::OK {
                 why.push_str(&format!(": {}", verdict.error_string()));
             }
-            Err(why)
+            let failure = super::guard::tls_failure(&e);
+            Err(HandshakeError { why, failure })
         }
     }
 }

@@ -87,10 +87,26 @@ fn status(c: &AgentConfig) -> Result<(), crate::Error> {
     }
     if let Ok(data) = std::fs::read(dir.join("stats.json")) {
         if let Ok(s) = serde_json::from_slice::<Snapshot>(&data) {
+            let per_probe: Vec<String> = s
+                .dropped
+                .iter()
+                .map(|(p, c)| format!("{p} {}", c.samples))
+                .collect();
             println!(
-                "dropped (spool full) in the worker's last run: {}",
-                s.dropped_samples
+                "dropped (spool full, or not writable) in the worker's last run: {}{}",
+                s.dropped_samples,
+                if per_probe.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", per_probe.join(", "))
+                }
             );
+            if s.held_samples > 0 {
+                println!(
+                    "held in memory (the spool cannot be written): {} samples",
+                    s.held_samples
+                );
+            }
             if let Some(p) = s.delivery_problem {
                 println!("delivery problem: {p}");
             }

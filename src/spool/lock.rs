@@ -22,26 +22,24 @@ use crate::fsutil;
 #[derive(Debug)]
 pub struct StateLock {
     dir: PathBuf,
-    file: Flock<File>,
+    /// Held for the lock it carries.
+    _file: Flock<File>,
 }
 
 impl StateLock {
     /// Creates `dir` (0700) if needed and locks it, or says who holds it.
+    ///
+    /// The lock is held on a descriptor open for reading only, and the pid is written through
+    /// another one closed at once: a worker keeps nothing open for writing in its state
+    /// directory between writes, so the file system can be remounted read-only under it.
     pub fn acquire(dir: &Path) -> Result<StateLock, Error> {
         fsutil::ensure_dir(dir, 0o700, None)?;
         let path = dir.join("lock");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| Error::Lock {
-                path: path.clone(),
-                source,
-            })?;
-        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let file = open_for_lock(&path).map_err(|source| Error::Lock {
+            path: path.clone(),
+            source,
+        })?;
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
                 return Err(Error::Locked {
@@ -56,16 +54,16 @@ impl StateLock {
                 });
             }
         };
-        write_pid(&mut file);
+        write_pid(&path);
         Ok(StateLock {
             dir: dir.to_path_buf(),
-            file,
+            _file: file,
         })
     }
 
     /// Writes this process's pid again (after detaching into the background, which forks).
     pub fn record_pid(&mut self) {
-        write_pid(&mut self.file);
+        write_pid(&self.dir.join("lock"));
     }
 
     pub fn dir(&self) -> &Path {
@@ -73,10 +71,49 @@ impl StateLock {
     }
 }
 
-fn write_pid(f: &mut File) {
-    let _ = f.set_len(0);
-    let _ = f.rewind();
-    let _ = writeln!(f, "{}", std::process::id());
+/// Opens (creating, 0600, never through a link) a lock file for reading; on a read-only file
+/// system an existing one opens all the same.
+pub(crate) fn open_for_lock(path: &Path) -> std::io::Result<File> {
+    let read_only = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+    };
+    match read_only() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(path);
+            match created {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            read_only()
+        }
+        r => r,
+    }
+}
+
+/// Writes the pid in place, then cuts what an earlier, longer pid left: the file is never
+/// emptied first, so a full disk cannot leave it without a pid. Best effort.
+fn write_pid(path: &Path) {
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return;
+    };
+    let line = format!("{}\n", std::process::id());
+    if f.write_all(line.as_bytes()).is_ok() {
+        let _ = f.set_len(line.len() as u64);
+    }
 }
 
 fn read_pid(f: &mut File) -> Option<i32> {

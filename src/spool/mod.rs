@@ -1,6 +1,6 @@
-//! The on-disk spool: every batch of samples is written here first and removed only once the
-//! PEM server has committed it, so samples survive outages of the server, of the pooler and of
-//! the agent itself. Entries are replayed oldest first.
+//! The spool: every round of samples is kept here until the PEM server has committed it, so
+//! samples survive outages of the server, of the pooler and of the agent itself (killed at any
+//! instant, even with SIGKILL). Batches are delivered oldest first.
 //!
 //! Layout of a state directory (one per agent; [`lock`] makes sure only one worker uses it):
 //!
@@ -9,8 +9,28 @@
 //!   SQLSTATE and message, kept until an operator replays or discards it (`pemworker spool`);
 //! - `lock`: the worker's lock, holding its pid; `stats.json`: see `worker::stats`.
 //!
-//! The spool is bounded: past `spool_limit` (pending and refused samples together) the oldest
-//! refused samples go first, then the oldest batches; each drop is counted and logged.
+//! **What survives what.** A batch is written under a temporary name, renamed into place and
+//! synced: one write and one fsync per collection round (on journaling file systems the sync
+//! of the file also makes its rename durable). A worker killed before the rename leaves a
+//! temporary file, removed at the next start; after it, a complete batch. A batch is removed
+//! only after the server committed it; a kill in between has it delivered again at the next
+//! start, and the delivery keys make the server store it once. Samples the server refused are
+//! kept before their batch is removed, and a refused sample kept already is not kept twice.
+//! Removals are not synced: a removal lost in a power cut only means a batch sent again.
+//!
+//! **A state directory that cannot be written** (full, read-only, no permission): batches are
+//! held in memory instead ([`HELD_LIMIT`] at most, the oldest dropped past it) and delivered
+//! from there; [`Health`] logs the episode once, with the cause and the fix, and its end. The
+//! next round that can be written writes the held batches first, in order, and spooling goes on
+//! as before. Held batches are lost if the worker stops before they are delivered or written:
+//! counted and logged.
+//!
+//! **Past `spool_limit`** (pending and refused samples together) the oldest refused samples go
+//! first, then the oldest batches, never the newest one nor the one being delivered (the limit
+//! waits for that delivery). Every dropped sample is counted per
+//! probe (`stats.json`), and each episode is logged twice: when the first sample is dropped
+//! (the cause and the fix), and when delivery works again (what was dropped, per probe).
+//!
 //! All of it is blocking file I/O: the worker reaches it through [`SpoolHandle`], which runs
 //! every operation on a blocking thread.
 
@@ -18,16 +38,27 @@ pub mod command;
 pub mod lock;
 pub mod rejected;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use lock::StateLock;
 pub use rejected::{Rejected, RejectedSample};
 
-use crate::fsutil::{self, Staged};
+use crate::fsutil;
 use crate::probes::Sample;
+use crate::worker::stats::ProbeCount;
+
+/// The most the batches held in memory may take while the spool cannot be written.
+pub const HELD_LIMIT: u64 = 1 << 20;
+
+/// A cause of unwritable-state-directory episodes logged within this long of the last one is
+/// not logged again: a disk that fills and frees by turns gives one line, not one per turn.
+const QUIET: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,6 +95,16 @@ impl Error {
             Error::Encode(_) | Error::Lock { .. } | Error::Interrupted(_) => crate::ExitCode::Local,
         }
     }
+
+    /// The operating system's error underneath, if a file operation failed.
+    fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            Error::Files(fsutil::Error::Io { source, .. }) | Error::Lock { source, .. } => {
+                Some(source)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One spooled batch.
@@ -73,20 +114,61 @@ pub struct Entry {
     pub samples: Vec<Sample>,
 }
 
+/// A batch held in memory because the spool could not be written.
+#[derive(Debug)]
+struct Held {
+    bytes: u64,
+    samples: Vec<Sample>,
+}
+
+/// Why samples were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The spool was over spool_limit.
+    Limit,
+    /// They could not be written, and not held in memory either.
+    Unwritable,
+}
+
+/// A spool_limit episode: from the first sample dropped for the limit to the next delivery.
+#[derive(Debug)]
+struct Overflow {
+    since: Instant,
+    by_probe: BTreeMap<String, u64>,
+}
+
+/// What the refused-sample area holds, as of the last look.
+#[derive(Debug, Default)]
+struct RefusedFigures {
+    count: u64,
+    bytes: u64,
+    /// The area's modification time when it was counted: when it is unchanged, so are they.
+    seen: Option<SystemTime>,
+}
+
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     limit: u64,
     rejected: Rejected,
-    /// seq -> (size in bytes, number of samples)
+    /// Batches on disk: seq -> (size in bytes, number of samples).
     entries: BTreeMap<u64, (u64, usize)>,
+    /// Batches held in memory (the spool could not be written), by seq.
+    held: BTreeMap<u64, Held>,
+    /// Delivered batches whose files could not be removed yet (a read-only file system).
+    stale: BTreeSet<u64>,
     next_seq: u64,
-    /// Samples dropped because the spool was full, since start.
-    pub dropped: u64,
-    /// Refused samples dropped because the spool was full, since start.
-    pub dropped_refused: u64,
-    /// Refused samples kept, as of the last operation that looked.
-    pub refused: u64,
+    refused: RefusedFigures,
+    /// Samples dropped since start, by probe (for the limit, or because they could not be kept).
+    dropped: BTreeMap<String, ProbeCount>,
+    overflow: Option<Overflow>,
+    health: Health,
+    /// The batch being delivered ([`Spool::oldest`] to [`Spool::complete`] or
+    /// [`Spool::release`]): never dropped for the limit, which waits for its delivery instead.
+    delivering: Option<u64>,
+    /// Unit tests: every batch write fails with this errno, as on a full or read-only disk.
+    #[cfg(test)]
+    fail_writes: Option<i32>,
 }
 
 const SUFFIX: &str = ".json";
@@ -97,15 +179,34 @@ pub(crate) fn entry_seq(name: &str) -> Option<u64> {
         .and_then(|s| s.parse::<u64>().ok())
 }
 
+/// Removes the temporary files of writes a killed worker left half-done in `dir` (hidden names
+/// ending in `.tmp`; nothing else writes them there).
+pub(crate) fn remove_temporary_files(dir: &Path) {
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in list.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::debug!("removed {}, left by an interrupted write", name),
+                Err(err) => tracing::debug!("cannot remove {name}: {err}"),
+            }
+        }
+    }
+}
+
 impl Spool {
-    /// Opens (creating) the spool in `dir`, picking up entries left by an earlier run. Batches an
-    /// earlier version set aside whole (`<seq>.rejected`) are queued again: delivery now refuses
-    /// single samples, never batches.
+    /// Opens (creating) the spool in `dir`, picking up entries left by an earlier run and removing
+    /// the temporary files of an interrupted write. Batches an earlier version set aside whole
+    /// (`<seq>.rejected`) are queued again: delivery now refuses single samples, never batches.
     pub fn open(dir: &Path, limit: u64) -> Result<Spool, Error> {
         fsutil::ensure_dir(dir, 0o700, None)?;
         let rejected = Rejected::open(&dir.join("rejected"))?;
+        remove_temporary_files(dir);
         let mut entries = BTreeMap::new();
         let mut set_aside = Vec::new();
+        let mut highest = 0;
         for e in std::fs::read_dir(dir).map_err(fsutil::Error::io("read directory", dir))? {
             let e = e.map_err(fsutil::Error::io("read directory", dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
@@ -116,20 +217,34 @@ impl Spool {
                 set_aside.push((seq, e.path()));
                 continue;
             }
+            if let Some(seq) = name
+                .strip_suffix(".corrupt")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                // Never reused, so a later corrupt entry does not replace this one.
+                highest = highest.max(seq);
+                continue;
+            }
             let Some(seq) = entry_seq(&name) else {
                 continue;
             };
             let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-            let count = read_entry(&e.path()).map_or(0, |s| s.len());
-            entries.insert(seq, (size, count));
+            let samples = read_entry(&e.path());
+            if let Some(s) = &samples {
+                // What an earlier run kept, for the tests' accounting.
+                crate::testhooks::kept(seq, s);
+            }
+            entries.insert(seq, (size, samples.map_or(0, |s| s.len())));
         }
-        let mut next_seq = entries.keys().next_back().map_or(1, |s| s + 1);
+        highest = highest.max(entries.keys().next_back().copied().unwrap_or(0));
+        let mut next_seq = highest + 1;
         set_aside.sort();
         for (_, path) in &set_aside {
             if let Some(samples) = read_entry(path) {
                 let target = dir.join(format!("{next_seq:020}{SUFFIX}"));
                 std::fs::rename(path, &target).map_err(fsutil::Error::io("queue again", path))?;
                 let size = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+                crate::testhooks::kept(next_seq, &samples);
                 entries.insert(next_seq, (size, samples.len()));
                 next_seq += 1;
             }
@@ -148,79 +263,301 @@ impl Spool {
                 entries.len()
             );
         }
-        let refused = rejected.lock()?.list()?.len() as u64;
-        Ok(Spool {
+        let mut spool = Spool {
             dir: dir.to_path_buf(),
             limit,
             rejected,
             entries,
+            held: BTreeMap::new(),
+            stale: BTreeSet::new(),
             next_seq,
-            dropped: 0,
-            dropped_refused: 0,
-            refused,
-        })
+            refused: RefusedFigures::default(),
+            dropped: BTreeMap::new(),
+            overflow: None,
+            health: Health::default(),
+            delivering: None,
+            #[cfg(test)]
+            fail_writes: None,
+        };
+        spool.refresh_refused();
+        Ok(spool)
     }
 
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:020}{SUFFIX}"))
     }
 
-    /// Appends a batch durably (written, synced, renamed into place), then keeps the spool within
-    /// its limit.
-    pub fn push(&mut self, samples: &[Sample]) -> Result<u64, Error> {
-        let data = serde_json::to_vec(samples)?;
+    /// Writes one batch: under a temporary name, renamed into place, then synced (one fsync,
+    /// which on journaling file systems also makes the rename durable). A failure leaves nothing
+    /// behind.
+    fn write_entry(&self, seq: u64, data: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(errno) = self.fail_writes {
+            return Err(std::io::Error::from_raw_os_error(errno));
+        }
+        let target = self.path(seq);
+        let tmp = self.dir.join(format!(".{seq:020}{SUFFIX}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            crate::testhooks::pause("spool-written");
+            std::fs::rename(&tmp, &target)?;
+            f.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&target);
+        }
+        written
+    }
+
+    /// Keeps a batch: written to disk, or held in memory when the spool cannot be written (then
+    /// the health says so, once per episode). Batches held earlier are written first, in order.
+    /// Then keeps the spool within its limits.
+    pub fn push(&mut self, samples: Vec<Sample>) -> Result<u64, Error> {
+        let data = serde_json::to_vec(&samples)?;
         let seq = self.next_seq;
-        Staged::write(&self.path(seq), &data, 0o600, None)?.commit()?;
         self.next_seq += 1;
-        self.entries.insert(seq, (data.len() as u64, samples.len()));
-        self.enforce_limit()?;
+        self.held.insert(
+            seq,
+            Held {
+                bytes: data.len() as u64,
+                samples,
+            },
+        );
+        self.flush(Some((seq, data)));
+        self.enforce_limit();
         Ok(seq)
     }
 
-    /// Drops the oldest refused samples, then the oldest batches (never the newest one), until
-    /// the spool fits its limit.
-    fn enforce_limit(&mut self) -> Result<(), Error> {
-        let pending: u64 = self.bytes();
-        let rejected = self.rejected.clone();
-        let mut area = rejected.lock()?;
-        let mut refused = area.list()?;
-        self.refused = refused.len() as u64;
-        let mut refused_bytes: u64 = refused.iter().map(|(_, b)| b).sum();
-        let mut pending = pending;
-        while pending + refused_bytes > self.limit {
-            if let Some((seq, bytes)) = refused.first().copied() {
-                area.remove(seq);
-                refused.remove(0);
-                refused_bytes -= bytes;
-                self.dropped_refused += 1;
-                self.refused = refused.len() as u64;
-                tracing::error!(
-                    "spool {} is over its limit of {} bytes: dropped the oldest refused sample ({} dropped since start)",
-                    self.dir.display(),
-                    self.limit,
-                    self.dropped_refused
-                );
-            } else if self.entries.len() > 1 {
-                let (&oldest, &(bytes, count)) = self.entries.iter().next().expect("non-empty");
-                self.remove(oldest);
-                pending -= bytes;
-                self.dropped += count as u64;
-                tracing::error!(
-                    "spool {} is over its limit of {} bytes: dropped the oldest batch ({count} samples; {} dropped since start)",
-                    self.dir.display(),
-                    self.limit,
-                    self.dropped
-                );
+    /// Writes the held batches to disk, oldest first, until one cannot be written. `fresh` is
+    /// the encoding of one of them, when it is at hand.
+    fn flush(&mut self, mut fresh: Option<(u64, Vec<u8>)>) {
+        let mut wrote = false;
+        while let Some((&seq, held)) = self.held.iter().next() {
+            let data = match fresh.take_if(|(s, _)| *s == seq) {
+                Some((_, d)) => d,
+                None => match serde_json::to_vec(&held.samples) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!("cannot encode a held batch: {e}");
+                        break;
+                    }
+                },
+            };
+            match self.write_entry(seq, &data) {
+                Ok(()) => {
+                    let held = self.held.remove(&seq).expect("just seen");
+                    crate::testhooks::pause("spool-kept");
+                    crate::testhooks::kept(seq, &held.samples);
+                    self.entries
+                        .insert(seq, (data.len() as u64, held.samples.len()));
+                    wrote = true;
+                }
+                Err(e) => {
+                    self.health.failed(&self.dir, "a spool batch", &e);
+                    break;
+                }
+            }
+        }
+        if wrote {
+            self.health.succeeded(&self.dir);
+            self.remove_stale();
+        }
+    }
+
+    /// Removes the files of delivered batches that could not be removed before.
+    fn remove_stale(&mut self) {
+        let stale = std::mem::take(&mut self.stale);
+        for seq in stale {
+            self.remove_file(seq);
+        }
+    }
+
+    /// Removes a batch's file; one that cannot be removed now is removed later.
+    fn remove_file(&mut self, seq: u64) {
+        match std::fs::remove_file(self.path(seq)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::debug!("cannot remove {}: {e}", self.path(seq).display());
+                self.stale.insert(seq);
+            }
+        }
+    }
+
+    fn held_bytes(&self) -> u64 {
+        self.held.values().map(|h| h.bytes).sum()
+    }
+
+    /// Counts the refused samples again if the area changed since it was last counted (an
+    /// operator's replay or discard, or our own add).
+    fn refresh_refused(&mut self) {
+        let seen = std::fs::metadata(self.rejected.dir())
+            .and_then(|m| m.modified())
+            .ok();
+        if seen.is_some() && seen == self.refused.seen {
+            return;
+        }
+        let list = self.rejected.list().unwrap_or_default();
+        self.refused = RefusedFigures {
+            count: list.len() as u64,
+            bytes: list.iter().map(|(_, b)| b).sum(),
+            seen,
+        };
+    }
+
+    /// Keeps the held batches within [`HELD_LIMIT`], then everything within spool_limit: the
+    /// oldest refused samples go first, then the oldest batches (never the newest one).
+    fn enforce_limit(&mut self) {
+        while self.held_bytes() > HELD_LIMIT && self.held.len() > 1 {
+            let (_, held) = self.held.pop_first().expect("more than one");
+            self.count_dropped(&held.samples, Cause::Unwritable);
+        }
+        self.refresh_refused();
+        while self.bytes() + self.held_bytes() + self.refused.bytes > self.limit {
+            if self.refused.count > 0 {
+                if !self.drop_oldest_refused() {
+                    break;
+                }
+            } else if self.entries.len() + self.held.len() > 1 && !self.oldest_is_delivering() {
+                self.drop_oldest_batch();
             } else {
                 break;
             }
         }
-        Ok(())
     }
 
-    /// The oldest batch. An unreadable entry is moved aside (`.corrupt`) and skipped.
+    /// Drops the oldest refused sample; false if the area cannot be changed now.
+    fn drop_oldest_refused(&mut self) -> bool {
+        let rejected = self.rejected.clone();
+        let Ok(area) = rejected.lock() else {
+            return false;
+        };
+        let Some((seq, _)) = area.list().ok().and_then(|l| l.first().copied()) else {
+            drop(area);
+            self.refused.seen = None;
+            self.refresh_refused();
+            return self.refused.count > 0;
+        };
+        let sample = area.read(seq).ok().map(|r| r.sample);
+        if std::fs::remove_file(rejected.dir().join(format!("{seq:020}{SUFFIX}"))).is_err() {
+            return false;
+        }
+        drop(area);
+        self.refused.seen = None;
+        self.refresh_refused();
+        match sample {
+            Some(s) => self.count_dropped(std::slice::from_ref(&s), Cause::Limit),
+            None => self.count_unreadable(1),
+        }
+        true
+    }
+
+    fn oldest_seq(&self) -> Option<u64> {
+        match (self.entries.keys().next(), self.held.keys().next()) {
+            (None, None) => None,
+            (Some(&d), Some(&h)) if h < d => Some(h),
+            (Some(&d), _) => Some(d),
+            (None, Some(&h)) => Some(h),
+        }
+    }
+
+    /// The oldest batch is being delivered: it is not dropped (a delivery in flight would store
+    /// a batch counted as dropped), and nothing newer is dropped before it.
+    fn oldest_is_delivering(&self) -> bool {
+        self.delivering.is_some() && self.delivering == self.oldest_seq()
+    }
+
+    /// Drops the oldest batch, on disk or held.
+    fn drop_oldest_batch(&mut self) {
+        let Some(seq) = self.oldest_seq() else {
+            return;
+        };
+        if let Some(held) = self.held.remove(&seq) {
+            self.count_dropped(&held.samples, Cause::Limit);
+        } else if let Some((_, count)) = self.entries.remove(&seq) {
+            let samples = read_entry(&self.path(seq));
+            self.remove_file(seq);
+            match samples {
+                Some(s) => self.count_dropped(&s, Cause::Limit),
+                None => self.count_unreadable(count as u64),
+            }
+        }
+    }
+
+    fn count_unreadable(&mut self, samples: u64) {
+        let c = self.dropped.entry("(unreadable)".into()).or_default();
+        c.samples += samples;
+    }
+
+    /// Counts dropped samples per probe, and logs the start of their episode.
+    fn count_dropped(&mut self, samples: &[Sample], cause: Cause) {
+        for s in samples {
+            let c = self.dropped.entry(s.probe.clone()).or_default();
+            c.samples += 1;
+            c.rows += s.rows.len() as u64;
+        }
+        match cause {
+            Cause::Unwritable => self.health.dropped(samples.len() as u64),
+            Cause::Limit => {
+                let overflow = self.overflow.get_or_insert_with(|| {
+                    tracing::error!(
+                        "spool {} is full: spool_limit ({} bytes) is taken by samples the PEM server has not \
+                         received yet, so the oldest are dropped to make room (counted per probe in stats.json, \
+                         and logged once more when delivery works again); raise spool_limit in agent.cfg to keep \
+                         a longer outage",
+                        self.dir.display(),
+                        self.limit
+                    );
+                    Overflow {
+                        since: Instant::now(),
+                        by_probe: BTreeMap::new(),
+                    }
+                });
+                for s in samples {
+                    *overflow.by_probe.entry(s.probe.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Ends a spool_limit episode (delivery works again, or the worker stops), logging what it
+    /// dropped.
+    fn end_overflow(&mut self) {
+        if let Some(o) = self.overflow.take() {
+            let total: u64 = o.by_probe.values().sum();
+            let per_probe: Vec<String> =
+                o.by_probe.iter().map(|(p, n)| format!("{p} {n}")).collect();
+            tracing::warn!(
+                "spool {}: {total} samples were dropped for spool_limit over {} s, the oldest first ({}); the \
+                 rest are delivered",
+                self.dir.display(),
+                o.since.elapsed().as_secs(),
+                per_probe.join(", ")
+            );
+        }
+    }
+
+    /// The oldest batch, on disk or held. An unreadable entry is moved aside (`.corrupt`) and
+    /// skipped.
     pub fn oldest(&mut self) -> Option<Entry> {
-        while let Some((&seq, _)) = self.entries.iter().next() {
+        self.delivering = None;
+        loop {
+            let seq = self.oldest_seq()?;
+            self.delivering = Some(seq);
+            if let Some(h) = self.held.get(&seq) {
+                return Some(Entry {
+                    seq,
+                    samples: h.samples.clone(),
+                });
+            }
             let p = self.path(seq);
             match read_entry(&p) {
                 Some(samples) => return Some(Entry { seq, samples }),
@@ -228,55 +565,122 @@ impl Spool {
                     tracing::error!("spool entry {} is unreadable; moved aside", p.display());
                     let _ = std::fs::rename(&p, p.with_extension("corrupt"));
                     self.entries.remove(&seq);
+                    self.delivering = None;
                 }
             }
         }
-        None
     }
 
     /// Removes a delivered batch.
     pub fn remove(&mut self, seq: u64) {
-        if self.entries.remove(&seq).is_some() {
-            let _ = std::fs::remove_file(self.path(seq));
+        if let Some(h) = self.held.remove(&seq) {
+            self.health.delivered_from_memory(h.samples.len() as u64);
+        } else if self.entries.remove(&seq).is_some() {
+            self.remove_file(seq);
         }
     }
 
-    /// Ends a delivered batch: the samples the server refused are kept (durably, first), then
-    /// the batch goes.
-    pub fn complete(&mut self, seq: u64, refused: Vec<RejectedSample>) -> Result<(), Error> {
+    /// The batch [`Spool::oldest`] returned was not delivered; it may be dropped again.
+    pub fn release(&mut self) {
+        self.delivering = None;
+        self.enforce_limit();
+    }
+
+    /// Ends a delivered batch: the samples the server refused are kept first (unless kept
+    /// already), then the batch goes. Refused samples that cannot be written are counted as
+    /// dropped. A delivery ends a spool_limit episode.
+    pub fn complete(&mut self, seq: u64, refused: Vec<RejectedSample>) {
         if !refused.is_empty() {
-            let rejected = self.rejected.clone();
-            let mut area = rejected.lock()?;
-            area.add(&refused)?;
-            self.refused = area.list()?.len() as u64;
+            let kept = self.rejected.lock().and_then(|mut a| a.add(&refused));
+            match kept {
+                Ok(_) => {
+                    self.refused.seen = None;
+                    self.refresh_refused();
+                }
+                Err(e) => {
+                    match e.io() {
+                        Some(io) => self.health.failed(&self.dir, "refused samples", io),
+                        None => tracing::error!("cannot keep refused samples: {e}"),
+                    }
+                    let samples: Vec<Sample> = refused.into_iter().map(|r| r.sample).collect();
+                    self.count_dropped(&samples, Cause::Unwritable);
+                }
+            }
         }
         self.remove(seq);
-        if !refused.is_empty() {
-            self.enforce_limit()?;
-        }
-        Ok(())
+        self.delivering = None;
+        self.end_overflow();
+        self.enforce_limit();
     }
 
+    /// At exit: held batches are written if the spool can be written now; the rest are lost with
+    /// the process, counted and logged. A spool_limit episode still going on is logged.
+    pub fn finish(&mut self) {
+        if !self.held.is_empty() {
+            self.flush(None);
+        }
+        if !self.held.is_empty() {
+            let lost: Vec<Sample> = std::mem::take(&mut self.held)
+                .into_values()
+                .flat_map(|h| h.samples)
+                .collect();
+            tracing::error!(
+                "{} samples held in memory could not be written to {} and are lost with this process (counted in stats.json)",
+                lost.len(),
+                self.dir.display()
+            );
+            self.count_dropped(&lost, Cause::Unwritable);
+        }
+        self.end_overflow();
+    }
+
+    /// Batches waiting, on disk and held.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.held.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
+    /// Bytes of the batches on disk.
     pub fn bytes(&self) -> u64 {
         self.entries.values().map(|(b, _)| b).sum()
     }
 
-    /// Samples waiting in the spool.
+    /// Samples waiting for delivery, on disk and held.
     pub fn samples(&self) -> usize {
-        self.entries.values().map(|(_, n)| n).sum()
+        self.entries.values().map(|(_, n)| n).sum::<usize>() + self.held_samples()
+    }
+
+    /// Samples held in memory.
+    pub fn held_samples(&self) -> usize {
+        self.held.values().map(|h| h.samples.len()).sum()
+    }
+
+    /// Refused samples kept, as of the last look.
+    pub fn refused(&self) -> u64 {
+        self.refused.count
+    }
+
+    /// Samples dropped since start, by probe.
+    pub fn dropped(&self) -> &BTreeMap<String, ProbeCount> {
+        &self.dropped
+    }
+
+    /// Samples dropped since start.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().map(|c| c.samples).sum()
     }
 
     /// The refused-sample area.
     pub fn rejected(&self) -> &Rejected {
         &self.rejected
+    }
+
+    /// Whether the state directory can be written, shared with whoever else writes there.
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 }
 
@@ -284,39 +688,175 @@ pub(crate) fn read_entry(p: &Path) -> Option<Vec<Sample>> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
+/// Whether the state directory can be written. The spool and the stats file report their
+/// writes here, so a full or read-only disk is logged once per episode, whichever noticed it
+/// first: the cause and the fix when it starts, and when it ends what was delivered straight
+/// from memory meanwhile and what could not be kept.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<Mutex<HealthState>>);
+
+#[derive(Debug, Default)]
+struct HealthState {
+    episode: Option<Unwritable>,
+    /// When an episode was last logged, by cause (errno).
+    logged: HashMap<i32, Instant>,
+}
+
+#[derive(Debug)]
+struct Unwritable {
+    since: Instant,
+    errno: i32,
+    logged: bool,
+    from_memory: u64,
+    dropped: u64,
+}
+
+/// What to do about a write that failed with `e` in `dir`.
+fn fix(e: &std::io::Error, dir: &Path) -> String {
+    use nix::errno::Errno;
+    let dir = dir.display();
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOSPC) => format!("free space on the file system that holds {dir}"),
+        Some(Errno::EDQUOT) => format!(
+            "raise the disk quota of the agent's user on the file system that holds {dir}, or free space there"
+        ),
+        Some(Errno::EROFS) => {
+            format!("the file system that holds {dir} is read-only: remount it read-write")
+        }
+        Some(Errno::EACCES | Errno::EPERM) => {
+            format!("give the agent's user write access to {dir}")
+        }
+        Some(Errno::EIO) => format!("the disk that holds {dir} reports I/O errors: check it"),
+        _ => format!("make sure the agent's user can write to {dir}"),
+    }
+}
+
+impl Health {
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write of `what` in `dir` failed with `e`.
+    pub fn failed(&self, dir: &Path, what: &str, e: &std::io::Error) {
+        let errno = e.raw_os_error().unwrap_or(-1);
+        let mut st = self.state();
+        if st.episode.as_ref().is_some_and(|ep| ep.errno == errno) {
+            tracing::debug!("cannot write {what} in {}: {e}", dir.display());
+            return;
+        }
+        let quiet = st.logged.get(&errno).is_some_and(|t| t.elapsed() < QUIET);
+        if quiet {
+            tracing::debug!("cannot write {what} in {}: {e}", dir.display());
+        } else {
+            tracing::error!(
+                "cannot write {what} in {}: {e}; {}. Until it can be written, samples go to the PEM server \
+                 straight from memory (at most {} KiB are held; past that the oldest are dropped and \
+                 counted in stats.json); heartbeats go on",
+                dir.display(),
+                fix(e, dir),
+                HELD_LIMIT >> 10
+            );
+            st.logged.insert(errno, Instant::now());
+        }
+        let (from_memory, dropped) = st
+            .episode
+            .take()
+            .map_or((0, 0), |ep| (ep.from_memory, ep.dropped));
+        st.episode = Some(Unwritable {
+            since: Instant::now(),
+            errno,
+            logged: !quiet,
+            from_memory,
+            dropped,
+        });
+    }
+
+    /// A write in `dir` succeeded: an episode ends.
+    pub fn succeeded(&self, dir: &Path) {
+        let Some(ep) = self.state().episode.take() else {
+            return;
+        };
+        let dropped = if ep.dropped > 0 {
+            format!(
+                ", and {} could not be kept and were dropped (counted in stats.json)",
+                ep.dropped
+            )
+        } else {
+            String::new()
+        };
+        let line = format!(
+            "{} can be written again after {} s; spooling as before: {} samples went to the PEM server \
+             straight from memory meanwhile{dropped}",
+            dir.display(),
+            ep.since.elapsed().as_secs(),
+            ep.from_memory
+        );
+        if ep.logged {
+            tracing::warn!("{line}");
+        } else {
+            tracing::debug!("{line}");
+        }
+    }
+
+    /// True while the state directory cannot be written.
+    pub fn failing(&self) -> bool {
+        self.state().episode.is_some()
+    }
+
+    fn delivered_from_memory(&self, samples: u64) {
+        if let Some(ep) = self.state().episode.as_mut() {
+            ep.from_memory += samples;
+        }
+    }
+
+    fn dropped(&self, samples: u64) {
+        if let Some(ep) = self.state().episode.as_mut() {
+            ep.dropped += samples;
+        }
+    }
+}
+
 /// The spool's figures as of its last operation, readable without waiting for it.
 #[derive(Debug, Default)]
 struct Figures {
     samples: AtomicU64,
     batches: AtomicU64,
+    held: AtomicU64,
     dropped: AtomicU64,
     refused: AtomicU64,
+    dropped_by_probe: Mutex<BTreeMap<String, ProbeCount>>,
 }
 
 /// What [`SpoolHandle::figures`] reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SpoolFigures {
     pub samples: u64,
     pub batches: u64,
-    /// Pending and refused samples dropped for the limit since start.
+    /// Samples held in memory (the spool cannot be written).
+    pub held: u64,
+    /// Samples dropped since start (for the limit, or because they could not be kept).
     pub dropped: u64,
     pub refused: u64,
+    pub dropped_by_probe: BTreeMap<String, ProbeCount>,
 }
 
 /// The worker's access to its spool: every operation runs on a blocking thread (the files are
 /// written with fsync), so the runtime's thread never waits for the disk; the figures are kept
-/// in atomics, so reading them never waits for an operation.
+/// aside, so reading them never waits for an operation.
 #[derive(Debug, Clone)]
 pub struct SpoolHandle {
     spool: Arc<Mutex<Spool>>,
     figures: Arc<Figures>,
+    health: Health,
 }
 
 impl SpoolHandle {
     pub fn new(spool: Spool) -> SpoolHandle {
+        let health = spool.health.clone();
         let h = SpoolHandle {
             spool: Arc::new(Mutex::new(spool)),
             figures: Arc::default(),
+            health,
         };
         let s = h.spool.lock().unwrap_or_else(|p| p.into_inner());
         publish(&h.figures, &s);
@@ -340,7 +880,7 @@ impl SpoolHandle {
     }
 
     pub async fn push(&self, samples: Vec<Sample>) -> Result<u64, Error> {
-        self.run(move |s| s.push(&samples)).await?
+        self.run(move |s| s.push(samples)).await?
     }
 
     pub async fn oldest(&self) -> Result<Option<Entry>, Error> {
@@ -348,7 +888,15 @@ impl SpoolHandle {
     }
 
     pub async fn complete(&self, seq: u64, refused: Vec<RejectedSample>) -> Result<(), Error> {
-        self.run(move |s| s.complete(seq, refused)).await?
+        self.run(move |s| s.complete(seq, refused)).await
+    }
+
+    pub async fn release(&self) -> Result<(), Error> {
+        self.run(|s| s.release()).await
+    }
+
+    pub async fn finish(&self) -> Result<(), Error> {
+        self.run(|s| s.finish()).await
     }
 
     pub fn figures(&self) -> SpoolFigures {
@@ -356,18 +904,31 @@ impl SpoolHandle {
         SpoolFigures {
             samples: f.samples.load(Ordering::Relaxed),
             batches: f.batches.load(Ordering::Relaxed),
+            held: f.held.load(Ordering::Relaxed),
             dropped: f.dropped.load(Ordering::Relaxed),
             refused: f.refused.load(Ordering::Relaxed),
+            dropped_by_probe: f
+                .dropped_by_probe
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 }
 
 fn publish(f: &Figures, s: &Spool) {
     f.samples.store(s.samples() as u64, Ordering::Relaxed);
     f.batches.store(s.len() as u64, Ordering::Relaxed);
-    f.dropped
-        .store(s.dropped + s.dropped_refused, Ordering::Relaxed);
-    f.refused.store(s.refused, Ordering::Relaxed);
+    f.held.store(s.held_samples() as u64, Ordering::Relaxed);
+    f.refused.store(s.refused(), Ordering::Relaxed);
+    let dropped = s.dropped_total();
+    if f.dropped.swap(dropped, Ordering::Relaxed) != dropped {
+        *f.dropped_by_probe.lock().unwrap_or_else(|p| p.into_inner()) = s.dropped().clone();
+    }
 }
 
 #[cfg(test)]
@@ -384,12 +945,22 @@ mod tests {
         )
     }
 
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "rejected")
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn entries_survive_a_restart_in_order() {
         let d = tempfile::tempdir().unwrap();
         let mut s = Spool::open(d.path(), 1 << 20).unwrap();
-        let a = s.push(&[sample(1)]).unwrap();
-        let b = s.push(&[sample(2), sample(3)]).unwrap();
+        let a = s.push(vec![sample(1)]).unwrap();
+        let b = s.push(vec![sample(2), sample(3)]).unwrap();
         assert!(a < b);
         drop(s);
         let mut s = Spool::open(d.path(), 1 << 20).unwrap();
@@ -399,31 +970,84 @@ mod tests {
         assert_eq!(first.samples[0].rows[0].1[0], Value::Int(1));
         s.remove(a);
         assert_eq!(s.oldest().unwrap().samples.len(), 2);
-        let c = s.push(&[sample(4)]).unwrap();
+        let c = s.push(vec![sample(4)]).unwrap();
         assert!(c > b, "sequence continues after a restart");
     }
 
     #[test]
-    fn over_the_limit_the_oldest_go_and_are_counted() {
+    fn an_interrupted_write_leaves_only_a_temporary_file_removed_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), 1 << 20).unwrap();
+        s.push(vec![sample(1)]).unwrap();
+        drop(s);
+        // What a worker killed between writing and renaming leaves.
+        std::fs::write(d.path().join(".00000000000000000002.json.tmp"), b"[{\"pro").unwrap();
+        let s = Spool::open(d.path(), 1 << 20).unwrap();
+        assert_eq!(files(d.path()), vec!["00000000000000000001.json"]);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn over_the_limit_the_oldest_go_and_are_counted_per_probe() {
         let d = tempfile::tempdir().unwrap();
         let one = serde_json::to_vec(&[sample(1)]).unwrap().len() as u64;
         let mut s = Spool::open(d.path(), one * 3).unwrap();
         for i in 0..5 {
-            s.push(&[sample(i)]).unwrap();
+            s.push(vec![sample(i)]).unwrap();
         }
         assert!(s.bytes() <= one * 3);
-        assert_eq!(s.dropped, 2);
+        assert_eq!(s.dropped_total(), 2);
+        assert_eq!(
+            s.dropped()["load_average"],
+            ProbeCount {
+                samples: 2,
+                rows: 2
+            }
+        );
         assert_eq!(s.len(), 3);
-        let left = std::fs::read_dir(d.path())
-            .unwrap()
-            .filter(|e| entry_seq(&e.as_ref().unwrap().file_name().to_string_lossy()).is_some())
-            .count();
-        assert_eq!(left, 3);
+        assert_eq!(files(d.path()).len(), 3);
+        let oldest = s.oldest().unwrap();
+        assert_eq!(
+            oldest.samples[0].rows[0].1[0],
+            Value::Int(2),
+            "the oldest went"
+        );
+        // A delivery ends the episode; the counts stay.
+        s.complete(oldest.seq, Vec::new());
+        assert!(s.overflow.is_none());
+        assert_eq!(s.dropped_total(), 2);
+    }
+
+    #[test]
+    fn the_batch_being_delivered_is_not_dropped_and_nothing_newer_goes_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let one = serde_json::to_vec(&[sample(1)]).unwrap().len() as u64;
+        let mut s = Spool::open(d.path(), one * 3).unwrap();
+        for i in 0..3 {
+            s.push(vec![sample(i)]).unwrap();
+        }
+        let delivering = s.oldest().unwrap();
+        s.push(vec![sample(3)]).unwrap();
+        s.push(vec![sample(4)]).unwrap();
+        assert_eq!((s.len(), s.dropped_total()), (5, 0), "the limit waits");
+        // Stored: it goes, and the limit drops the oldest of the rest.
+        s.complete(delivering.seq, Vec::new());
+        assert_eq!((s.len(), s.dropped_total()), (3, 1));
+        assert_eq!(s.oldest().unwrap().samples[0].rows[0].1[0], Value::Int(2));
+        // Not delivered after all: it may go.
+        s.release();
+        s.push(vec![sample(5)]).unwrap();
+        assert_eq!((s.len(), s.dropped_total()), (3, 2));
+        assert_eq!(s.oldest().unwrap().samples[0].rows[0].1[0], Value::Int(3));
     }
 
     fn refused(n: i64) -> RejectedSample {
+        refused_sample(sample(n))
+    }
+
+    fn refused_sample(sample: Sample) -> RejectedSample {
         RejectedSample {
-            sample: sample(n),
+            sample,
             sqlstate: Some("22003".into()),
             message: "integer out of range".into(),
             rejected_at: chrono::Utc::now(),
@@ -435,13 +1059,13 @@ mod tests {
     fn refused_samples_are_kept_counted_and_survive_a_restart() {
         let d = tempfile::tempdir().unwrap();
         let mut s = Spool::open(d.path(), 1 << 20).unwrap();
-        let a = s.push(&[sample(1), sample(2)]).unwrap();
-        s.complete(a, vec![refused(2)]).unwrap();
+        let a = s.push(vec![sample(1), sample(2)]).unwrap();
+        s.complete(a, vec![refused(2)]);
         assert!(s.is_empty());
-        assert_eq!(s.refused, 1);
+        assert_eq!(s.refused(), 1);
         drop(s);
         let s = Spool::open(d.path(), 1 << 20).unwrap();
-        assert_eq!(s.refused, 1);
+        assert_eq!(s.refused(), 1);
         let all = s.rejected().read_all();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].1.sample.rows[0].1[0], Value::Int(2));
@@ -449,19 +1073,40 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_delivered_again_after_a_crash_does_not_keep_its_refused_sample_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), 1 << 20).unwrap();
+        s.push(vec![sample(1), sample(2)]).unwrap();
+        let e = s.oldest().unwrap();
+        let bad = refused_sample(e.samples[1].clone());
+        // Killed after keeping the refused sample, before removing its batch.
+        s.rejected()
+            .lock()
+            .unwrap()
+            .add(std::slice::from_ref(&bad))
+            .unwrap();
+        drop(s);
+        let mut s = Spool::open(d.path(), 1 << 20).unwrap();
+        let again = s.oldest().unwrap();
+        assert_eq!(again.seq, e.seq, "the batch is delivered again");
+        s.complete(again.seq, vec![refused_sample(again.samples[1].clone())]);
+        assert_eq!(s.rejected().read_all().len(), 1);
+        assert_eq!(s.refused(), 1);
+    }
+
+    #[test]
     fn past_the_limit_refused_samples_go_before_pending_batches() {
         let d = tempfile::tempdir().unwrap();
         let one = serde_json::to_vec(&[sample(1)]).unwrap().len() as u64;
         let mut s = Spool::open(d.path(), one * 4).unwrap();
-        let a = s.push(&[sample(1)]).unwrap();
-        s.complete(a, vec![refused(1)]).unwrap();
-        assert_eq!(s.refused, 1);
+        let a = s.push(vec![sample(1)]).unwrap();
+        s.complete(a, vec![refused(1)]);
+        assert_eq!(s.refused(), 1);
         for i in 0..4 {
-            s.push(&[sample(i)]).unwrap();
+            s.push(vec![sample(i)]).unwrap();
         }
-        assert_eq!(s.refused, 0, "the refused sample went first");
-        assert_eq!(s.dropped_refused, 1);
-        assert_eq!(s.dropped, 0);
+        assert_eq!(s.refused(), 0, "the refused sample went first");
+        assert_eq!(s.dropped_total(), 1);
         assert_eq!(s.len(), 4);
     }
 
@@ -476,14 +1121,81 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_entry_is_set_aside() {
+    fn a_corrupt_entry_is_set_aside_and_its_number_never_reused() {
         let d = tempfile::tempdir().unwrap();
         let mut s = Spool::open(d.path(), 1 << 20).unwrap();
-        let a = s.push(&[sample(1)]).unwrap();
-        s.push(&[sample(2)]).unwrap();
+        let a = s.push(vec![sample(1)]).unwrap();
         std::fs::write(s.path(a), b"not json").unwrap();
-        assert_ne!(s.oldest().unwrap().seq, a);
+        assert!(s.oldest().is_none());
         assert!(s.path(a).with_extension("corrupt").exists());
+        drop(s);
+        let mut s = Spool::open(d.path(), 1 << 20).unwrap();
+        assert!(s.push(vec![sample(2)]).unwrap() > a);
+    }
+
+    #[test]
+    fn an_unwritable_spool_holds_batches_in_memory_and_writes_them_first_when_it_can() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), 1 << 20).unwrap();
+        s.push(vec![sample(1)]).unwrap();
+        s.fail_writes = Some(nix::libc::ENOSPC);
+        s.push(vec![sample(2)]).unwrap();
+        let held = s.push(vec![sample(3)]).unwrap();
+        assert!(s.health().failing());
+        assert_eq!((s.len(), s.held_samples()), (3, 2));
+        assert_eq!(files(d.path()).len(), 1, "nothing half-written left");
+        // Delivered from memory, in order.
+        let first = s.oldest().unwrap();
+        assert_eq!(first.samples[0].rows[0].1[0], Value::Int(1));
+        s.complete(first.seq, Vec::new());
+        let second = s.oldest().unwrap();
+        assert_eq!(second.samples[0].rows[0].1[0], Value::Int(2));
+        s.complete(second.seq, Vec::new());
+        // Space again: the held batch is written before the new one.
+        s.fail_writes = None;
+        let new = s.push(vec![sample(4)]).unwrap();
+        assert!(!s.health().failing());
+        assert_eq!(s.held_samples(), 0);
+        assert_eq!(
+            files(d.path()),
+            vec![format!("{held:020}.json"), format!("{new:020}.json")]
+        );
+        assert_eq!(s.dropped_total(), 0);
+    }
+
+    #[test]
+    fn held_batches_past_their_limit_or_at_exit_are_counted_as_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), 1 << 30).unwrap();
+        s.fail_writes = Some(nix::libc::EROFS);
+        let big: Vec<Sample> = (0..2000).map(sample).collect();
+        let per_batch = big.len() as u64;
+        let mut pushed = 0;
+        while s.held_bytes() + 100_000 < HELD_LIMIT * 2 && pushed < 40 {
+            s.push(big.clone()).unwrap();
+            pushed += 1;
+        }
+        assert!(s.held_bytes() <= HELD_LIMIT);
+        let dropped = s.dropped_total();
+        assert!(dropped > 0);
+        assert_eq!(dropped + s.held_samples() as u64, pushed * per_batch);
+        s.finish();
+        assert_eq!(s.dropped_total(), pushed * per_batch);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_delivered_batch_that_cannot_be_removed_yet_is_removed_once_the_spool_can_be_written() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), 1 << 20).unwrap();
+        let a = s.push(vec![sample(1)]).unwrap();
+        // As on a read-only file system: the removal fails.
+        s.stale.insert(a);
+        s.entries.remove(&a);
+        assert_eq!(files(d.path()).len(), 1);
+        s.push(vec![sample(2)]).unwrap();
+        assert_eq!(files(d.path()).len(), 1, "the delivered batch's file went");
+        assert!(s.stale.is_empty());
     }
 
     /// What the spool must do, as plain collections.
@@ -493,8 +1205,13 @@ mod tests {
         Push(Vec<i64>),
         /// The oldest batch delivered; the samples at these positions refused.
         Deliver(Vec<usize>),
+        /// The oldest batch delivered with these samples refused, and the worker killed after
+        /// keeping them, before removing the batch.
+        CrashAfterKeepingRefused(Vec<usize>),
         /// The worker restarts.
         Reopen,
+        /// The disk fills up, or frees again.
+        Disk(bool),
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -502,7 +1219,9 @@ mod tests {
         prop_oneof![
             3 => proptest::collection::vec(0i64..1000, 1..4).prop_map(Op::Push),
             2 => proptest::collection::vec(0usize..4, 0..2).prop_map(Op::Deliver),
+            1 => proptest::collection::vec(0usize..4, 1..2).prop_map(Op::CrashAfterKeepingRefused),
             1 => Just(Op::Reopen),
+            1 => any::<bool>().prop_map(Op::Disk),
         ]
     }
 
@@ -516,50 +1235,107 @@ mod tests {
             .collect()
     }
 
+    /// A pending batch in the model.
+    #[derive(Debug, Clone)]
+    struct Pending {
+        values: Vec<i64>,
+        /// Written to disk (else held in memory, and lost if the worker stops).
+        durable: bool,
+        /// Positions the server refuses, once it was tried.
+        refuses: Option<Vec<usize>>,
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-        /// Random push / deliver (with refusals) / reopen sequences against an in-memory model:
-        /// batches come out oldest first, as pushed; refused samples are kept, in order, across
-        /// restarts; nothing is lost or duplicated.
+        /// Random push / deliver (with refusals) / crash / reopen / full-disk sequences against an
+        /// in-memory model: batches come out oldest first, as pushed; refused samples are kept
+        /// once, in order, across restarts; batches held in memory while the disk is full are
+        /// written once it is not, or lost only with the process; nothing is duplicated.
         #[test]
         fn the_spool_behaves_like_its_model(ops in proptest::collection::vec(op(), 1..40)) {
             let d = tempfile::tempdir().unwrap();
             let mut s = Spool::open(d.path(), 1 << 30).unwrap();
-            let mut pending: std::collections::VecDeque<Vec<i64>> = Default::default();
+            let mut pending: std::collections::VecDeque<Pending> = Default::default();
             let mut refused: Vec<i64> = Vec::new();
+            let mut full = false;
             for op in ops {
                 match op {
                     Op::Push(v) => {
                         let batch: Vec<Sample> = v.iter().map(|&n| sample(n)).collect();
-                        s.push(&batch).unwrap();
-                        pending.push_back(v);
+                        s.push(batch).unwrap();
+                        if !full {
+                            for p in pending.iter_mut() {
+                                p.durable = true;
+                            }
+                        }
+                        pending.push_back(Pending { values: v, durable: !full, refuses: None });
+                    }
+                    Op::Deliver(positions) | Op::CrashAfterKeepingRefused(positions) if pending.is_empty() => {
+                        proptest::prop_assert!(s.oldest().is_none());
+                        let _ = positions;
                     }
                     Op::Deliver(positions) => {
-                        let got = s.oldest();
-                        let want = pending.pop_front();
-                        proptest::prop_assert_eq!(got.as_ref().map(|e| values(&e.samples)), want.clone());
-                        if let (Some(e), Some(want)) = (got, want) {
-                            let mut positions: Vec<usize> =
-                                positions.into_iter().filter(|&p| p < want.len()).collect();
-                            positions.sort();
-                            positions.dedup();
-                            let kept: Vec<RejectedSample> = positions
-                                .iter()
-                                .map(|&p| RejectedSample { sample: e.samples[p].clone(), ..refused_record() })
-                                .collect();
-                            refused.extend(positions.iter().map(|&p| want[p]));
-                            s.complete(e.seq, kept).unwrap();
+                        let e = s.oldest().unwrap();
+                        let want = pending.pop_front().unwrap();
+                        proptest::prop_assert_eq!(values(&e.samples), want.values.clone());
+                        let positions = want.refuses.clone().unwrap_or(positions);
+                        let mut positions: Vec<usize> =
+                            positions.into_iter().filter(|&p| p < want.values.len()).collect();
+                        positions.sort();
+                        positions.dedup();
+                        let kept: Vec<RejectedSample> = positions
+                            .iter()
+                            .map(|&p| refused_sample(e.samples[p].clone()))
+                            .collect();
+                        if want.refuses.is_none() {
+                            refused.extend(positions.iter().map(|&p| want.values[p]));
                         }
+                        s.complete(e.seq, kept);
+                    }
+                    Op::CrashAfterKeepingRefused(positions) => {
+                        if full {
+                            continue;
+                        }
+                        let e = s.oldest().unwrap();
+                        let front = pending.front_mut().unwrap();
+                        let mut positions: Vec<usize> =
+                            positions.into_iter().filter(|&p| p < front.values.len()).collect();
+                        positions.sort();
+                        positions.dedup();
+                        let positions = front.refuses.clone().unwrap_or(positions);
+                        let kept: Vec<RejectedSample> = positions
+                            .iter()
+                            .map(|&p| refused_sample(e.samples[p].clone()))
+                            .collect();
+                        let added = s.rejected().lock().unwrap().add(&kept).unwrap();
+                        if front.refuses.is_none() {
+                            refused.extend(positions.iter().map(|&p| front.values[p]));
+                            proptest::prop_assert_eq!(added, kept.len());
+                        } else {
+                            proptest::prop_assert_eq!(added, 0);
+                        }
+                        front.refuses = Some(positions);
+                        drop(s);
+                        // Killed: what was only held is gone with the process.
+                        pending.retain(|p| p.durable);
+                        s = Spool::open(d.path(), 1 << 30).unwrap();
+                        full = false;
                     }
                     Op::Reopen => {
                         drop(s);
+                        pending.retain(|p| p.durable);
                         s = Spool::open(d.path(), 1 << 30).unwrap();
+                        full = false;
+                    }
+                    Op::Disk(free) => {
+                        full = !free;
+                        s.fail_writes = full.then_some(nix::libc::ENOSPC);
                     }
                 }
                 proptest::prop_assert_eq!(s.len(), pending.len());
-                proptest::prop_assert_eq!(s.samples(), pending.iter().map(Vec::len).sum::<usize>());
-                proptest::prop_assert_eq!(s.refused as usize, refused.len());
+                proptest::prop_assert_eq!(s.samples(), pending.iter().map(|p| p.values.len()).sum::<usize>());
+                proptest::prop_assert_eq!(s.refused() as usize, refused.len());
                 let on_disk: Vec<i64> = s
                     .rejected()
                     .read_all()
@@ -567,11 +1343,12 @@ mod tests {
                     .map(|(_, r)| values(std::slice::from_ref(&r.sample))[0])
                     .collect();
                 proptest::prop_assert_eq!(&on_disk, &refused);
+                proptest::prop_assert_eq!(s.dropped_total(), 0);
             }
         }
 
         /// Under a small limit the spool never exceeds it (but for the newest batch), and every
-        /// pushed sample is either still there or counted as dropped.
+        /// pushed sample is either still there or counted as dropped, per probe.
         #[test]
         fn past_its_limit_the_spool_drops_and_counts(sizes in proptest::collection::vec(1usize..4, 1..30)) {
             let d = tempfile::tempdir().unwrap();
@@ -581,15 +1358,15 @@ mod tests {
             let mut pushed = 0u64;
             for n in sizes {
                 let batch: Vec<Sample> = (0..n as i64).map(sample).collect();
-                s.push(&batch).unwrap();
+                s.push(batch).unwrap();
                 pushed += n as u64;
                 proptest::prop_assert!(s.bytes() <= limit || s.len() == 1);
-                proptest::prop_assert_eq!(s.samples() as u64 + s.dropped, pushed);
+                proptest::prop_assert_eq!(s.samples() as u64 + s.dropped_total(), pushed);
+                proptest::prop_assert_eq!(
+                    s.dropped().get("load_average").map_or(0, |c| c.rows),
+                    s.dropped_total()
+                );
             }
         }
-    }
-
-    fn refused_record() -> RejectedSample {
-        refused(0)
     }
 }

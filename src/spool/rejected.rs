@@ -38,12 +38,17 @@ pub struct Locked<'a> {
 }
 
 impl Rejected {
-    /// Creates the directory if needed.
+    /// Creates the directory if needed, and removes what a writer killed half-way left (its
+    /// temporary files), under the area's lock.
     pub fn open(dir: &Path) -> Result<Rejected, Error> {
         fsutil::ensure_dir(dir, 0o700, None)?;
-        Ok(Rejected {
+        let area = Rejected {
             dir: dir.to_path_buf(),
-        })
+        };
+        if let Ok(_locked) = area.lock() {
+            super::remove_temporary_files(dir);
+        }
+        Ok(area)
     }
 
     /// The area as it is, without creating it (for `pemworker spool status`).
@@ -60,16 +65,11 @@ impl Rejected {
     /// Waits for the area's lock (held by others for one short operation only).
     pub fn lock(&self) -> Result<Locked<'_>, Error> {
         let path = self.dir.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| Error::Lock {
-                path: path.clone(),
-                source,
-            })?;
+        // Read-only, so the area can be locked (and read) on a read-only file system.
+        let file = super::lock::open_for_lock(&path).map_err(|source| Error::Lock {
+            path: path.clone(),
+            source,
+        })?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
             |(_, e)| Error::Lock {
                 path,
@@ -82,6 +82,12 @@ impl Rejected {
         })
     }
 
+    /// (number, size in bytes) of every refused sample, oldest first, read without the lock (a
+    /// concurrent change may hide one).
+    pub fn list(&self) -> Result<Vec<(u64, u64)>, Error> {
+        list(&self.dir)
+    }
+
     /// Every refused sample with its number, oldest first, read without the lock (a concurrent
     /// change may hide one).
     pub fn read_all(&self) -> Vec<(u64, RejectedSample)> {
@@ -91,6 +97,16 @@ impl Rejected {
             .filter_map(|(seq, _)| Some((seq, read(&self.dir, seq).ok()?)))
             .collect()
     }
+}
+
+/// The same sample: the same probe, time and rows (by their delivery keys).
+pub(crate) fn same_sample(a: &Sample, b: &Sample) -> bool {
+    a.probe == b.probe
+        && a.collected_at == b.collected_at
+        && a.server_id == b.server_id
+        && a.pgbouncer == b.pgbouncer
+        && a.rows.len() == b.rows.len()
+        && a.rows.iter().zip(&b.rows).all(|(x, y)| x.0 == y.0)
 }
 
 fn path(dir: &Path, seq: u64) -> PathBuf {
@@ -130,13 +146,24 @@ impl Locked<'_> {
         read(self.dir, seq)
     }
 
-    /// Keeps refused samples durably, numbered after the newest one.
-    pub fn add(&mut self, samples: &[RejectedSample]) -> Result<(), Error> {
-        let first = self.list()?.last().map_or(1, |(s, _)| s + 1);
-        for (seq, r) in (first..).zip(samples) {
+    /// Keeps refused samples durably, numbered after the newest one. A sample already kept (the
+    /// same delivery keys: its batch was delivered again after a crash between keeping it and
+    /// removing the batch) is not kept twice. Returns how many were added.
+    pub fn add(&mut self, samples: &[RejectedSample]) -> Result<usize, Error> {
+        let kept = self.list()?;
+        let first = kept.last().map_or(1, |(s, _)| s + 1);
+        let known: Vec<Sample> = kept
+            .iter()
+            .filter_map(|(seq, _)| self.read(*seq).ok().map(|r| r.sample))
+            .collect();
+        let new: Vec<&RejectedSample> = samples
+            .iter()
+            .filter(|r| !known.iter().any(|k| same_sample(k, &r.sample)))
+            .collect();
+        for (seq, r) in (first..).zip(&new) {
             self.write(seq, r)?;
         }
-        Ok(())
+        Ok(new.len())
     }
 
     /// Replaces a refused sample's record (after another refusal).

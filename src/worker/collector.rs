@@ -11,8 +11,22 @@
 //! Every round of probes on one target (this host, a monitored server, a pgBouncer) runs in its
 //! own named task on the target's kept session ([`Kept`]: reused from round to round, closed
 //! after connection_lifetime idle, at most max_connections open); a target whose previous round
-//! is still running (a hung server) is skipped, and never delays the others. A probe that fails
-//! or panics is logged with its name, and the other probes go on.
+//! is still running (a hung server) is skipped, and never delays the others. The samples of all
+//! the targets probed at one wakeup are kept in the spool together, in one write
+//! ([`ROUND_WAIT`] bounds how long a slow target holds the others back; its samples are written
+//! on their own after that).
+//!
+//! A target that cannot be reached (stopped, its name no longer resolving, a certificate it
+//! no longer passes) or a probe that fails is logged once when it starts and once when it
+//! ends, and listed in stats.json (`targets_down`) meanwhile; each round tries it again, so
+//! its samples resume by themselves. A probe that panics is logged with its name, and the
+//! other probes go on.
+//!
+//! Scheduling runs on the monotonic clock: a jump of the wall clock (an NTP step, a manual
+//! change) neither fires probes early nor holds them back. After its first run a probe falls
+//! due on whole multiples of its interval from the collector's start, so probes of related
+//! intervals run at the same wakeup and their samples are written together. Sample timestamps
+//! come from the wall clock, so a jump shows in the data as a jump.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -20,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +51,8 @@ pub const PROBE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two checks of an unchanged schedule.
 pub const SCHEDULE_CHECK_MAX: Duration = Duration::from_secs(60);
 const FALLBACK_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the samples of a round wait for the round's slower targets before they are written.
+pub const ROUND_WAIT: Duration = Duration::from_secs(2);
 
 const SCHEDULE: &str = "SELECT probe, target_type, server_id, pgbouncer, interval_seconds, enabled \
                           FROM pem.agent_schedule($1)";
@@ -79,6 +96,10 @@ struct Schedule {
     servers: HashMap<i32, ConnectSettings>,
     bouncers: HashMap<String, ConnectSettings>,
     loaded: bool,
+    /// Jobs after their first run fall due at whole multiples of their interval from here, so
+    /// jobs of related intervals (10 s and 60 s) fall due together: one wakeup and one spool
+    /// write for them all.
+    anchor: Instant,
 }
 
 impl Schedule {
@@ -103,11 +124,27 @@ impl Schedule {
             servers: HashMap::new(),
             bouncers: HashMap::new(),
             loaded: false,
+            anchor: now,
         }
     }
 
+    /// The first instant strictly after `after` that is a whole number of `interval`s from the
+    /// anchor.
+    fn next_slot(&self, after: Instant, interval: Duration) -> Instant {
+        Schedule::slot_after(self.anchor, after, interval)
+    }
+
+    fn slot_after(anchor: Instant, after: Instant, interval: Duration) -> Instant {
+        let step = interval.as_nanos().max(1);
+        let since = after.saturating_duration_since(anchor).as_nanos();
+        let slots = since / step + 1;
+        let offset = u64::try_from(slots.saturating_mul(step)).unwrap_or(u64::MAX);
+        anchor + Duration::from_nanos(offset)
+    }
+
     /// Replaces the jobs with the server's schedule. A job that keeps its interval keeps its
-    /// due time; one whose interval changed is next due one new interval after its last run.
+    /// due time; one whose interval changed is next due at its first slot one new interval
+    /// after its last run; a new one at once.
     fn merge(&mut self, rows: Vec<(String, Place, Duration, bool)>) {
         let now = Instant::now();
         let mut jobs = HashMap::new();
@@ -124,7 +161,12 @@ impl Schedule {
             let key = (spec.name, place.clone());
             let (next_due, last_run) = match self.jobs.get(&key) {
                 Some(old) if old.interval == interval => (old.next_due, old.last_run),
-                Some(old) => (old.last_run.map_or(now, |t| t + interval), old.last_run),
+                Some(old) => (
+                    old.last_run.map_or(now, |t| {
+                        self.next_slot(t + interval - Duration::from_nanos(1), interval)
+                    }),
+                    old.last_run,
+                ),
                 None => (now, None),
             };
             jobs.insert(
@@ -185,18 +227,16 @@ impl Schedule {
         self.jobs.values().map(|j| j.next_due).min()
     }
 
-    /// The jobs due at `now`, by place; each is rescheduled one interval on (or one interval
-    /// after now, if it fell further behind).
+    /// The jobs due at `now`, by place; each is rescheduled to its next slot after now (one
+    /// interval on; a job that fell behind skips what it missed rather than catching up).
     fn take_due(&mut self, now: Instant) -> HashMap<Place, Vec<&'static ProbeSpec>> {
         let mut due: HashMap<Place, Vec<&'static ProbeSpec>> = HashMap::new();
+        let anchor = self.anchor;
         for job in self.jobs.values_mut() {
             if job.next_due <= now {
                 due.entry(job.place.clone()).or_default().push(job.spec);
                 job.last_run = Some(now);
-                job.next_due += job.interval;
-                if job.next_due <= now {
-                    job.next_due = now + job.interval;
-                }
+                job.next_due = Schedule::slot_after(anchor, now, job.interval);
             }
         }
         due
@@ -372,6 +412,113 @@ impl Drop for Busy {
     }
 }
 
+/// Problems of the targets probed, each logged once when it starts and once when it ends (a
+/// stopped server, a name that no longer resolves, a probe that keeps failing), not at every
+/// round.
+#[derive(Default)]
+struct Troubles(Mutex<HashMap<String, Trouble>>);
+
+struct Trouble {
+    since: Instant,
+    missed: u64,
+}
+
+impl Troubles {
+    /// Records a failure of `key`; true when it starts a trouble (log it), false when it goes on.
+    fn failed(&self, key: &str) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get_mut(key) {
+            Some(t) => {
+                t.missed += 1;
+                false
+            }
+            None => {
+                m.insert(
+                    key.to_string(),
+                    Trouble {
+                        since: Instant::now(),
+                        missed: 1,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Records a success of `key`: the trouble it ends, if there was one.
+    fn ended(&self, key: &str) -> Option<Trouble> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key)
+    }
+}
+
+/// Logs what one round on a monitored server or pgBouncer says about it, once per trouble.
+fn report(shared: &Shared, troubles: &Troubles, place: &Place, target: &str, round: &Remote) {
+    let key = place.to_string();
+    match &round.unreachable {
+        Some(e) => {
+            if troubles.failed(&key) {
+                tracing::warn!(
+                    "probes of {place} ({target}): {e}; its samples are missing until it can be reached \
+                     again (tried every round; the other probes go on)"
+                );
+            } else {
+                tracing::debug!("probes of {place} ({target}): {e}");
+            }
+            shared.stats.set_target_down(&key, Some(e.clone()));
+        }
+        None => {
+            if let Some(t) = troubles.ended(&key) {
+                tracing::warn!(
+                    "probes of {place} ({target}) work again after {} s ({} rounds missed)",
+                    t.since.elapsed().as_secs(),
+                    t.missed
+                );
+                shared.stats.set_target_down(&key, None);
+            }
+        }
+    }
+    for (probe, failure) in &round.probes {
+        let key = format!("{place}: {probe}");
+        match failure {
+            Some(e) => {
+                if troubles.failed(&key) {
+                    tracing::warn!("{e} (logged again when it works)");
+                } else {
+                    tracing::debug!("{e}");
+                }
+            }
+            None => {
+                if let Some(t) = troubles.ended(&key) {
+                    tracing::info!(
+                        "probe {probe} on {place} works again after {} s",
+                        t.since.elapsed().as_secs()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Writes the samples of one round to the spool in one write: those of every target that ends
+/// within [`ROUND_WAIT`]; a target that takes longer has its samples written when they come.
+async fn write_round(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<Sample>>) {
+    let deadline = Instant::now() + ROUND_WAIT;
+    let mut samples = Vec::new();
+    loop {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(s) => samples.extend(s),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    shared.spool_samples(samples).await;
+    while let Some(late) = rx.recv().await {
+        shared.spool_samples(late).await;
+    }
+}
+
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut sched = Schedule::fallback();
     let os = Arc::new(Mutex::new(OsProbes::new()));
@@ -385,6 +532,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut applied = limits(&shared.config());
     let kept: Kept<Place> = Kept::new(applied.0, applied.1);
     let busy: Arc<Mutex<HashSet<Place>>> = Arc::default();
+    let troubles: Arc<Troubles> = Arc::default();
     let mut fetching: Option<FetchTask> = None;
     loop {
         let now_limits = limits(&shared.config());
@@ -460,30 +608,43 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             );
         }
 
-        for (place, specs) in sched.take_due(now) {
+        let due = sched.take_due(now);
+        if due.is_empty() {
+            continue;
+        }
+        let (round, rx) = mpsc::unbounded_channel::<Vec<Sample>>();
+        // The writer is a round too: shutdown waits for it to spool what the round collected.
+        let writer = shared.rounds.track_future(write_round(shared.clone(), rx));
+        shared.tasks.spawn("spool writer", writer);
+        for (place, specs) in due {
+            let busy_key = format!("{place}: busy");
             if !busy
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(place.clone())
             {
-                tracing::warn!("{place}: the previous round is still running; skipping this one");
+                if troubles.failed(&busy_key) {
+                    tracing::warn!(
+                        "{place}: the previous round is still running; skipping rounds until it ends"
+                    );
+                }
                 continue;
             }
+            troubles.ended(&busy_key);
             let guard = Busy {
                 set: busy.clone(),
                 place: place.clone(),
             };
             let name = format!("probes of {place}");
-            let sh = shared.clone();
+            let round = round.clone();
             match &place {
                 Place::Agent => {
                     let os = os.clone();
-                    let round = shared.rounds.track_future(async move {
+                    let task = shared.rounds.track_future(async move {
                         let _guard = guard;
-                        let samples = collect_os(os, specs).await;
-                        sh.spool_samples(samples).await;
+                        let _ = round.send(collect_os(os, specs).await);
                     });
-                    shared.tasks.spawn(name, round);
+                    shared.tasks.spawn(name, task);
                 }
                 Place::Server(_) | Place::Pgbouncer(_) => {
                     let settings = match &place {
@@ -493,12 +654,14 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     };
                     let Some(settings) = settings else { continue };
                     let kept = kept.clone();
-                    let round = shared.rounds.track_future(async move {
+                    let (sh, troubles) = (shared.clone(), troubles.clone());
+                    let task = shared.rounds.track_future(async move {
                         let _guard = guard;
-                        let samples = collect_remote(&kept, &place, &settings, &specs).await;
-                        sh.spool_samples(samples).await;
+                        let r = collect_remote(&kept, &place, &settings, &specs).await;
+                        report(&sh, &troubles, &place, &settings.target(), &r);
+                        let _ = round.send(r.samples);
                     });
-                    shared.tasks.spawn(name, round);
+                    shared.tasks.spawn(name, task);
                 }
             }
         }
@@ -535,20 +698,33 @@ async fn collect_os(os: Arc<Mutex<OsProbes>>, specs: Vec<&'static ProbeSpec>) ->
     joined.unwrap_or_default()
 }
 
+/// What one round on a monitored server or pgBouncer brought.
+struct Remote {
+    samples: Vec<Sample>,
+    /// Why the target could not be reached (no session, or it went away during the round).
+    unreachable: Option<String>,
+    /// Each probe run, with why it failed (`None`: it worked).
+    probes: Vec<(&'static str, Option<String>)>,
+}
+
 /// One round of probes against one monitored server or pgBouncer, on its kept session.
 async fn collect_remote(
     kept: &Kept<Place>,
     place: &Place,
     settings: &ConnectSettings,
     specs: &[&'static ProbeSpec],
-) -> Vec<Sample> {
-    let checkout = || async {
-        kept.checkout(place, settings).await.map_err(|e| {
-            tracing::warn!("probes of {place} ({}): {e}", settings.target());
-        })
+) -> Remote {
+    let mut round = Remote {
+        samples: Vec::new(),
+        unreachable: None,
+        probes: Vec::new(),
     };
-    let Ok(mut lease) = checkout().await else {
-        return Vec::new();
+    let mut lease = match kept.checkout(place, settings).await {
+        Ok(l) => l,
+        Err(e) => {
+            round.unreachable = Some(e.to_string());
+            return round;
+        }
     };
     let (server_id, bouncer) = match place {
         Place::Server(id) => (Some(*id), None),
@@ -564,9 +740,12 @@ async fn collect_remote(
     if lease.reused() && lease.client().is_closed() {
         lease.discard();
         drop(lease);
-        lease = match checkout().await {
+        lease = match kept.checkout(place, settings).await {
             Ok(l) => l,
-            Err(()) => return Vec::new(),
+            Err(e) => {
+                round.unreachable = Some(e.to_string());
+                return round;
+            }
         };
         let failed: Vec<&'static ProbeSpec> = specs
             .iter()
@@ -583,16 +762,20 @@ async fn collect_remote(
             }
         }
     }
-    let mut samples = Vec::with_capacity(specs.len());
     for (spec, run) in specs.iter().zip(runs) {
         match run {
-            Ok(Ok(rows)) => samples.push(Sample::new(spec.name, server_id, bouncer.clone(), rows)),
-            Ok(Err(e)) => {
-                if session_lost(&e) {
-                    lease.discard();
-                }
-                tracing::warn!("{e}");
+            Ok(Ok(rows)) => {
+                round
+                    .samples
+                    .push(Sample::new(spec.name, server_id, bouncer.clone(), rows));
+                round.probes.push((spec.name, None));
             }
+            Ok(Err(probes::Error::Connection { source, .. })) if source.is_closed() => {
+                // The target went away during the round: the next round opens a new session.
+                lease.discard();
+                round.unreachable.get_or_insert_with(|| source.to_string());
+            }
+            Ok(Err(e)) => round.probes.push((spec.name, Some(e.to_string()))),
             Err(p) => {
                 lease.discard();
                 tracing::error!(
@@ -603,7 +786,7 @@ async fn collect_remote(
             }
         }
     }
-    samples
+    round
 }
 
 /// Whether a probe failed because its session is gone (closed, or silent past the statement
@@ -638,4 +821,70 @@ async fn run_remote(lease: &Lease<Place>, spec: &'static ProbeSpec) -> Run {
     })
     .catch_unwind()
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(due: &HashMap<Place, Vec<&'static ProbeSpec>>) -> Vec<String> {
+        let mut v: Vec<String> = due
+            .iter()
+            .flat_map(|(place, specs)| specs.iter().map(move |s| format!("{}@{place}", s.name)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn jobs_of_related_intervals_fall_due_together_and_a_late_one_does_not_catch_up() {
+        let mut s = Schedule::fallback();
+        let a = s.anchor;
+        let secs = |x: f64| a + Duration::from_secs_f64(x);
+        assert_eq!(names(&s.take_due(a)).len(), 6, "every agent probe at once");
+        s.merge(vec![
+            (
+                "cpu_usage".into(),
+                Place::Agent,
+                Duration::from_secs(10),
+                true,
+            ),
+            (
+                "memory_usage".into(),
+                Place::Agent,
+                Duration::from_secs(60),
+                true,
+            ),
+            (
+                "server_info".into(),
+                Place::Server(1),
+                Duration::from_secs(20),
+                true,
+            ),
+        ]);
+        // A new job runs at once; then every job falls on whole intervals from the anchor.
+        assert_eq!(names(&s.take_due(secs(0.5))), ["server_info@server 1"]);
+        assert_eq!(s.next_due(), Some(secs(10.0)));
+        assert_eq!(names(&s.take_due(secs(10.3))), ["cpu_usage@this host"]);
+        assert_eq!(
+            names(&s.take_due(secs(20.1))),
+            ["cpu_usage@this host", "server_info@server 1"]
+        );
+        // Late by 17 s: each runs once, then back on its slots.
+        assert_eq!(
+            names(&s.take_due(secs(47.0))),
+            ["cpu_usage@this host", "server_info@server 1"]
+        );
+        assert_eq!(s.next_due(), Some(secs(50.0)));
+        assert!(s.take_due(secs(49.9)).is_empty());
+        assert_eq!(names(&s.take_due(secs(50.0))), ["cpu_usage@this host"]);
+        assert_eq!(
+            names(&s.take_due(secs(60.0))),
+            [
+                "cpu_usage@this host",
+                "memory_usage@this host",
+                "server_info@server 1"
+            ]
+        );
+    }
 }

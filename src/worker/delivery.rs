@@ -158,6 +158,7 @@ pub async fn store(
     // Read before committing: a reply that does not say which samples were refused stores
     // nothing (the transaction is dropped, and the session closed), and the batch stays.
     rejected.extend(refusals(&rows, &sent, &what)?);
+    crate::testhooks::pause_async("in-transaction").await;
     tx.commit().await?;
     rejected.sort_by_key(|r| r.index);
     Ok(rejected)
@@ -260,7 +261,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             next = drain(&shared, &mut backoff, &mut outage) => next,
         };
         shared.stats.set_spool(&shared.spool.figures());
-        shared.stats.write_if_changed(&stats_file).await;
+        shared
+            .stats
+            .write_if_changed(&stats_file, shared.spool.health())
+            .await;
         if let Next::Idle = next {
             // The round's samples are stored: what it allocated goes back to the system.
             super::memory::trim();
@@ -289,14 +293,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 /// Delivers until the spool is empty or a delivery fails.
 async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> Next {
     loop {
-        let entry = match shared.spool.oldest().await {
-            Ok(Some(e)) => e,
-            Ok(None) => return Next::Idle,
-            Err(e) => {
-                tracing::error!("cannot read the spool: {e}");
-                return Next::RetryIn(backoff.next_delay());
-            }
-        };
+        if shared.spool.figures().batches == 0 {
+            return Next::Idle;
+        }
+        // A session first, so an outage costs no read of the spool per attempt.
         let manager = shared.pem();
         let mut session = match manager.checkout().await {
             Ok(s) => s,
@@ -307,11 +307,21 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
             }
         };
         shared.stats.set_connected(true);
+        // From here until it is completed or released, the spool does not drop this batch.
+        let entry = match shared.spool.oldest().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Next::Idle,
+            Err(e) => {
+                tracing::error!("cannot read the spool: {e}");
+                return Next::RetryIn(backoff.next_delay());
+            }
+        };
         let config = shared.config();
         let key = config.agent_secret.as_ref();
         match store(&mut session, config.agent_id, key, &entry.samples).await {
             Ok(refusals) => {
                 drop(session);
+                crate::testhooks::pause_async("after-commit").await;
                 outage.ended();
                 backoff.reset();
                 shared.stats.set_delivery_problem(None);
@@ -337,7 +347,9 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                 let (n, r) = (entry.samples.len(), refused.len());
                 tracing::debug!("delivered spool batch {} ({} samples)", entry.seq, n - r);
                 if let Err(e) = shared.spool.complete(entry.seq, refused).await {
+                    // The batch stays: delivered again, it is stored once (delivery keys).
                     tracing::error!("cannot update the spool after a delivery: {e}");
+                    return Next::RetryIn(backoff.next_delay());
                 }
                 shared.stats.delivered(n - r);
             }
@@ -348,6 +360,13 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                     session.discard();
                 }
                 drop(session);
+                if let Err(e) = shared.spool.release().await {
+                    tracing::error!("cannot update the spool after a failed delivery: {e}");
+                }
+                if e.is_write_refused() && shared.reread_secret() {
+                    tracing::debug!("delivery refused: {e}; trying the new secret");
+                    continue;
+                }
                 let wait = backoff.next_delay();
                 let long_wait = shared.config().long_wait;
                 let problem = outage.failed(&e, shared.spool.figures().samples, long_wait);

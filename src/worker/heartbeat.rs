@@ -15,6 +15,7 @@ use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::clock::SentAt;
 use crate::connection::session::Session;
 use crate::connection::{Error, pool};
 use crate::mac::{self, AgentKey, Kind};
@@ -37,9 +38,9 @@ async fn beat(
     agent_id: i32,
     key: Option<&AgentKey>,
     version: &str,
+    sent_at: &str,
 ) -> Result<Beat, Error> {
-    let sent_at = mac::now();
-    let signature = mac::sign(key, Kind::Heartbeat, agent_id, &sent_at, version);
+    let signature = mac::sign(key, Kind::Heartbeat, agent_id, sent_at, version);
     let params: [pool::Param<'_>; 4] = [
         (&agent_id, Type::INT4),
         (&version, Type::TEXT),
@@ -68,25 +69,35 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     // The SQLSTATE of a refusal already logged with its fix, so a refused agent (no or another
     // write secret) says so once, not at every beat.
     let mut refused: Option<String> = None;
+    // Stamps that a step of the wall clock does not make look stale or replayed.
+    let mut clock = SentAt::default();
     loop {
         let config = shared.config();
         let manager = shared.heartbeat_manager();
+        // After a failure, the next beat comes with the next connection attempt (when that is
+        // sooner): an agent that started during an outage does not wait out the default
+        // interval once the server is back.
+        let mut retry = None;
         match manager.checkout().await {
             Err(e) => {
                 shared.stats.heartbeat(false);
                 // The manager already warned about the outage itself.
                 tracing::debug!("heartbeat skipped: {e}");
+                retry = Some(manager.retry_in().max(Duration::from_secs(1)));
             }
             Ok(mut session) => {
+                let (stamp, made) = clock.next();
                 let r = beat(
                     &mut session,
                     config.agent_id,
                     config.agent_secret.as_ref(),
                     &version,
+                    &mac::timestamp(stamp),
                 )
                 .await;
                 match r {
                     Ok(b) => {
+                        clock.accepted(stamp, made);
                         refused = None;
                         shared.stats.heartbeat(b.active);
                         if !b.active {
@@ -109,7 +120,13 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             }
                         }
                     }
+                    Err(e) if e.is_write_refused() && shared.reread_secret() => {
+                        shared.stats.heartbeat(false);
+                        tracing::debug!("heartbeat refused: {e}; trying the new secret");
+                        retry = Some(Duration::ZERO);
+                    }
                     Err(e) if e.is_refused() => {
+                        clock.refused();
                         shared.stats.heartbeat(false);
                         let code = e.code().map(|c| c.code().to_string());
                         if refused != code {
@@ -123,13 +140,15 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     Err(e) => {
                         shared.stats.heartbeat(false);
                         tracing::warn!("heartbeat failed: {e}");
+                        retry = Some(config.short_wait);
                     }
                 }
             }
         }
+        let wait = retry.map_or(interval, |r| r.min(interval));
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

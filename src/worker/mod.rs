@@ -16,6 +16,7 @@
 //! their samples), deliver what they can within the grace period and leave the rest in the
 //! spool for the next start.
 
+pub mod clock;
 pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
@@ -98,6 +99,34 @@ impl Shared {
         self.config.read().expect("config lock").clone()
     }
 
+    /// After the PEM server refused this agent's write credentials: takes its secret file again
+    /// if it holds another secret than the one in use (the agent was registered again with
+    /// --force-registration, which issues a new secret, while this worker ran, for example to
+    /// renew its certificate). True when it did, so the refused write can be tried again now.
+    pub fn reread_secret(&self) -> bool {
+        let c = self.config();
+        let Some(path) = &c.agent_secret_file else {
+            return false;
+        };
+        match crate::mac::AgentKey::load(path) {
+            Ok(key) if c.agent_secret.as_ref() != Some(&key) => {
+                let mut new = (*c).clone();
+                new.agent_secret = Some(key);
+                *self.config.write().expect("config lock") = Arc::new(new);
+                tracing::warn!(
+                    "{} holds a new secret (the agent was registered again): using it from now on",
+                    path.display()
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!("{e}");
+                false
+            }
+        }
+    }
+
     pub fn pem(&self) -> Manager {
         self.pem.read().expect("manager lock").clone()
     }
@@ -148,7 +177,8 @@ impl Shared {
         line.logged = true;
     }
 
-    /// Writes a batch to the spool and wakes the delivery loop.
+    /// Keeps a round's samples in the spool (on disk, or held in memory when it cannot be
+    /// written) and wakes the delivery loop.
     pub async fn spool_samples(&self, mut samples: Vec<Sample>) {
         if samples.is_empty() {
             return;
@@ -302,6 +332,8 @@ pub async fn run(
         );
     }
 
+    warn_of_expiry(&c);
+
     let tasks = shared.tasks.clone();
     let collect_stop = shutdown.child_token();
     let delivery_stop = CancellationToken::new();
@@ -364,6 +396,10 @@ pub async fn run(
             tasks.running().join(", ")
         );
     }
+    // Samples held in memory are written now if they can be; those that cannot are counted.
+    if let Err(e) = shared.spool.finish().await {
+        tracing::error!("cannot close the spool: {e}");
+    }
     let figures = shared.spool.figures();
     shared.stats.set_spool(&figures);
     if figures.samples > 0 {
@@ -372,10 +408,36 @@ pub async fn run(
             figures.samples
         );
     }
-    shared.stats.write_if_changed(&stats_file).await;
+    shared
+        .stats
+        .write_if_changed(&stats_file, shared.spool.health())
+        .await;
     tracing::info!("stopped: {}", shared.stats.summary());
     drop(lock);
     Ok(shared.stats.snapshot())
+}
+
+/// How long before its certificate expires the agent starts saying so.
+const EXPIRY_WARNING: chrono::Duration = chrono::Duration::days(30);
+
+/// Warns when the agent's certificate expires soon (once it has, the connection attempts say
+/// so, naming the file and the command that renews it).
+fn warn_of_expiry(c: &AgentConfig) {
+    let Some(at) = connection::certificate_expiry(&c.agent_ssl_crt) else {
+        return;
+    };
+    let left = at - chrono::Utc::now();
+    if left > chrono::Duration::zero() && left < EXPIRY_WARNING {
+        if let Some(target) = c.pem_targets().ok().and_then(|t| t.into_iter().next()) {
+            tracing::warn!(
+                "this agent's certificate {} expires on {} (in {} days); get a new one before then with: {}",
+                c.agent_ssl_crt.display(),
+                at.format("%Y-%m-%d %H:%M:%S UTC"),
+                left.num_days(),
+                connection::renewal_command(&target)
+            );
+        }
+    }
 }
 
 fn apply_reload(shared: &Shared, new: AgentConfig, logging: Option<&Logging>) {

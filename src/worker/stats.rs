@@ -1,7 +1,9 @@
 //! What the worker has done since it started, written to `<state_dir>/stats.json` for operators
 //! (and the sandbox's status view) to read: after a delivery round when something changed, and
 //! at exit. Never between batches, so an idle agent does not touch the disk; not synced,
-//! because it is rebuilt from scratch at every start anyway.
+//! because it is rebuilt from scratch at every start anyway. A write that fails (a full or
+//! read-only disk) is reported to the state directory's [`Health`], which logs it once per
+//! episode, and tried again after the next delivery.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::spool::Health;
 
 /// Counters by probe.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -28,13 +32,23 @@ pub struct Snapshot {
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub connected: bool,
     pub spooled_samples: u64,
+    /// Of the spooled samples, those held in memory because the spool cannot be written.
+    #[serde(default)]
+    pub held_samples: u64,
     pub dropped_samples: u64,
+    /// Samples dropped (past spool_limit, or not kept while the spool could not be written), by
+    /// probe: what is missing on the PEM server.
+    #[serde(default)]
+    pub dropped: BTreeMap<String, ProbeCount>,
     /// Samples the PEM server refused as data, kept in the spool (`pemworker spool status`).
     #[serde(default)]
     pub refused_samples: u64,
     /// Why delivery is held back right now (a refusal by the PEM server and how to fix it).
     #[serde(default)]
     pub delivery_problem: Option<String>,
+    /// Monitored servers and pgBouncers that cannot be probed right now, and why.
+    #[serde(default)]
+    pub targets_down: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default)]
@@ -46,9 +60,12 @@ pub struct Stats {
     last_heartbeat: Mutex<Option<DateTime<Utc>>>,
     connected: AtomicBool,
     spooled: AtomicU64,
+    held: AtomicU64,
     dropped: AtomicU64,
+    dropped_by_probe: Mutex<BTreeMap<String, ProbeCount>>,
     refused: AtomicU64,
     delivery_problem: Mutex<Option<String>>,
+    targets_down: Mutex<BTreeMap<String, String>>,
     /// What was written last, so an unchanged snapshot is not written again.
     written: Mutex<Vec<u8>>,
 }
@@ -85,8 +102,25 @@ impl Stats {
 
     pub fn set_spool(&self, f: &crate::spool::SpoolFigures) {
         self.spooled.store(f.samples, Ordering::Relaxed);
-        self.dropped.store(f.dropped, Ordering::Relaxed);
+        self.held.store(f.held, Ordering::Relaxed);
+        if self.dropped.swap(f.dropped, Ordering::Relaxed) != f.dropped {
+            f.dropped_by_probe
+                .clone_into(&mut self.dropped_by_probe.lock().expect("stats lock"));
+        }
         self.refused.store(f.refused, Ordering::Relaxed);
+    }
+
+    /// Records that a monitored server or pgBouncer cannot be probed (`Some(why)`), or can again.
+    pub fn set_target_down(&self, target: &str, why: Option<String>) {
+        let mut m = self.targets_down.lock().expect("stats lock");
+        match why {
+            Some(w) => {
+                m.insert(target.to_string(), w);
+            }
+            None => {
+                m.remove(target);
+            }
+        }
     }
 
     pub fn set_delivery_problem(&self, problem: Option<String>) {
@@ -102,9 +136,12 @@ impl Stats {
             last_heartbeat: *self.last_heartbeat.lock().expect("stats lock"),
             connected: self.connected.load(Ordering::Relaxed),
             spooled_samples: self.spooled.load(Ordering::Relaxed),
+            held_samples: self.held.load(Ordering::Relaxed),
             dropped_samples: self.dropped.load(Ordering::Relaxed),
+            dropped: self.dropped_by_probe.lock().expect("stats lock").clone(),
             refused_samples: self.refused.load(Ordering::Relaxed),
             delivery_problem: self.delivery_problem.lock().expect("stats lock").clone(),
+            targets_down: self.targets_down.lock().expect("stats lock").clone(),
         }
     }
 
@@ -126,11 +163,21 @@ impl Stats {
     }
 
     /// Replaces the stats file if the figures changed since the last write, on a blocking
-    /// thread; a failure is logged, never fatal.
-    pub async fn write_if_changed(&self, path: &Path) {
+    /// thread; a failure goes to `health` (logged once per episode) and the file is written
+    /// again next time, never fatal.
+    pub async fn write_if_changed(&self, path: &Path, health: &Health) {
         let Some(data) = self.changed() else { return };
         let path = path.to_path_buf();
-        let _ = tokio::task::spawn_blocking(move || write(&path, &data)).await;
+        let written = tokio::task::spawn_blocking(move || {
+            let r = write(&path, &data);
+            (path, r)
+        })
+        .await;
+        if let Ok((path, Err(e))) = written {
+            self.written.lock().expect("stats lock").clear();
+            let dir = path.parent().unwrap_or(Path::new("."));
+            health.failed(dir, "stats.json", &e);
+        }
     }
 
     pub fn summary(&self) -> String {
@@ -150,11 +197,11 @@ impl Stats {
 
 /// Writes `data` under a temporary name and renames it into place: readers see the old or the
 /// new file, never a partial one.
-fn write(path: &Path, data: &[u8]) {
+fn write(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let r = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = r {
+    if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        tracing::warn!("cannot write {}: {e}", path.display());
     }
+    r
 }
