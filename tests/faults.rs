@@ -1257,6 +1257,11 @@ async fn monitored_servers_that_stop_or_stop_resolving_come_back_by_themselves()
     let t0 = server_now(&su).await;
     stopping.stop();
     std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    // The agent keeps its session to a monitored server from round to round, and a session
+    // outlives the name it was opened by (rightly: the server is still there). The name
+    // matters when a session is opened again: here the server restarts, as when it moves.
+    renamed.stop();
+    renamed.start_again();
     let outage = Instant::now();
     tokio::time::sleep(Duration::from_secs(20)).await;
     let down = a.stats().targets_down;
@@ -1426,13 +1431,13 @@ async fn certificates_renewed_replaced_or_expired_under_running_agents() {
     let su = bed.connect(&bed.superuser()).await;
     log_heartbeats(&su).await;
     for (i, a) in agents.iter_mut().enumerate() {
-        // Each agent has its own copy of the root certificate, as on its own host; sessions are
-        // renewed every 2 s, so the agents keep opening new ones.
+        // Each agent has its own copy of the root certificate, as on its own host; sessions to
+        // the PEM server are renewed every 2 s, so the agents keep opening new ones.
         let root = a.site.join("root.crt");
         std::fs::copy(&bed.root_crt, &root).unwrap();
         a.settings.extend([
             ("pem_ssl_root_cert", root.display().to_string()),
-            ("connection_lifetime", "2".into()),
+            ("pem_session_lifetime", "2".into()),
         ]);
         if i == 0 {
             // Its debug lines show every connection attempt.
