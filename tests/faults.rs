@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestBed, wait_for};
+use common::{TestBed, log_heartbeats, wait_for};
 use pemworker::connection::pool;
 use pemworker::probes::PROBES;
 use pemworker::worker::stats::Snapshot;
@@ -255,23 +255,6 @@ async fn stored_keys(su: &Client, agent: i32) -> BTreeMap<String, String> {
         }
     }
     keys
-}
-
-/// Records every heartbeat with the clock time it was written (pem.agent_heartbeat keeps only
-/// the last one).
-async fn log_heartbeats(su: &Client) {
-    pool::batch(
-        su,
-        "heartbeat log",
-        "CREATE TABLE public.heartbeat_log (agent_id int, at timestamptz); \
-         CREATE FUNCTION public.log_heartbeat() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-           SET search_path = pg_catalog, pg_temp AS $$ BEGIN \
-             INSERT INTO public.heartbeat_log VALUES (NEW.agent_id, clock_timestamp()); RETURN NULL; END $$; \
-         CREATE TRIGGER log_heartbeat AFTER INSERT OR UPDATE ON pem.agent_heartbeat \
-           FOR EACH ROW EXECUTE FUNCTION public.log_heartbeat();",
-    )
-    .await
-    .unwrap();
 }
 
 /// The longest time between two logged heartbeats of `agent` in [from, to] (server times),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
 
-use common::{TestBed, outcome, wait_for};
+use common::{TestBed, log_heartbeats, outcome, wait_for};
 use pemworker::connection::pool;
 use pemworker::probes::{PROBES, Target};
 use pemworker::worker::stats::Snapshot;
@@ -544,23 +544,6 @@ fn a_bad_agent_cfg_gets_one_error_per_problem_and_exit_code_1() {
 /// privileges and write through pem.store_samples, a SECURITY DEFINER function owned by
 /// pem_writer.
 const WRITER_ROLE: &str = "pem_writer";
-
-/// Records every heartbeat with the clock time it was written (pem.agent_heartbeat keeps only
-/// the last one).
-async fn log_heartbeats(su: &Client) {
-    pool::batch(
-        su,
-        "heartbeat log",
-        "CREATE TABLE public.heartbeat_log (agent_id int, at timestamptz); \
-         CREATE FUNCTION public.log_heartbeat() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-           SET search_path = pg_catalog, pg_temp AS $$ BEGIN \
-             INSERT INTO public.heartbeat_log VALUES (NEW.agent_id, clock_timestamp()); RETURN NULL; END $$; \
-         CREATE TRIGGER log_heartbeat AFTER INSERT OR UPDATE ON pem.agent_heartbeat \
-           FOR EACH ROW EXECUTE FUNCTION public.log_heartbeat();",
-    )
-    .await
-    .unwrap();
-}
 
 /// The longest time between two logged heartbeats of `agent` in [from, to] (server times).
 async fn longest_heartbeat_gap(su: &Client, agent: i32, from: &str, to: &str) -> (f64, i64) {

@@ -294,17 +294,6 @@ impl Transaction<'_> {
         r
     }
 
-    /// Keeps what was done since the savepoint and forgets the savepoint.
-    pub async fn release(&mut self, name: &str) -> Result<(), Error> {
-        let r = pool::batch(
-            self.session.c(),
-            &format!("releasing savepoint {name}"),
-            &format!("RELEASE SAVEPOINT {name}"),
-        )
-        .await;
-        self.note(r)
-    }
-
     /// Commits. After a failed statement the server would answer COMMIT by rolling back, so
     /// that case rolls back and says so instead of reporting success.
     pub async fn commit(mut self) -> Result<(), Error> {

@@ -718,3 +718,20 @@ impl TestBed {
         (cfg, id)
     }
 }
+
+/// Records every heartbeat with the clock time it was written (pem.agent_heartbeat keeps only
+/// the last one).
+pub async fn log_heartbeats(su: &Client) {
+    pool::batch(
+        su,
+        "heartbeat log",
+        "CREATE TABLE public.heartbeat_log (agent_id int, at timestamptz); \
+         CREATE FUNCTION public.log_heartbeat() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+           SET search_path = pg_catalog, pg_temp AS $$ BEGIN \
+             INSERT INTO public.heartbeat_log VALUES (NEW.agent_id, clock_timestamp()); RETURN NULL; END $$; \
+         CREATE TRIGGER log_heartbeat AFTER INSERT OR UPDATE ON pem.agent_heartbeat \
+           FOR EACH ROW EXECUTE FUNCTION public.log_heartbeat();",
+    )
+    .await
+    .unwrap();
+}
