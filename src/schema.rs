@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "enrolment tokens: registration without the admin's password",
         sql: include_str!("../etc/sql/004_enrolment.sql"),
     },
+    Migration {
+        version: 5,
+        description: "agent users: concurrent registrations naming one agent user all succeed",
+        sql: include_str!("../etc/sql/005_concurrent_agent_users.sql"),
+    },
 ];
 
 /// The newest version this build knows.
