@@ -1157,8 +1157,11 @@ fn profiled_command(
             "-o".into(),
             format!("{}/strace.txt", out.display()),
         ],
-        "smaps" => vec![],
-        other => panic!("unknown profiler {other}: use callgrind, heaptrack, strace or smaps"),
+        // perf attaches to the running process for the window (see profile_pemworker).
+        "smaps" | "perf" => vec![],
+        other => {
+            panic!("unknown profiler {other}: use callgrind, heaptrack, strace, perf or smaps")
+        }
     };
     std::fs::create_dir_all(out).unwrap();
     let mut c = Command::new(wrapper.first().map_or(exe.as_os_str(), |w| w.as_ref()));
@@ -1215,7 +1218,7 @@ fn profile_pemworker() {
     }
     let bench = Bench::setup(Settings::from_env());
     let s = &bench.settings;
-    let wrapped = tool != "smaps";
+    let wrapped = tool != "smaps" && tool != "perf";
     let mut c = profiled_command(&tool, &exe, &out, &bench.bed, true);
 
     let state = out.join("state");
@@ -1244,7 +1247,38 @@ fn profile_pemworker() {
         control("on");
     }
     let t0 = Instant::now();
-    std::thread::sleep(s.window);
+    if tool == "perf" {
+        // Samples user and kernel time alike (callgrind sees user instructions only, and most
+        // of an agent's time per round is spent in the kernel on its behalf).
+        let data = out.join("perf.data");
+        let st = Command::new("perf")
+            .args(["record", "-F", "4999", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string(), "--", "sleep"])
+            .arg(s.window.as_secs().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("perf record (install linux-perf)");
+        assert!(st.success(), "perf record failed");
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "dso,sym",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&data)
+            .output()
+            .expect("perf report");
+        std::fs::write(out.join("perf-report.txt"), &report.stdout).unwrap();
+    } else {
+        std::thread::sleep(s.window);
+    }
     if tool == "callgrind" {
         control("off");
     }

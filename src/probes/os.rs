@@ -2,13 +2,14 @@
 //!
 //! This module owns reading CPU, memory, load, disk, network and process figures, through the
 //! `procfs` crate (`statvfs(3)` for disk space; process states straight from each
-//! /proc/PID/stat), and turning them into rows of the probes' columns. [`OsProbes`] keeps the previous CPU counters so that `cpu_usage` describes the time
-//! since the last call rather than since boot.
+//! /proc/PID/stat), and turning them into rows of the probes' columns. [`OsProbes`] keeps the
+//! previous CPU counters, so that `cpu_usage` describes the time since the last call rather than
+//! since boot, and the processes' stat files open between rounds.
 //!
 //! Every call is synchronous and may touch file systems (`statvfs` on a hung network mount can
 //! block), so async callers should run it on a blocking thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use procfs::{Current, CurrentSI, KernelStats, LoadAverage, Meminfo};
 
@@ -96,6 +97,7 @@ impl CpuTicks {
 #[derive(Debug, Default)]
 pub struct OsProbes {
     previous_cpu: Option<CpuTicks>,
+    processes: ProcessFiles,
 }
 
 impl OsProbes {
@@ -143,7 +145,7 @@ impl OsProbes {
         network_statistics()
     }
     pub(super) fn process_count(&mut self) -> Result<Vec<Row>, Error> {
-        process_count()
+        self.processes.count()
     }
 }
 
@@ -282,54 +284,147 @@ fn stat_state(stat: &[u8]) -> Option<char> {
         .map(|&b| char::from(b))
 }
 
-/// Counts processes by state from each /proc/PID/stat, reading them into one buffer: procfs
-/// would parse all 52 fields of every process into a struct, for the one letter wanted here.
-fn process_count() -> Result<Vec<Row>, Error> {
-    use std::io::Read;
-    let dir = std::fs::read_dir("/proc").map_err(|e| failed("process_count", "/proc", e))?;
-    let mut counts = ProcessCounts::default();
-    let mut path = String::with_capacity(32);
-    // The state comes within the first ~300 bytes however long the command name (at most 64).
-    let mut buf = [0u8; 512];
-    let mut buf_len;
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        path.clear();
-        path.push_str("/proc/");
-        path.push_str(pid);
-        path.push_str("/stat");
-        // One read: the kernel hands the whole line over at once (read_to_end would also
-        // stat the file and read again to see its end).
-        match std::fs::File::open(&path).and_then(|mut f| f.read(&mut buf)) {
-            Ok(n) => buf_len = n,
-            // The process exited between listing /proc and reading its stat file, or /proc is
-            // mounted with hidepid and hides it from this user.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-                ) || e.raw_os_error() == Some(nix::libc::ESRCH) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(failed("process_count", &path, e)),
-        }
-        if let Some(state) = stat_state(&buf[..buf_len]) {
-            counts.add(state);
+/// The /proc/PID/stat files `process_count` keeps open from one round to the next.
+///
+/// Opening a stat file costs the kernel a path walk and a new file each time, three times what
+/// reading it again costs; kept open, it is read again from offset 0 and the kernel writes the
+/// line afresh. A kept file stays tied to its process: once that exits and is reaped, reading
+/// fails with ESRCH even if a new process got the same id, so a reused id is opened anew.
+/// The number kept is bounded by a quarter of the open-file limit; processes beyond it are
+/// opened and closed each round as before.
+#[derive(Debug)]
+struct ProcessFiles {
+    /// /proc itself, kept open too: listing it again needs only a rewind.
+    proc: Option<nix::dir::Dir>,
+    kept: HashMap<u32, KeptStat>,
+    limit: usize,
+    round: u64,
+}
+
+#[derive(Debug)]
+struct KeptStat {
+    file: std::fs::File,
+    seen: u64,
+}
+
+impl Default for ProcessFiles {
+    fn default() -> Self {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        ProcessFiles {
+            proc: None,
+            kept: HashMap::new(),
+            limit: usize::try_from(soft / 4).unwrap_or(usize::MAX).min(4096),
+            round: 0,
         }
     }
-    Ok(vec![vec![
-        Value::Int(counts.total),
-        Value::Int(counts.running),
-        Value::Int(counts.sleeping),
-        Value::Int(counts.zombie),
-    ]])
+}
+
+/// Reading a process's stat file failed because the process is gone (exited between the
+/// listing and the read, or reaped since the file was opened) or hidden (hidepid).
+fn vanished(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+    ) || e.raw_os_error() == Some(nix::libc::ESRCH)
+}
+
+impl ProcessFiles {
+    /// Counts processes by state from each /proc/PID/stat, reading each into one buffer:
+    /// procfs would parse all 52 fields of every process into a struct, for the one letter
+    /// wanted here.
+    fn count(&mut self) -> Result<Vec<Row>, Error> {
+        use nix::fcntl::OFlag;
+        use nix::sys::stat::Mode;
+        use std::os::unix::fs::FileExt;
+
+        let failed_proc = |e: nix::Error| failed("process_count", "/proc", e);
+        // Taken out and put back at the end: after an error the next round opens it afresh.
+        let mut proc = match self.proc.take() {
+            Some(dir) => dir,
+            None => nix::dir::Dir::open(
+                "/proc",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(failed_proc)?,
+        };
+        let proc_fd = std::os::fd::AsRawFd::as_raw_fd(&proc);
+        self.round += 1;
+        let round = self.round;
+        let mut counts = ProcessCounts::default();
+        let mut path = String::with_capacity(24);
+        // The state comes within the first ~300 bytes however long the command name (at most 64).
+        let mut buf = [0u8; 512];
+        // The iterator rewinds the directory when dropped, ready for the next round.
+        for entry in proc.iter() {
+            let entry = entry.map_err(failed_proc)?;
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .ok()
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // One read: the kernel hands the whole line over at once.
+            let mut read = None;
+            if let Some(k) = self.kept.get_mut(&pid) {
+                match k.file.read_at(&mut buf, 0) {
+                    Ok(n) => {
+                        k.seen = round;
+                        read = Some(n);
+                    }
+                    // Reaped since it was opened: the id may belong to a new process now.
+                    Err(e) if vanished(&e) => {
+                        self.kept.remove(&pid);
+                    }
+                    Err(e) => return Err(failed("process_count", &format!("/proc/{pid}/stat"), e)),
+                }
+            }
+            if read.is_none() {
+                use std::fmt::Write;
+                path.clear();
+                let _ = write!(path, "{pid}/stat");
+                let opened = nix::fcntl::openat(
+                    Some(proc_fd),
+                    path.as_str(),
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map(|fd| {
+                    // SAFETY: openat returned a new descriptor that nothing else owns.
+                    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+                })
+                .map_err(std::io::Error::from);
+                match opened.and_then(|file| file.read_at(&mut buf, 0).map(|n| (file, n))) {
+                    Ok((file, n)) => {
+                        read = Some(n);
+                        if self.kept.len() < self.limit {
+                            self.kept.insert(pid, KeptStat { file, seen: round });
+                        }
+                    }
+                    // The process exited between listing /proc and reading its stat file, or
+                    // /proc is mounted with hidepid and hides it from this user.
+                    Err(e) if vanished(&e) => continue,
+                    Err(e) => return Err(failed("process_count", &format!("/proc/{path}"), e)),
+                }
+            }
+            if let Some(state) = read.and_then(|n| stat_state(&buf[..n])) {
+                counts.add(state);
+            }
+        }
+        // Processes no longer listed have gone: close their files.
+        self.kept.retain(|_, k| k.seen == round);
+        self.proc = Some(proc);
+        Ok(vec![vec![
+            Value::Int(counts.total),
+            Value::Int(counts.running),
+            Value::Int(counts.sleeping),
+            Value::Int(counts.zombie),
+        ]])
+    }
 }
 
 #[cfg(test)]
@@ -509,11 +604,54 @@ mod tests {
 
     #[test]
     fn process_count_sees_this_process() {
-        let row = &process_count().unwrap()[0];
+        let row = &OsProbes::new().process_count().unwrap()[0];
         let v: Vec<i64> = row.iter().map(as_int).collect();
         let (total, running, sleeping, zombie) = (v[0], v[1], v[2], v[3]);
         assert!(total >= 1, "{v:?}");
         assert!(running + sleeping + zombie <= total, "{v:?}");
+    }
+
+    #[test]
+    fn kept_stat_files_follow_a_process_until_it_is_reaped() {
+        let mut files = ProcessFiles::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let zombies = |row: &Row| as_int(&row[3]);
+        let before = files.count().unwrap().remove(0);
+        assert!(
+            files.kept.contains_key(&pid),
+            "the child's stat file is kept"
+        );
+        // Killed but not reaped: the kept file now reads its zombie state.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let zombie_row = loop {
+            let row = files.count().unwrap().remove(0);
+            if zombies(&row) > zombies(&before) || std::time::Instant::now() > deadline {
+                break row;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(
+            zombies(&zombie_row) > zombies(&before),
+            "{before:?} -> {zombie_row:?}"
+        );
+        assert!(files.kept.contains_key(&pid));
+        // Reaped: its file is closed, and a process that gets the id later is opened anew.
+        child.wait().unwrap();
+        files.count().unwrap();
+        assert!(
+            !files.kept.contains_key(&pid),
+            "the reaped child's file is closed"
+        );
+        assert!(files.kept.len() <= files.limit);
     }
 
     #[test]
