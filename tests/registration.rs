@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{ADMIN_PASSWORD, ADMIN_USER, TestBed, outcome};
-use pemworker::agentcfg::{DEFAULTS, Document};
+use pemworker::agentcfg::{Document, keys};
 use pemworker::config::AgentConfig;
 use pemworker::connection::{self, pool};
 use pemworker::registration::agent_settings;
@@ -147,7 +147,7 @@ async fn the_guides_flow_registers_through_pgbouncer() {
     assert!(cfg_text.starts_with("[PEM/agent]\n"), "{cfg_text}");
     let doc = Document::parse(&cfg_text);
     let keys: Vec<String> = doc.entries().iter().map(|e| e.key.to_string()).collect();
-    let guide_keys: Vec<String> = DEFAULTS.iter().map(|(k, _)| k.to_string()).collect();
+    let guide_keys: Vec<String> = keys::written().map(|(k, _)| k.to_string()).collect();
     assert_eq!(&keys[..guide_keys.len()], &guide_keys[..], "{cfg_text}");
     assert_eq!(doc.get("pem_port"), Some(bed.pgb_port.to_string().as_str()));
     assert_eq!(doc.get("pem_host"), Some("127.0.0.1"));
