@@ -1,9 +1,10 @@
-//! agent.cfg: PEM's agent configuration (`[PEM/agent]`, one `key=value` per line).
+//! agent.cfg: PEM's agent configuration (`[PEM/agent]`, one `key=value` per line, and PEM 10's
+//! `[WEBHOOK/<name>]` and `[BARMAN/<id>]` sections). Its keys are declared once, in [`keys`].
 //!
 //! Read and written by hand rather than with an INI crate because two things matter here that
 //! INI crates drop: the line number of every bad key (all are reported, not just the first), and
-//! rewriting a file in place (migration to the pooler) keeping its order, comments and unknown
-//! keys.
+//! rewriting a file in place (registration, migration to the pooler) keeping its order,
+//! comments, other sections and unknown keys.
 
 use std::path::{Path, PathBuf};
 
@@ -223,6 +224,26 @@ impl Document {
         );
     }
 
+    /// Appends the sections of `other` whose name `keep` accepts (headers, entries and
+    /// comments, as they are), after a blank line.
+    pub fn append_sections(&mut self, other: &Document, keep: impl Fn(&str) -> bool) {
+        let mut copying = false;
+        for l in &other.lines {
+            if let Line::Section(s) = l {
+                if !copying
+                    && keep(s)
+                    && !matches!(self.lines.last(), Some(Line::Other(o)) if o.trim().is_empty())
+                {
+                    self.lines.push(Line::Other(String::new()));
+                }
+                copying = keep(s);
+            }
+            if copying {
+                self.lines.push(l.clone());
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::new();
         for l in &self.lines {
@@ -290,6 +311,36 @@ mod tests {
             d.render(),
             "[PEM/agent]\npem_port=6432\n[PEM/agent]\npem_port=6432\n"
         );
+    }
+
+    #[test]
+    fn webhook_and_barman_sections_are_kept_on_rewrite() {
+        let text = "[PEM/agent]\nagent_id=4\n\n[WEBHOOK/ops]\n# the team's hook\nwebhook_ssl_crt=ops.crt\n\
+                    [BARMAN/2]\nssl_crt=b.crt\n[ELSEWHERE]\nx=1\n";
+        let mut d = Document::parse(text);
+        d.set("pem_port", "6432", None);
+        d.set("agent_user", "pem_agent_user1", Some("agent_id"));
+        assert_eq!(
+            d.render(),
+            "[PEM/agent]\nagent_id=4\nagent_user=pem_agent_user1\npem_port=6432\n\n[WEBHOOK/ops]\n# the team's hook\n\
+             webhook_ssl_crt=ops.crt\n[BARMAN/2]\nssl_crt=b.crt\n[ELSEWHERE]\nx=1\n"
+        );
+        // A new file (re-registration) takes PEM's sections of the old one along.
+        let mut fresh = Document::with_defaults();
+        fresh.append_sections(&Document::parse(text), |s| {
+            matches!(
+                Section::of_header(s),
+                Some(Section::Webhook | Section::Barman)
+            )
+        });
+        let out = fresh.render();
+        assert!(
+            out.ends_with(
+                "heartbeat_connection=false\n\n[WEBHOOK/ops]\n# the team's hook\nwebhook_ssl_crt=ops.crt\n[BARMAN/2]\nssl_crt=b.crt\n"
+            ),
+            "{out}"
+        );
+        assert_eq!(Document::parse(&out).get("agent_id"), Some(""));
     }
 
     #[test]

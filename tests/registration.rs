@@ -161,6 +161,9 @@ async fn the_guides_flow_registers_through_pgbouncer() {
         Some(crt.display().to_string().as_str())
     );
     assert_eq!(doc.get("log_level"), Some("info"));
+    // PEM's values for PEM's keys: the agent may restart servers unless told otherwise.
+    assert_eq!(doc.get("allow_server_restart"), Some("true"));
+    assert_eq!(doc.get("max_webhook_retries"), Some("3"));
     // The PEM server is verified as registration verified it: verify-full by default.
     assert_eq!(doc.get("pem_ssl_mode"), Some("verify-full"));
     assert_eq!(
@@ -467,6 +470,11 @@ async fn force_registration_keeps_the_agent_id_and_retires_the_duplicate() {
         .parse::<i32>()
         .unwrap();
     assert_ne!(first, second);
+    // PEM 10's sections in the agent.cfg being replaced are kept.
+    let sections = "[WEBHOOK/ops]\nwebhook_ssl_crt=/etc/pem/ops.crt\n[BARMAN/1]\nssl_crt=/etc/pem/barman.crt\n";
+    let mut before = std::fs::read_to_string(site.config_file()).unwrap();
+    before.push_str(sections);
+    std::fs::write(site.config_file(), before).unwrap();
 
     let (code, out, err) = register(
         &bed,
@@ -484,6 +492,8 @@ async fn force_registration_keeps_the_agent_id_and_retires_the_duplicate() {
         Document::read(&site.config_file()).unwrap().get("agent_id"),
         Some(first.to_string().as_str())
     );
+    let after = std::fs::read_to_string(site.config_file()).unwrap();
+    assert!(after.ends_with(&format!("\n\n{sections}")), "{after}");
     assert_eq!(
         agent_rows(&bed).await,
         vec![

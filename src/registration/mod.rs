@@ -830,6 +830,15 @@ fn agent_config(
     for (k, v) in &o.overrides {
         d.set(k, v, None);
     }
+    // A registration over an existing agent.cfg keeps its webhook and Barman sections.
+    if let Ok(old) = Document::read(&o.config_dir.join(agentcfg::FILE_NAME)) {
+        d.append_sections(&old, |s| {
+            matches!(
+                agentcfg::Section::of_header(s),
+                Some(agentcfg::Section::Webhook | agentcfg::Section::Barman)
+            )
+        });
+    }
     d
 }
 
