@@ -535,6 +535,7 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agentcfg::keys::{KEYS, Key, Kind};
 
     fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let p = dir.join(name);
@@ -730,6 +731,59 @@ mod tests {
                 format!("warning: {f}:12: unknown key stray in [WEBHOOK/ops] is ignored"),
             ]
         );
+    }
+
+    #[test]
+    fn every_key_of_the_table_is_accepted_and_a_bad_value_reported_by_its_use() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = agent_cfg(d.path(), FILES);
+        let crt = d.path().join("a.crt").display().to_string();
+        let key = d.path().join("a.key").display().to_string();
+        let good = |k: &Key| -> String {
+            match k.kind {
+                Kind::Hosts => "127.0.0.1".into(),
+                Kind::Ports => "5432".into(),
+                Kind::Id => "12".into(),
+                Kind::Count => "0".into(),
+                Kind::Seconds(_) => "30".into(),
+                Kind::Timeout => "5".into(),
+                Kind::Bool => "false".into(),
+                Kind::LogLevel => "info".into(),
+                Kind::SslMode => "require".into(),
+                Kind::Size => "1MB".into(),
+                Kind::Path if k.name == "agent_ssl_key" => key.clone(),
+                Kind::Path => crt.clone(),
+                Kind::Text => "x".into(),
+            }
+        };
+        // Checked by the registration and worker tests, with a real secret.
+        let in_agent = |k: &&Key| k.section != Section::Barman && k.name != "agent_secret_file";
+        for k in KEYS.iter().filter(in_agent) {
+            let (_, n) = AgentConfig::load(&cfg, &[(k.name.into(), good(k))])
+                .unwrap_or_else(|e| panic!("{}={}: {e}", k.name, good(k)));
+            assert!(
+                n.iter().all(|n| matches!(n, Notice::Info(_))),
+                "{}: {n:?}",
+                k.name
+            );
+            // Any text is a host name, a path or text.
+            if matches!(k.kind, Kind::Hosts | Kind::Path | Kind::Text) {
+                continue;
+            }
+            let bad = AgentConfig::load(&cfg, &[(k.name.into(), "%bad%".into())]);
+            let expected = format!("{} \"%bad%\" is not {}", k.name, k.kind.expected());
+            match (k.support, bad) {
+                (Support::Pem | Support::Own | Support::Alias(_), Err(e)) => {
+                    assert!(e.to_string().contains(&expected), "{e}")
+                }
+                (Support::NotImplemented(_) | Support::Accepted(_), Ok((_, n))) => assert!(
+                    matches!(&n[..], [Notice::Warning(w)] if w.contains(&expected)),
+                    "{}: {n:?}",
+                    k.name
+                ),
+                (_, other) => panic!("{}: {other:?}", k.name),
+            }
+        }
     }
 
     #[test]
