@@ -1,57 +1,23 @@
-//! agent.cfg: PEM's agent configuration (`[PEM/agent]`, one `key=value` per line).
+//! agent.cfg: PEM's agent configuration (`[PEM/agent]`, one `key=value` per line, and PEM 10's
+//! `[WEBHOOK/<name>]` and `[BARMAN/<id>]` sections). Its keys are declared once, in [`keys`].
 //!
 //! Read and written by hand rather than with an INI crate because two things matter here that
 //! INI crates drop: the line number of every bad key (all are reported, not just the first), and
-//! rewriting a file in place (migration to the pooler) keeping its order, comments and unknown
-//! keys.
+//! rewriting a file in place (registration, migration to the pooler) keeping its order,
+//! comments, other sections and unknown keys.
 
 use std::path::{Path, PathBuf};
 
 pub const SECTION: &str = "PEM/agent";
 pub const FILE_NAME: &str = "agent.cfg";
 
-/// The keys of PEM's sample agent.cfg, in its order, with the defaults registration writes.
-pub const DEFAULTS: &[(&str, &str)] = &[
-    ("pem_host", "127.0.0.1"),
-    ("pem_port", "5432"),
-    ("agent_id", ""),
-    ("agent_user", ""),
-    ("agent_ssl_key", ""),
-    ("agent_ssl_crt", ""),
-    ("log_level", "warning"),
-    ("log_location", "/var/log/pem/worker.log"),
-    ("agent_log_location", "/var/log/pem/agent.log"),
-    ("long_wait", "30"),
-    ("short_wait", "10"),
-    ("alert_threads", "0"),
-    ("enable_smtp", "false"),
-    ("enable_snmp", "false"),
-    ("allow_server_restart", "false"),
-    ("allow_package_management", "false"),
-    ("allow_streaming_replication", "false"),
-    ("max_connections", "0"),
-    ("connect_timeout", "-1"),
-    ("connection_lifetime", "0"),
-    ("allow_batch_probes", "false"),
-    ("heartbeat_connection", "false"),
-];
+pub mod keys;
 
-/// Keys agent.cfg may hold besides [`DEFAULTS`].
-pub const OTHER_KEYS: &[&str] = &[
-    "pem_ssl_mode",
-    "pem_ssl_root_cert",
-    "pem_session_lifetime",
-    "agent_secret_file",
-    "enable_webhook",
-    "batch_script_dir",
-    "batch_script_user",
-    "ca_file",
-    "state_dir",
-    "spool_limit",
-];
+pub use keys::{KEYS, Key, Kind, Section, Support};
 
+/// Whether `key` is a key of `[PEM/agent]` (PEM's, or this agent's own).
 pub fn is_known_key(key: &str) -> bool {
-    DEFAULTS.iter().any(|(k, _)| *k == key) || OTHER_KEYS.contains(&key)
+    keys::find(Section::Agent, key).is_some()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +71,7 @@ impl Document {
     /// A new file with PEM's keys in PEM's order.
     pub fn with_defaults() -> Document {
         let mut lines = vec![Line::Section(SECTION.to_string())];
-        lines.extend(DEFAULTS.iter().map(|(k, v)| Line::Entry {
+        lines.extend(keys::written().map(|(k, v)| Line::Entry {
             key: k.to_string(),
             value: v.to_string(),
         }));
@@ -151,6 +117,40 @@ impl Document {
             }
         }
         out
+    }
+
+    /// Every entry with the section it is in (`None`: before any section header), in file
+    /// order.
+    pub fn all_entries(&self) -> Vec<(Option<&str>, Entry<'_>)> {
+        let mut section = None;
+        let mut out = Vec::new();
+        for (i, l) in self.lines.iter().enumerate() {
+            match l {
+                Line::Section(s) => section = Some(s.as_str()),
+                Line::Entry { key, value } => out.push((
+                    section,
+                    Entry {
+                        line: i + 1,
+                        key,
+                        value,
+                    },
+                )),
+                Line::Other(_) => {}
+            }
+        }
+        out
+    }
+
+    /// Section headers with their line numbers.
+    pub fn sections(&self) -> Vec<(usize, &str)> {
+        self.lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match l {
+                Line::Section(s) => Some((i + 1, s.as_str())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The last value of `key` in `[PEM/agent]` (a later line wins, as in PEM).
@@ -224,6 +224,26 @@ impl Document {
         );
     }
 
+    /// Appends the sections of `other` whose name `keep` accepts (headers, entries and
+    /// comments, as they are), after a blank line.
+    pub fn append_sections(&mut self, other: &Document, keep: impl Fn(&str) -> bool) {
+        let mut copying = false;
+        for l in &other.lines {
+            if let Line::Section(s) = l {
+                if !copying
+                    && keep(s)
+                    && !matches!(self.lines.last(), Some(Line::Other(o)) if o.trim().is_empty())
+                {
+                    self.lines.push(Line::Other(String::new()));
+                }
+                copying = keep(s);
+            }
+            if copying {
+                self.lines.push(l.clone());
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::new();
         for l in &self.lines {
@@ -294,6 +314,36 @@ mod tests {
     }
 
     #[test]
+    fn webhook_and_barman_sections_are_kept_on_rewrite() {
+        let text = "[PEM/agent]\nagent_id=4\n\n[WEBHOOK/ops]\n# the team's hook\nwebhook_ssl_crt=ops.crt\n\
+                    [BARMAN/2]\nssl_crt=b.crt\n[ELSEWHERE]\nx=1\n";
+        let mut d = Document::parse(text);
+        d.set("pem_port", "6432", None);
+        d.set("agent_user", "pem_agent_user1", Some("agent_id"));
+        assert_eq!(
+            d.render(),
+            "[PEM/agent]\nagent_id=4\nagent_user=pem_agent_user1\npem_port=6432\n\n[WEBHOOK/ops]\n# the team's hook\n\
+             webhook_ssl_crt=ops.crt\n[BARMAN/2]\nssl_crt=b.crt\n[ELSEWHERE]\nx=1\n"
+        );
+        // A new file (re-registration) takes PEM's sections of the old one along.
+        let mut fresh = Document::with_defaults();
+        fresh.append_sections(&Document::parse(text), |s| {
+            matches!(
+                Section::of_header(s),
+                Some(Section::Webhook | Section::Barman)
+            )
+        });
+        let out = fresh.render();
+        assert!(
+            out.ends_with(
+                "heartbeat_connection=false\n\n[WEBHOOK/ops]\n# the team's hook\nwebhook_ssl_crt=ops.crt\n[BARMAN/2]\nssl_crt=b.crt\n"
+            ),
+            "{out}"
+        );
+        assert_eq!(Document::parse(&out).get("agent_id"), Some(""));
+    }
+
+    #[test]
     fn defaults_are_the_guides_keys_in_order() {
         let d = Document::with_defaults();
         let keys: Vec<_> = d.entries().iter().map(|e| e.key.to_string()).collect();
@@ -302,7 +352,9 @@ mod tests {
             keys.last().map(String::as_str),
             Some("heartbeat_connection")
         );
-        assert_eq!(keys.len(), 22);
+        assert_eq!(keys.len(), 24);
+        assert_eq!(d.get("allow_server_restart"), Some("true"));
+        assert_eq!(d.get("max_webhook_retries"), Some("3"));
     }
 
     #[test]

@@ -1098,7 +1098,7 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         team: a.team.clone(),
         owner: a.owner.clone(),
         heartbeat_connection: a.enable_heartbeat_connection,
-        allow_server_restart: a.allow_server_restart,
+        allow_server_restart: a.allow_server_restart.then_some(true),
         allow_batch_probes: a.allow_batch_probes,
         batch_script_user: a.batch_script_user.clone(),
         overrides,

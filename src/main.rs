@@ -357,8 +357,17 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
         }
     };
     if a.check_config {
-        for w in &warnings {
-            eprintln!("pemworker: warning: {w}");
+        use pemworker::config::Notice;
+        for n in &warnings {
+            match n {
+                Notice::Warning(w) => eprintln!("pemworker: warning: {w}"),
+                Notice::Info(i) => eprintln!("pemworker: note: {i}"),
+            }
+        }
+        // The certificate and key as a session loads them.
+        if let Err(p) = config.check_identity() {
+            eprintln!("pemworker: error: {p}");
+            return ExitCode::from(pemworker::ExitCode::Config as u8);
         }
         println!("config valid");
         return ExitCode::SUCCESS;
@@ -389,8 +398,11 @@ fn worker_main(a: &AgentArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(pemworker::ExitCode::Local, e),
     };
-    for w in &warnings {
-        tracing::warn!("{w}");
+    for n in &warnings {
+        match n {
+            pemworker::config::Notice::Warning(w) => tracing::warn!("{w}"),
+            pemworker::config::Notice::Info(i) => tracing::info!("{i}"),
+        }
     }
     // Blocking threads (spool and stats files, OS probes) are kept for ten minutes once
     // started, so a quiet agent does not start a thread for every batch.

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{ADMIN_PASSWORD, ADMIN_USER, TestBed, outcome};
-use pemworker::agentcfg::{DEFAULTS, Document};
+use pemworker::agentcfg::{Document, keys};
 use pemworker::config::AgentConfig;
 use pemworker::connection::{self, pool};
 use pemworker::registration::agent_settings;
@@ -147,7 +147,7 @@ async fn the_guides_flow_registers_through_pgbouncer() {
     assert!(cfg_text.starts_with("[PEM/agent]\n"), "{cfg_text}");
     let doc = Document::parse(&cfg_text);
     let keys: Vec<String> = doc.entries().iter().map(|e| e.key.to_string()).collect();
-    let guide_keys: Vec<String> = DEFAULTS.iter().map(|(k, _)| k.to_string()).collect();
+    let guide_keys: Vec<String> = keys::written().map(|(k, _)| k.to_string()).collect();
     assert_eq!(&keys[..guide_keys.len()], &guide_keys[..], "{cfg_text}");
     assert_eq!(doc.get("pem_port"), Some(bed.pgb_port.to_string().as_str()));
     assert_eq!(doc.get("pem_host"), Some("127.0.0.1"));
@@ -161,6 +161,9 @@ async fn the_guides_flow_registers_through_pgbouncer() {
         Some(crt.display().to_string().as_str())
     );
     assert_eq!(doc.get("log_level"), Some("info"));
+    // PEM's values for PEM's keys: the agent may restart servers unless told otherwise.
+    assert_eq!(doc.get("allow_server_restart"), Some("true"));
+    assert_eq!(doc.get("max_webhook_retries"), Some("3"));
     // The PEM server is verified as registration verified it: verify-full by default.
     assert_eq!(doc.get("pem_ssl_mode"), Some("verify-full"));
     assert_eq!(
@@ -467,6 +470,11 @@ async fn force_registration_keeps_the_agent_id_and_retires_the_duplicate() {
         .parse::<i32>()
         .unwrap();
     assert_ne!(first, second);
+    // PEM 10's sections in the agent.cfg being replaced are kept.
+    let sections = "[WEBHOOK/ops]\nwebhook_ssl_crt=/etc/pem/ops.crt\n[BARMAN/1]\nssl_crt=/etc/pem/barman.crt\n";
+    let mut before = std::fs::read_to_string(site.config_file()).unwrap();
+    before.push_str(sections);
+    std::fs::write(site.config_file(), before).unwrap();
 
     let (code, out, err) = register(
         &bed,
@@ -484,6 +492,8 @@ async fn force_registration_keeps_the_agent_id_and_retires_the_duplicate() {
         Document::read(&site.config_file()).unwrap().get("agent_id"),
         Some(first.to_string().as_str())
     );
+    let after = std::fs::read_to_string(site.config_file()).unwrap();
+    assert!(after.ends_with(&format!("\n\n{sections}")), "{after}");
     assert_eq!(
         agent_rows(&bed).await,
         vec![

@@ -252,35 +252,57 @@ fn build(key: &Key, s: &ConnectSettings) -> Result<Context, Error> {
         b.set_verify(SslVerifyMode::NONE);
     }
     if let Some((cert, key_file)) = &key.client {
-        let cert_pem = read("client certificate", cert)?;
-        let key_pem = read("private key", key_file)?;
-        let bad = |e: openssl::error::ErrorStack| {
-            Error::Tls(format!(
-                "client certificate {} with key {}: {}",
-                cert.display(),
-                key_file.display(),
-                one_line_stack(&e)
-            ))
-        };
-        let mut chain = X509::stack_from_pem(&cert_pem).map_err(bad)?.into_iter();
-        let leaf = chain.next().ok_or_else(|| {
-            Error::Tls(format!(
-                "client certificate {} holds no certificate",
-                cert.display()
-            ))
-        })?;
-        let pkey = PKey::private_key_from_pem(&key_pem).map_err(bad)?;
-        b.set_certificate(&leaf).map_err(bad)?;
-        for c in chain {
-            b.add_extra_chain_cert(c).map_err(bad)?;
-        }
-        b.set_private_key(&pkey).map_err(bad)?;
-        b.check_private_key().map_err(bad)?;
+        set_identity(&mut b, cert, key_file)?;
     }
     Ok(Context {
         ssl: b.build(),
         verify_host: key.verify_host,
     })
+}
+
+/// Loads the client certificate (with its chain) and key into `b`. OpenSSL reads the key in
+/// any of its PEM forms: PKCS#8 (`BEGIN PRIVATE KEY`, as this agent writes keys) and the
+/// traditional ones (`BEGIN RSA PRIVATE KEY`, `BEGIN EC PRIVATE KEY`), as PEM's tooling and
+/// `openssl genrsa -traditional` write them.
+fn set_identity(b: &mut SslContextBuilder, cert: &Path, key_file: &Path) -> Result<(), Error> {
+    let cert_pem = read("client certificate", cert)?;
+    let key_pem = read("private key", key_file)?;
+    let bad = |e: openssl::error::ErrorStack| {
+        Error::Tls(format!(
+            "client certificate {} with key {}: {}",
+            cert.display(),
+            key_file.display(),
+            one_line_stack(&e)
+        ))
+    };
+    let mut chain = X509::stack_from_pem(&cert_pem).map_err(bad)?.into_iter();
+    let leaf = chain.next().ok_or_else(|| {
+        Error::Tls(format!(
+            "client certificate {} holds no certificate",
+            cert.display()
+        ))
+    })?;
+    let pkey = PKey::private_key_from_pem(&key_pem).map_err(bad)?;
+    b.set_certificate(&leaf).map_err(bad)?;
+    for c in chain {
+        b.add_extra_chain_cert(c).map_err(bad)?;
+    }
+    b.set_private_key(&pkey).map_err(bad)?;
+    b.check_private_key().map_err(bad)
+}
+
+/// Whether a session could present `cert` with `key_file`: the key's mode (0600, as libpq
+/// wants), both files readable by OpenSSL, and the key the certificate's.
+pub fn check_identity(cert: &Path, key_file: &Path) -> Result<(), Error> {
+    stamps(&Key {
+        verify_chain: false,
+        verify_host: false,
+        root: None,
+        client: Some((cert.to_path_buf(), key_file.to_path_buf())),
+    })?;
+    let mut b = SslContextBuilder::new(SslMethod::tls_client())
+        .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", one_line_stack(&e))))?;
+    set_identity(&mut b, cert, key_file)
 }
 
 impl Context {
@@ -514,6 +536,77 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    /// An RSA key as `openssl genrsa -traditional` (and PEM's sslutils before 1.4.1) write it,
+    /// with a certificate for it signed by the CA: (certificate PEM, PKCS#1 key PEM).
+    fn rsa_identity(ca: &Authority, cn: &str) -> (String, String) {
+        use openssl::rsa::Rsa;
+        use openssl::x509::X509NameBuilder;
+        let rsa = Rsa::generate(2048).unwrap();
+        let pkcs1 = String::from_utf8(rsa.private_key_to_pem().unwrap()).unwrap();
+        let pkey = PKey::from_rsa(rsa).unwrap();
+        let ca_key = PKey::private_key_from_pem(ca.key_pem.as_bytes()).unwrap();
+        let ca_cert = X509::from_pem(ca.cert_pem.as_bytes()).unwrap();
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap();
+        let name = name.build();
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(ca_cert.subject_name()).unwrap();
+        b.set_pubkey(&pkey).unwrap();
+        let serial = openssl::bn::BigNum::from_u32(7)
+            .unwrap()
+            .to_asn1_integer()
+            .unwrap();
+        b.set_serial_number(&serial).unwrap();
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(365).unwrap())
+            .unwrap();
+        b.sign(&ca_key, MessageDigest::sha256()).unwrap();
+        let cert = String::from_utf8(b.build().to_pem().unwrap()).unwrap();
+        (cert, pkcs1)
+    }
+
+    #[test]
+    fn a_pkcs1_rsa_key_is_loaded_as_pem_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::generate("test CA").unwrap();
+        let (crt, key) = rsa_identity(&ca, "agent1");
+        assert!(key.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{key}");
+        write(&dir.path().join("root.crt"), &ca.cert_pem, 0o644);
+        write(&dir.path().join("agent1.crt"), &crt, 0o644);
+        write(&dir.path().join("agent1.key"), &key, 0o600);
+        context(&settings(dir.path(), SslMode::VerifyFull)).unwrap();
+        check_identity(
+            &dir.path().join("agent1.crt"),
+            &dir.path().join("agent1.key"),
+        )
+        .unwrap();
+        // The key's mode is still checked.
+        std::fs::set_permissions(
+            dir.path().join("agent1.key"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let err = check_identity(
+            &dir.path().join("agent1.crt"),
+            &dir.path().join("agent1.key"),
+        )
+        .expect_err("a key readable by the group is refused");
+        assert!(matches!(err, Error::KeyPermissions { .. }), "{err}");
+        // Another key for the certificate is named.
+        let (_, other) = rsa_identity(&ca, "agent1");
+        write(&dir.path().join("agent1.key"), &other, 0o600);
+        let err = check_identity(
+            &dir.path().join("agent1.crt"),
+            &dir.path().join("agent1.key"),
+        )
+        .expect_err("a key of another certificate is refused")
+        .to_string();
+        assert!(err.contains("agent1.key"), "{err}");
     }
 
     #[test]

@@ -177,10 +177,24 @@ pub struct Options {
     pub team: Option<String>,
     pub owner: Option<String>,
     pub heartbeat_connection: bool,
-    pub allow_server_restart: bool,
+    /// `None`: what the key table says registration writes (PEM's default, true).
+    pub allow_server_restart: Option<bool>,
     pub allow_batch_probes: bool,
     pub batch_script_user: Option<String>,
     pub overrides: Vec<(String, String)>,
+}
+
+impl Options {
+    /// Whether monitored servers may be restarted by the agent, as agent.cfg and the server
+    /// record it.
+    pub fn allow_server_restart(&self) -> bool {
+        self.allow_server_restart.unwrap_or_else(|| {
+            agentcfg::keys::find(agentcfg::Section::Agent, "allow_server_restart")
+                .and_then(|k| k.written)
+                .and_then(agentcfg::keys::parse_bool)
+                .unwrap_or(true)
+        })
+    }
 }
 
 /// What a registration produced.
@@ -560,7 +574,7 @@ async fn with_token(
         "group": opts.group,
         "team": opts.team,
         "owner": opts.owner,
-        "allow_server_restart": opts.allow_server_restart,
+        "allow_server_restart": opts.allow_server_restart(),
         "allow_batch_probes": opts.allow_batch_probes,
         "batch_script_user": opts.batch_script_user,
         "heartbeat_connection": opts.heartbeat_connection,
@@ -683,13 +697,14 @@ async fn upsert_agent(
     o: &Options,
     previous: Option<i32>,
 ) -> Result<(i32, bool), Error> {
+    let allow_server_restart = o.allow_server_restart();
     let params: [pool::Param<'_>; 10] = [
         (&o.display_name, Type::TEXT),
         (&o.host_name, Type::TEXT),
         (&o.group, Type::TEXT),
         (&o.team, Type::TEXT),
         (&o.owner, Type::TEXT),
-        (&o.allow_server_restart, Type::BOOL),
+        (&allow_server_restart, Type::BOOL),
         (&o.allow_batch_probes, Type::BOOL),
         (&o.batch_script_user, Type::TEXT),
         (&o.heartbeat_connection, Type::BOOL),
@@ -801,7 +816,7 @@ fn agent_config(
     d.set("agent_ssl_key", &key.display().to_string(), None);
     d.set("agent_ssl_crt", &crt.display().to_string(), None);
     d.set("agent_secret_file", &secret.display().to_string(), None);
-    d.set("allow_server_restart", b(o.allow_server_restart), None);
+    d.set("allow_server_restart", b(o.allow_server_restart()), None);
     d.set("allow_batch_probes", b(o.allow_batch_probes), None);
     d.set("heartbeat_connection", b(o.heartbeat_connection), None);
     if let Some(u) = &o.batch_script_user {
@@ -814,6 +829,15 @@ fn agent_config(
     }
     for (k, v) in &o.overrides {
         d.set(k, v, None);
+    }
+    // A registration over an existing agent.cfg keeps its webhook and Barman sections.
+    if let Ok(old) = Document::read(&o.config_dir.join(agentcfg::FILE_NAME)) {
+        d.append_sections(&old, |s| {
+            matches!(
+                agentcfg::Section::of_header(s),
+                Some(agentcfg::Section::Webhook | agentcfg::Section::Barman)
+            )
+        });
     }
     d
 }

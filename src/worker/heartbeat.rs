@@ -113,7 +113,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             warned_start = true;
                             // Through pgBouncer the backend's port is not the one we dialled.
                             let tcp = !config.pem_hosts.iter().all(|h| h.starts_with('/'));
-                            let pooled = tcp && b.server_port != Some(i32::from(config.pem_port));
+                            let pooled = tcp
+                                && !b.server_port.is_some_and(|p| {
+                                    config.pem_ports.iter().any(|&q| i32::from(q) == p)
+                                });
                             shared.started_through(pooled);
                             for w in super::startup_warnings(&config, pooled) {
                                 tracing::warn!("{w}");
