@@ -23,8 +23,9 @@
 //!   pg_monitor role `monitor` (its password in PEM_MONITORED_SERVER_PASSWORD),
 //!   `--server-database` and `--asb-host-db` postgres.
 //! - The server knows agents 5 and 8 (PEM's pages re-register those ids with `-o agent_id`);
-//!   `-o agent_ssl_crt/agent_ssl_key` files are issued by the bed's PEM CA for the user the
-//!   line logs in as, and written where the line names them.
+//!   `-o agent_ssl_crt/agent_ssl_key` files are made by PEM 10's manual recipe (`openssl
+//!   genrsa`, `openssl x509 -req` with the bed's PEM CA files) for the user the line logs in as
+//!   (`--pem-agent-user`, else `agent<ID>`), where the line names them.
 //! - Modes that act on a registered agent (--register-server, --unregister-server,
 //!   --verify-registration, --unregister-agent, --enable-probe, --disable-probe) run where an
 //!   agent was registered first; --unregister-server and the probe modes also find the bed's
@@ -164,13 +165,9 @@ struct Prepared {
     local_cert: Option<(PathBuf, PathBuf, String)>,
 }
 
+/// A printed absolute path, moved under the site.
 fn under(site: &Path, printed: &str) -> PathBuf {
-    let p = Path::new(printed);
-    if p.is_absolute() {
-        site.join(printed.trim_start_matches('/').replace('/', "_"))
-    } else {
-        p.to_path_buf()
-    }
+    site.join(printed.trim_start_matches('/').replace('/', "_"))
 }
 
 /// The bed's pgBouncer and PostgreSQL ports.
@@ -215,6 +212,14 @@ fn prepare(ports: Ports, line: &Line, site: &Path) -> Prepared {
             _ => v,
         }
     };
+    // -o file names relative to the configuration directory stay relative, as printed.
+    let moved = |p: &str| {
+        if Path::new(p).is_absolute() {
+            under(site, p)
+        } else {
+            PathBuf::from(p)
+        }
+    };
     while let Some(w) = words.next() {
         let (flag, attached) = match w.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -251,12 +256,12 @@ fn prepare(ports: Ports, line: &Line, site: &Path) -> Prepared {
             }
             "-o" => match v.split_once('=') {
                 Some(("agent_ssl_crt", p)) if !p.is_empty() => {
-                    let f = under(site, p);
+                    let f = moved(p);
                     crt = Some(f.clone());
                     format!("agent_ssl_crt={}", f.display())
                 }
                 Some(("agent_ssl_key", p)) if !p.is_empty() => {
-                    let f = under(site, p);
+                    let f = moved(p);
                     key = Some(f.clone());
                     format!("agent_ssl_key={}", f.display())
                 }
@@ -328,6 +333,7 @@ fn install(site: &Path) -> PathBuf {
 fn run(bed: &TestBed, site: &Path, exe: &Path, p: &Prepared) -> (i32, String, String) {
     let mut c = Command::new(exe);
     c.args(&p.args)
+        .current_dir(site)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", site)
@@ -413,6 +419,59 @@ fn bind_bed_server(bed: &TestBed, site: &Path, exe: &Path, config_dir: &Path) {
     assert_eq!(code, 0, "binding the bed's server first: {out}{err}");
 }
 
+/// PEM 10's manual recipe (certificates/manual_cert_generation): an RSA key from `openssl
+/// genrsa` (PKCS#1, as PEM's sslutils and OpenSSL 1.x write it) and a certificate for `user`
+/// signed with the PEM CA's files from the server's data directory by `openssl x509 -req`.
+fn issue_locally(bed: &TestBed, user: &str, crt: &Path, key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = bed.home.join(format!("ca-for-{user}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca_crt, ca_key, csr) = (
+        dir.join("ca_certificate.crt"),
+        dir.join("ca_key.key"),
+        dir.join("agent.csr"),
+    );
+    std::fs::write(&ca_crt, &bed.ca.cert_pem).unwrap();
+    std::fs::write(&ca_key, &bed.ca.key_pem).unwrap();
+    for d in [crt.parent().unwrap(), key.parent().unwrap()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (k, c, r) = (
+        key.to_str().unwrap(),
+        crt.to_str().unwrap(),
+        csr.to_str().unwrap(),
+    );
+    openssl(&["genrsa", "-traditional", "-out", k, "2048"]);
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    openssl(&["req", "-new", "-key", k, "-subj", &format!("/CN={user}"), "-out", r]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "365",
+        "-in",
+        r,
+        "-CA",
+        ca_crt.to_str().unwrap(),
+        "-CAkey",
+        ca_key.to_str().unwrap(),
+        "-CAcreateserial",
+        "-out",
+        c,
+    ]);
+}
+
 async fn retire_servers(su: &Client) {
     pool::batch(
         su,
@@ -493,8 +552,7 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
         let p = prepare(ports, &l, &site);
         let m = mode(&p.args).to_string();
         let help = p.args.iter().any(|a| a == "--help");
-        let needs_agent = l.expect == Expect::Ok
-            && !help
+        let needs_agent = !help
             && matches!(
                 m.as_str(),
                 "--register-server"
@@ -509,11 +567,7 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
             bind_bed_server(&bed, &site, &exe, &p.config_dir);
         }
         if let Some((crt, key, user)) = &p.local_cert {
-            let (c, k) = bed.issue_agent_certificate(user).await;
-            for (from, to) in [(c, crt), (k, key)] {
-                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-                std::fs::copy(from, to).unwrap();
-            }
+            issue_locally(&bed, user, crt, key);
         }
         let (code, out, err) = run(&bed, &site, &exe, &p);
         let shown = format!(
