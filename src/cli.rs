@@ -1953,6 +1953,159 @@ pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChan
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pemworker").chain(args.iter().copied()))
+    }
+
+    fn agent(args: &[&str]) -> AgentArgs {
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}")).agent
+    }
+
+    #[test]
+    fn each_mode_flag_selects_its_mode_and_two_modes_are_refused() {
+        assert_eq!(agent(&[]).mode, Mode::Worker);
+        for (mode, long, _) in MODES {
+            assert_eq!(agent(&[&format!("--{long}")]).mode, *mode);
+            assert_eq!(mode.flag(), format!("--{long}"));
+        }
+        assert_eq!(
+            agent(&["--set-probe-interval", "30"]).mode,
+            Mode::SetProbeInterval(30)
+        );
+        let e = parse(&["--register-agent", "--unregister-agent"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn switches_take_pems_value_forms() {
+        for (args, want) in [
+            (&["--allow_server_restart"][..], Some(true)),
+            (&["--allow_server_restart", "true"][..], Some(true)),
+            (&["--allow_server_restart", "FALSE"][..], Some(false)),
+            (&["--allow_server_restart=no"][..], Some(false)),
+            (&["--allow-server-restart", "Yes"][..], Some(true)),
+            (&[][..], None),
+        ] {
+            assert_eq!(agent(args).allow_server_restart, want, "{args:?}");
+        }
+        let a = agent(&[
+            "--register-agent",
+            "--force-registration",
+            "yes",
+            "--enable-smtp=true",
+            "--enable-snmp",
+            "TRUE",
+            "--enable-webhook",
+            "--enable-heartbeat-connection",
+            "--allow-batch-probes",
+            "true",
+            "-l",
+            "DEBUG1",
+        ]);
+        assert_eq!(a.force_registration, Some(true));
+        assert_eq!(
+            (a.enable_smtp, a.enable_snmp, a.enable_webhook),
+            (Some(true), Some(true), Some(true))
+        );
+        assert_eq!(a.enable_heartbeat_connection, Some(true));
+        assert_eq!(a.allow_batch_probes, Some(true));
+        assert_eq!(a.log_level, Some(crate::config::LogLevel::Debug1));
+        let e = parse(&["--force-registration", "maybe"]).unwrap_err();
+        assert!(e.to_string().contains("expected true or false"), "{e}");
+    }
+
+    #[test]
+    fn pem_levels_map_onto_ours() {
+        use crate::config::LogLevel;
+        for (pem, ours) in [
+            ("WARNING", LogLevel::Warning),
+            ("warning", LogLevel::Warning),
+            ("ERROR", LogLevel::Error),
+            ("INFO", LogLevel::Info),
+            ("NOTICE", LogLevel::Info),
+            ("DEBUG1", LogLevel::Debug1),
+            ("DEBUG2", LogLevel::Debug2),
+            ("DEBUG5", LogLevel::Debug2),
+        ] {
+            assert_eq!(pem_log_level(pem), Ok(ours), "{pem}");
+        }
+        assert!(pem_log_level("LOUD").is_err());
+    }
+
+    #[test]
+    fn o_repeats_and_attaches_and_a_repeated_option_takes_the_last_value() {
+        let a = agent(&[
+            "-oagent_conn_string=host=x",
+            "-o",
+            "agent_id=8",
+            "--pem-user",
+            "a",
+            "--pem-user",
+            "b",
+        ]);
+        assert_eq!(a.options, ["agent_conn_string=host=x", "agent_id=8"]);
+        assert_eq!(a.admin.pem_user.as_deref(), Some("b"));
+        let o = register_overrides(&a.options).unwrap();
+        assert_eq!(o.agent_id, Some(8));
+        assert_eq!(o.rest, [("agent_conn_string".into(), "host=x".into())]);
+        for bad in ["agent_id=x", "agent_id=0", "agent_ssl_crt="] {
+            assert!(register_overrides(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let args: Vec<std::ffi::OsString> = ["pemworker", "-o", "agent_ssl_crt=", "agent.crt"]
+            .map(Into::into)
+            .to_vec();
+        assert_eq!(
+            spaced_option_value(&args).as_deref(),
+            Some(
+                "-o agent_ssl_crt= agent.crt: remove the space after =, as in -o agent_ssl_crt=agent.crt"
+            )
+        );
+    }
+
+    #[test]
+    fn config_file_names_agent_cfg_for_every_mode() {
+        for flag in ["-c", "--config-file", "--config"] {
+            let a = agent(&["--verify-registration", flag, "/etc/x/agent.cfg"]);
+            assert_eq!(a.admin.config_file(), Path::new("/etc/x/agent.cfg"));
+            assert_eq!(config_dir(&a), Path::new("/etc/x"));
+        }
+        let a = agent(&["--verify-registration", "--config-dir", "/opt/etc"]);
+        assert_eq!(a.admin.config_file(), Path::new("/opt/etc/agent.cfg"));
+    }
+
+    #[test]
+    fn registration_conn_strings_in_both_forms() {
+        let c = parse_conninfo(
+            "host=pem.example port=6432 user=pem_admin1 dbname=postgres sslmode=verify-CA sslrootcert='/etc/pem root.crt'",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Conninfo {
+                host: Some("pem.example".into()),
+                port: Some(6432),
+                user: Some("pem_admin1".into()),
+                sslmode: Some("verify-CA".into()),
+                sslrootcert: Some("/etc/pem root.crt".into()),
+            }
+        );
+        let u =
+            parse_conninfo("postgresql://pem_admin1@pem.example:6432/pem?sslmode=require").unwrap();
+        assert_eq!(u.host.as_deref(), Some("pem.example"));
+        assert_eq!(u.port, Some(6432));
+        assert_eq!(u.user.as_deref(), Some("pem_admin1"));
+        assert_eq!(u.sslmode.as_deref(), Some("require"));
+        for secret in [
+            "host=x password=s3cret",
+            "postgresql://u:s3cret@x/pem",
+        ] {
+            let e = parse_conninfo(secret).unwrap_err().to_string();
+            assert!(e.contains("PEM_SERVER_PASSWORD") && !e.contains("s3cret"), "{e}");
+        }
+        assert!(parse_conninfo("host=x port=many").is_err());
+    }
 
     #[test]
     fn the_host_name_is_the_one_hostname_f_prints() {
