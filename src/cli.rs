@@ -219,9 +219,8 @@ fn level_name(l: crate::config::LogLevel) -> &'static str {
 pub fn spaced_option_value(args: &[std::ffi::OsString]) -> Option<String> {
     args.windows(3).find_map(|w| {
         let (o, kv, next) = (w[0].to_str()?, w[1].to_str()?, w[2].to_str()?);
-        (o == "-o" && kv.ends_with('=') && !next.starts_with('-')).then(|| {
-            format!("-o {kv} {next}: remove the space after =, as in -o {kv}{next}")
-        })
+        (o == "-o" && kv.ends_with('=') && !next.starts_with('-'))
+            .then(|| format!("-o {kv} {next}: remove the space after =, as in -o {kv}{next}"))
     })
 }
 
@@ -649,7 +648,12 @@ pub struct AgentAdminArgs {
     pub config_dir: Option<PathBuf>,
     /// agent.cfg itself, for the worker and every mode that reads it [default: agent.cfg in
     /// the config directory].
-    #[arg(short = 'c', long = "config-file", alias = "config", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long = "config-file",
+        alias = "config",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
 }
 
@@ -1198,7 +1202,11 @@ pub fn config_dir(a: &AgentArgs) -> PathBuf {
             .filter(|d| !d.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
-        None => a.admin.config_dir.clone().unwrap_or_else(default_config_dir),
+        None => a
+            .admin
+            .config_dir
+            .clone()
+            .unwrap_or_else(default_config_dir),
     }
 }
 
@@ -1331,7 +1339,9 @@ fn note_ignored(a: &AgentArgs) {
         || a.patroni_install_path.is_some()
         || a.patroni_config_path.is_some()
     {
-        notes.push("--replication-solution/--patroni-*: cluster managers are not monitored; ignored");
+        notes.push(
+            "--replication-solution/--patroni-*: cluster managers are not monitored; ignored",
+        );
     }
     for n in notes {
         eprintln!("pemworker: note: {n}");
@@ -1393,7 +1403,9 @@ fn parse_conninfo(s: &str) -> Result<Conninfo, Error> {
             pairs.push(("port".into(), p.to_string()));
         }
         for kv in query.split('&').filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad("a URI parameter without ="))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad("a URI parameter without ="))?;
             pairs.push((k.to_string(), v.to_string()));
         }
     } else {
@@ -1538,7 +1550,10 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         pem_user: conninfo.user.clone().or_else(|| a.admin.pem_user.clone()),
         pem_server: conninfo.host.clone().or_else(|| a.admin.pem_server.clone()),
         pem_port: conninfo.port.or(a.admin.pem_port),
-        pem_ssl_mode: conninfo.sslmode.clone().or_else(|| a.admin.pem_ssl_mode.clone()),
+        pem_ssl_mode: conninfo
+            .sslmode
+            .clone()
+            .or_else(|| a.admin.pem_ssl_mode.clone()),
         pem_ssl_root_cert: conninfo
             .sslrootcert
             .clone()
@@ -1960,7 +1975,9 @@ mod tests {
     }
 
     fn agent(args: &[&str]) -> AgentArgs {
-        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}")).agent
+        parse(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .agent
     }
 
     #[test]
@@ -2097,12 +2114,12 @@ mod tests {
         assert_eq!(u.port, Some(6432));
         assert_eq!(u.user.as_deref(), Some("pem_admin1"));
         assert_eq!(u.sslmode.as_deref(), Some("require"));
-        for secret in [
-            "host=x password=s3cret",
-            "postgresql://u:s3cret@x/pem",
-        ] {
+        for secret in ["host=x password=s3cret", "postgresql://u:s3cret@x/pem"] {
             let e = parse_conninfo(secret).unwrap_err().to_string();
-            assert!(e.contains("PEM_SERVER_PASSWORD") && !e.contains("s3cret"), "{e}");
+            assert!(
+                e.contains("PEM_SERVER_PASSWORD") && !e.contains("s3cret"),
+                "{e}"
+            );
         }
         assert!(parse_conninfo("host=x port=many").is_err());
     }

@@ -362,7 +362,10 @@ async fn change_probe(a: &AgentArgs) -> Result<(), pemworker::Error> {
     // PEM's wording first, then the state now.
     match s.server_id {
         Some(i) => println!("INFO: Probe status updated for server (id: {i})"),
-        None => println!("INFO: Probe status updated for agent (id: {})", change.agent_id),
+        None => println!(
+            "INFO: Probe status updated for agent (id: {})",
+            change.agent_id
+        ),
     }
     println!(
         "probe {}{} for agent {}: {}, every {} s",

@@ -200,7 +200,11 @@ fn prepare(ports: Ports, line: &Line, site: &Path) -> Prepared {
     let (mut crt, mut key, mut agent_id, mut agent_user) = (None, None, None, None);
     let value_of = |flag: &str, v: String| -> String {
         match flag {
-            "--pem-server" => v.split(',').map(|_| "127.0.0.1").collect::<Vec<_>>().join(","),
+            "--pem-server" => v
+                .split(',')
+                .map(|_| "127.0.0.1")
+                .collect::<Vec<_>>()
+                .join(","),
             "--pem-port" => ports.pgbouncer.to_string(),
             "--pem-user" => ADMIN_USER.to_string(),
             "--pem-agent-user" => AGENT_USER.to_string(),
@@ -295,7 +299,13 @@ fn prepare(ports: Ports, line: &Line, site: &Path) -> Prepared {
     let local_cert = crt.zip(key).map(|(c, k)| {
         let user = agent_user.unwrap_or_else(|| format!("agent{}", agent_id.unwrap_or_default()));
         // Relative paths are relative to the configuration directory, as in PEM 10.
-        let at = |p: PathBuf| if p.is_absolute() { p } else { config_dir.join(p) };
+        let at = |p: PathBuf| {
+            if p.is_absolute() {
+                p
+            } else {
+                config_dir.join(p)
+            }
+        };
         (at(c), at(k), user)
     });
     Prepared {
@@ -394,7 +404,10 @@ fn bind_bed_server(bed: &TestBed, site: &Path, exe: &Path, config_dir: &Path) {
     let p = Prepared {
         env: vec![
             ("PEM_SERVER_PASSWORD".into(), ADMIN_PASSWORD.into()),
-            ("PEM_MONITORED_SERVER_PASSWORD".into(), MONITOR_PASSWORD.into()),
+            (
+                "PEM_MONITORED_SERVER_PASSWORD".into(),
+                MONITOR_PASSWORD.into(),
+            ),
         ],
         program: "pemworker".into(),
         args: [
@@ -454,7 +467,16 @@ fn issue_locally(bed: &TestBed, user: &str, crt: &Path, key: &Path) {
     );
     openssl(&["genrsa", "-traditional", "-out", k, "2048"]);
     std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    openssl(&["req", "-new", "-key", k, "-subj", &format!("/CN={user}"), "-out", r]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        k,
+        "-subj",
+        &format!("/CN={user}"),
+        "-out",
+        r,
+    ]);
     openssl(&[
         "x509",
         "-req",
@@ -563,7 +585,12 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
                     | "--disable-probe"
             );
         let pre_agent = needs_agent.then(|| register_first(&bed, &site, &exe, &p.config_dir));
-        if needs_agent && matches!(m.as_str(), "--unregister-server" | "--enable-probe" | "--disable-probe") {
+        if needs_agent
+            && matches!(
+                m.as_str(),
+                "--unregister-server" | "--enable-probe" | "--disable-probe"
+            )
+        {
             bind_bed_server(&bed, &site, &exe, &p.config_dir);
         }
         if let Some((crt, key, user)) = &p.local_cert {
@@ -578,7 +605,9 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
             Expect::Fail(want_code, text) => {
                 let lines: Vec<&str> = err.lines().collect();
                 if code != *want_code || lines.len() != 1 || !lines[0].contains(text.as_str()) {
-                    Some(format!("expected exit {want_code} and one line with {text:?}"))
+                    Some(format!(
+                        "expected exit {want_code} and one line with {text:?}"
+                    ))
                 } else {
                     None
                 }
@@ -620,8 +649,9 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
                     )
                     .await;
                     let efm = p.args.iter().any(|a| a == "--efm-cluster-name");
-                    let recorded = std::fs::read_to_string(p.config_dir.join("monitored_targets.json"))
-                        .unwrap_or_default();
+                    let recorded =
+                        std::fs::read_to_string(p.config_dir.join("monitored_targets.json"))
+                            .unwrap_or_default();
                     retire_servers(&su).await;
                     if !out.contains(
                         "Database Server registered with Postgres Enterprise Manager Server successfully!",
@@ -635,13 +665,17 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
                         None
                     }
                 }
-                "--verify-registration" => (!out.contains("Verify registration done successfully."))
-                    .then(|| "no PEM success line".to_string()),
+                "--verify-registration" => (!out
+                    .contains("Verify registration done successfully."))
+                .then(|| "no PEM success line".to_string()),
                 _ => None,
             },
             Expect::Parse => None,
         };
-        if matches!(m.as_str(), "--unregister-server" | "--enable-probe" | "--disable-probe") {
+        if matches!(
+            m.as_str(),
+            "--unregister-server" | "--enable-probe" | "--disable-probe"
+        ) {
             retire_servers(&su).await;
         }
         if let Some(p) = problem {
@@ -649,4 +683,262 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// `--register-agent` for agent 5 with `-o agent_ssl_crt/agent_ssl_key` in `dir`.
+fn local_cert_args(bed: &TestBed, site: &Path, crt: &Path, key: &Path) -> Prepared {
+    Prepared {
+        env: vec![("PEM_SERVER_PASSWORD".into(), ADMIN_PASSWORD.into())],
+        program: "pemworker".into(),
+        args: [
+            "--register-agent",
+            "--pem-server",
+            "127.0.0.1",
+            "--pem-port",
+            &bed.pgb_port.to_string(),
+            "--pem-user",
+            ADMIN_USER,
+            "--display-name",
+            "agent5",
+            "-o",
+            "agent_id=5",
+            "-o",
+            &format!("agent_ssl_crt={}", crt.display()),
+            "-o",
+            &format!("agent_ssl_key={}", key.display()),
+        ]
+        .map(String::from)
+        .to_vec(),
+        config_dir: site.join("etc"),
+        local_cert: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locally_issued_certificates_are_checked_before_the_server_is_touched() {
+    use std::os::unix::fs::PermissionsExt;
+    let bed = TestBed::start();
+    let su = bed.connect(&bed.superuser()).await;
+    pool::batch(
+        &su,
+        "setup",
+        "INSERT INTO pem.agent (id, display_name, active) VALUES (5, 'agent5', false); \
+         SELECT pg_catalog.setval(pg_catalog.pg_get_serial_sequence('pem.agent', 'id'), 100)",
+    )
+    .await
+    .unwrap();
+    let site = bed.home.join("local");
+    let exe = install(&site);
+    let dir = site.join("certs");
+    let (crt, key) = (dir.join("agent5.crt"), dir.join("agent5.key"));
+    issue_locally(&bed, "agent5", &crt, &key);
+    let (other_crt, other_key) = (dir.join("agent6.crt"), dir.join("agent6.key"));
+    issue_locally(&bed, "agent6", &other_crt, &other_key);
+    // A certificate for agent5 from a CA that is not the PEM CA.
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    let (foreign_crt, foreign_key) = (foreign.join("agent5.crt"), foreign.join("agent5.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .args(["-subj", "/CN=Foreign CA", "-keyout"])
+        .arg(foreign.join("ca.key"))
+        .arg("-out")
+        .arg(foreign.join("ca.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&foreign_key)
+            .arg("2048")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let csr = foreign.join("agent5.csr");
+    assert!(
+        Command::new("openssl")
+            .args(["req", "-new", "-subj", "/CN=agent5", "-key"])
+            .arg(&foreign_key)
+            .arg("-out")
+            .arg(&csr)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "30", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(foreign.join("ca.crt"))
+            .arg("-CAkey")
+            .arg(foreign.join("ca.key"))
+            .arg("-CAcreateserial")
+            .arg("-out")
+            .arg(&foreign_crt)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    std::fs::set_permissions(&foreign_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let open_key = dir.join("open.key");
+    std::fs::copy(&key, &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let agents = || async {
+        pool::query(
+            &bed.connect(&bed.superuser()).await,
+            "agents",
+            "SELECT count(*) FROM pem.agent WHERE active",
+            &[],
+        )
+        .await
+        .unwrap()[0]
+            .get::<_, i64>(0)
+    };
+    for (c, k, why) in [
+        (&crt, &other_key, "it is not the key of"),
+        (&other_crt, &other_key, "its common name is \"agent6\""),
+        (
+            &foreign_crt,
+            &foreign_key,
+            "it was not issued by the PEM CA",
+        ),
+        (&crt, &open_key, "run chmod 600"),
+        (&crt, &dir.join("missing.key"), "cannot read it"),
+    ] {
+        let (code, out, err) = run(&bed, &site, &exe, &local_cert_args(&bed, &site, c, k));
+        assert_eq!(code, 1, "{why}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(why), "{why}: {err}");
+        assert!(
+            !site.join("etc/agent.cfg").exists(),
+            "{why}: agent.cfg written"
+        );
+        assert_eq!(agents().await, 0, "{why}: an agent row is active");
+    }
+    // An id the server does not know is refused, and nothing is left.
+    let mut unknown = local_cert_args(&bed, &site, &crt, &key);
+    for a in unknown.args.iter_mut() {
+        if a == "agent_id=5" {
+            *a = "agent_id=77".into();
+        }
+    }
+    let crt77 = dir.join("agent77.crt");
+    let key77 = dir.join("agent77.key");
+    issue_locally(&bed, "agent77", &crt77, &key77);
+    for a in unknown.args.iter_mut() {
+        *a = a
+            .replace(&crt.display().to_string(), &crt77.display().to_string())
+            .replace(&key.display().to_string(), &key77.display().to_string());
+    }
+    let (code, out, err) = run(&bed, &site, &exe, &unknown);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("agent id 77 (-o agent_id) is not registered"),
+        "{err}"
+    );
+    assert!(!bed.role_names().await.contains(&"agent77".to_string()));
+    assert!(!site.join("etc/agent.cfg").exists());
+
+    // The legitimate flow: agent 5 registered with its own files, which are left as they were.
+    let before = (std::fs::read(&crt).unwrap(), std::fs::read(&key).unwrap());
+    let (code, out, err) = run(&bed, &site, &exe, &local_cert_args(&bed, &site, &crt, &key));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Postgres Enterprise Manager Agent registered successfully!"));
+    assert_eq!(agent_id_in(&site.join("etc")), 5);
+    let cfg = std::fs::read_to_string(site.join("etc/agent.cfg")).unwrap();
+    assert!(
+        cfg.contains(&format!("agent_ssl_crt={}", crt.display())),
+        "{cfg}"
+    );
+    assert!(
+        cfg.contains(&format!("agent_ssl_key={}", key.display())),
+        "{cfg}"
+    );
+    assert_eq!(
+        before,
+        (std::fs::read(&crt).unwrap(), std::fs::read(&key).unwrap())
+    );
+    // libpq logs in through pgBouncer with the files as the agent would.
+    let psql = bed.psql(
+        &bed.agent_conninfo("agent5", &crt, &key),
+        "SELECT current_user",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&psql.stdout).trim(),
+        "agent5",
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    // And -c FILE names that agent.cfg for the management modes.
+    let mut verify = local_cert_args(&bed, &site, &crt, &key);
+    verify.args = vec![
+        "--verify-registration".into(),
+        "-c".into(),
+        site.join("etc/agent.cfg").display().to_string(),
+    ];
+    let (code, out, err) = run(&bed, &bed.home, &exe, &verify);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("Verify registration done successfully."),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_connection_string_from_the_environment_registers() {
+    let bed = TestBed::start();
+    let site = bed.home.join("conn");
+    let exe = install(&site);
+    let p = Prepared {
+        env: vec![
+            ("PEM_SERVER_PASSWORD".into(), ADMIN_PASSWORD.into()),
+            (
+                "PEM_REGISTRATION_CONN_STRING".into(),
+                format!(
+                    "host=127.0.0.1 port={} user={ADMIN_USER} dbname=postgres sslmode=verify-CA",
+                    bed.pgb_port
+                ),
+            ),
+        ],
+        program: "pemworker".into(),
+        args: [
+            "--register-agent",
+            "--pem-agent-user",
+            AGENT_USER,
+            "--enable-smtp",
+            "true",
+        ]
+        .map(String::from)
+        .to_vec(),
+        config_dir: site.join("etc"),
+        local_cert: None,
+    };
+    let (code, out, err) = run(&bed, &site, &exe, &p);
+    assert_eq!(code, 0, "{out}{err}");
+    let cfg = std::fs::read_to_string(site.join("etc/agent.cfg")).unwrap();
+    assert!(cfg.contains(&format!("pem_port={}", bed.pgb_port)), "{cfg}");
+    assert!(cfg.contains("pem_ssl_mode=verify-ca"), "{cfg}");
+    assert!(cfg.contains("enable_smtp=true"), "{cfg}");
+    // A password in the string is refused without echoing it.
+    let mut with_password = p;
+    with_password.env[1].1.push_str(" password=s3cret-in-argv");
+    let (code, _, err) = run(&bed, &site, &exe, &with_password);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PEM_SERVER_PASSWORD") && !err.contains("s3cret"),
+        "{err}"
+    );
 }

@@ -229,7 +229,9 @@ pub fn check_files(
         ca.subject_name()
             .try_cmp(cert.issuer_name())
             .is_ok_and(|o| o.is_eq())
-            && ca.public_key().is_ok_and(|k| cert.verify(&k).unwrap_or(false))
+            && ca
+                .public_key()
+                .is_ok_and(|k| cert.verify(&k).unwrap_or(false))
     });
     if !signed {
         return Err(invalid(

@@ -519,9 +519,9 @@ async fn with_admin(
     let files = match &opts.local_cert {
         // Checked before the server was touched (cert_check::check_files).
         Some(_) => None,
-        None => Some(
-            obtain_certificate(client, &agent_user, opts.server.root_cert.as_deref()).await?,
-        ),
+        None => {
+            Some(obtain_certificate(client, &agent_user, opts.server.root_cert.as_deref()).await?)
+        }
     };
     let secret = issue_secret(client, agent_id).await?;
     let deactivated = if kept_id {
