@@ -1561,12 +1561,29 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         config_dir: a.admin.config_dir.clone(),
         config: a.admin.config.clone(),
     };
-    let host = admin_flags.pem_server.clone().ok_or_else(|| {
+    let hosts = admin_flags.pem_server.clone().ok_or_else(|| {
         missing(
             "--pem-server",
             "the PEM server or pgBouncer host, for example --pem-server pem.example",
         )
     })?;
+    // PEM 10.1's multi-host form: 'h1,h2,h3', each tried for the one that accepts writes.
+    let pem_hosts: Vec<String> = hosts
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    let host = pem_hosts.first().cloned().ok_or_else(|| {
+        missing(
+            "--pem-server",
+            "the PEM server or pgBouncer host, for example --pem-server pem.example",
+        )
+    })?;
+    let pem_hosts = if pem_hosts.len() > 1 {
+        pem_hosts
+    } else {
+        Vec::new()
+    };
     if let Some(file) = &a.admin.config {
         if file.file_name() != Some(std::ffi::OsStr::new(crate::agentcfg::FILE_NAME)) {
             return Err(Error::Usage(format!(
@@ -1667,6 +1684,7 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         allow_server_restart: a.allow_server_restart.unwrap_or(true),
         allow_batch_probes: a.allow_batch_probes.unwrap_or(false),
         batch_script_user: a.batch_script_user.clone(),
+        pem_hosts,
         agent_id: o.agent_id,
         local_cert,
         overrides,

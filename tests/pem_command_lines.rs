@@ -14,7 +14,9 @@
 //!   its HOME: PEM's default `--config-dir` (`<binary>/../etc`) is `<site>/etc` and
 //!   `--cert-path` `~/.pem` is `<site>/.pem`. Absolute paths given to `--config-dir`,
 //!   `--cert-path`, `-c` and `-o agent_ssl_crt/agent_ssl_key` are moved under the site.
-//! - PEM server: `--pem-server` (each host of a list) is 127.0.0.1, `--pem-port` the bed's
+//! - PEM server: `--pem-server` is 127.0.0.1; in PEM 10's multi-host list the printed
+//!   127.0.0.1 stays and the other hosts become names that do not resolve
+//!   (`nowhere-N.invalid`), so registration must find the one that answers; `--pem-port` the bed's
 //!   pgBouncer, `--pem-user` the bed's PEM admin, `--pem-agent-user` the bed's pem_agent_user1;
 //!   PEM_SERVER_PASSWORD is the admin's password and PGSSLROOTCERT the bed's CA (an agent host's
 //!   ~/.pgpass and root certificate would serve as well); the line's other variables stay.
@@ -200,11 +202,19 @@ fn prepare(ports: Ports, line: &Line, site: &Path) -> Prepared {
     let (mut crt, mut key, mut agent_id, mut agent_user) = (None, None, None, None);
     let value_of = |flag: &str, v: String| -> String {
         match flag {
-            "--pem-server" => v
+            "--pem-server" if v.contains(',') => v
                 .split(',')
-                .map(|_| "127.0.0.1")
+                .enumerate()
+                .map(|(i, h)| {
+                    if h == "127.0.0.1" {
+                        h.to_string()
+                    } else {
+                        format!("nowhere-{i}.invalid")
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(","),
+            "--pem-server" => "127.0.0.1".to_string(),
             "--pem-port" => ports.pgbouncer.to_string(),
             "--pem-user" => ADMIN_USER.to_string(),
             "--pem-agent-user" => AGENT_USER.to_string(),
@@ -631,8 +641,20 @@ async fn the_registration_lines_of_pems_documentation_and_edbs_tooling_run_as_pr
                             .iter()
                             .find_map(|a| a.strip_prefix("agent_id="))
                             .map(|v| v.parse::<i32>().unwrap());
+                        let listed = p
+                            .args
+                            .iter()
+                            .skip_while(|a| *a != "--pem-server")
+                            .nth(1)
+                            .filter(|h| h.contains(','))
+                            .cloned();
+                        let cfg = std::fs::read_to_string(p.config_dir.join("agent.cfg"))
+                            .unwrap_or_default();
                         if active != 1 {
                             Some(format!("agent {id} is not active on the server"))
+                        } else if listed.is_some_and(|h| !cfg.contains(&format!("pem_host={h}\n")))
+                        {
+                            Some("agent.cfg's pem_host is not the list given".to_string())
                         } else if wanted.is_some_and(|w| w != id) {
                             Some(format!("agent id {id}, not the one given"))
                         } else {

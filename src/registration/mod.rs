@@ -185,6 +185,9 @@ pub struct Options {
     pub allow_server_restart: bool,
     pub allow_batch_probes: bool,
     pub batch_script_user: Option<String>,
+    /// PEM 10.1's `--pem-server 'h1,h2,h3'`: every host, tried in order for one that accepts
+    /// writes, and all written to agent.cfg's pem_host; empty for one host (`server.host`).
+    pub pem_hosts: Vec<String>,
     /// PEM's `-o agent_id=N`: re-register agent N (which the server must know) with its id.
     pub agent_id: Option<i32>,
     /// PEM's `-o agent_ssl_crt=... -o agent_ssl_key=...` (absolute, checked by
@@ -451,7 +454,7 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     Staged::check(&key_file(&opts.cert_path, "probe"), 0o600, None)?;
     Staged::check(&config_file, 0o644, None)?;
 
-    let client = connection::connect(&opts.server).await?;
+    let client = connect_writable(&opts.server, &opts.pem_hosts).await?;
     match &opts.token {
         None => check_rights(&client, &opts.server).await?,
         Some(_) => check_enrolment(&client, &opts.server).await?,
@@ -481,6 +484,45 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     }
     dirs.keep();
     Ok(registered)
+}
+
+/// The first of `hosts` (or `server`'s one host) that accepts a session and writes, as libpq's
+/// `target_session_attrs=read-write` picks it; the last host's error if none does.
+async fn connect_writable(server: &ConnectSettings, hosts: &[String]) -> Result<Client, Error> {
+    if hosts.len() < 2 {
+        return Ok(connection::connect(server).await?);
+    }
+    let mut last = None;
+    for host in hosts {
+        let mut s = server.clone();
+        s.host = host.clone();
+        match connection::connect(&s).await {
+            Ok(client) => {
+                let standby: bool = pool::query_value(
+                    &client,
+                    "checking for a standby",
+                    "SELECT pg_catalog.pg_is_in_recovery()",
+                    &[],
+                )
+                .await?;
+                if !standby {
+                    return Ok(client);
+                }
+                tracing::info!("{} is a standby; trying the next PEM host", s.target());
+            }
+            Err(e) => {
+                tracing::info!("{e}; trying the next PEM host");
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => Error::Missing(format!(
+            "every PEM host of {} is a standby; registration needs the primary",
+            hosts.join(",")
+        )),
+    })
 }
 
 /// What the server side of a registration produced.
@@ -820,7 +862,12 @@ fn agent_config(
 ) -> Document {
     let mut d = Document::with_defaults();
     let b = |v: bool| if v { "true" } else { "false" };
-    d.set("pem_host", &o.server.host, None);
+    let hosts = if o.pem_hosts.is_empty() {
+        o.server.host.clone()
+    } else {
+        o.pem_hosts.join(",")
+    };
+    d.set("pem_host", &hosts, None);
     d.set("pem_port", &o.server.port.to_string(), None);
     d.set("agent_id", &agent_id.to_string(), None);
     d.set("agent_user", agent_user, None);
