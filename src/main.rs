@@ -251,10 +251,10 @@ async fn register_agent(a: &AgentArgs) -> Result<(), pemworker::Error> {
     println!(
         "agent id: {}{}",
         r.agent_id,
-        if r.kept_id {
-            " (kept from the existing registration)"
-        } else {
-            ""
+        match (r.kept_id, opts.agent_id) {
+            (true, Some(_)) => " (as given with -o agent_id)",
+            (true, None) => " (kept from the existing agent.cfg)",
+            (false, _) => "",
         }
     );
     println!("agent user: {}", r.agent_user);
