@@ -1,5 +1,7 @@
 //! The command line. Raw arguments are parsed by clap, then resolved into checked settings
-//! (`resolve_*`) before any work starts.
+//! (`resolve_*`) before any work starts. PEM's flat command line selects one [`Mode`] (declared
+//! once, in [`MODES`]) and takes PEM's flags in PEM's value forms; pemworker's own tools are
+//! subcommands ([`Command`]).
 
 use std::path::{Path, PathBuf};
 
@@ -535,7 +537,12 @@ pub enum SpoolCommand {
 #[derive(Debug, Args)]
 pub struct SpoolArgs {
     /// The agent's agent.cfg [default: agent.cfg in the config directory].
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long = "config-file",
+        alias = "config",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// agent.cfg setting for this run (repeatable), as for the worker.
     #[arg(short = 'o', value_name = "KEY=VALUE")]
@@ -2049,6 +2056,27 @@ mod tests {
         assert_eq!(a.log_level, Some(crate::config::LogLevel::Debug1));
         let e = parse(&["--force-registration", "maybe"]).unwrap_err();
         assert!(e.to_string().contains("expected true or false"), "{e}");
+    }
+
+    #[test]
+    fn l_sets_the_workers_log_level_over_o() {
+        let a = agent(&[
+            "-c",
+            "/etc/a/agent.cfg",
+            "-o",
+            "log_level=error",
+            "-l",
+            "DEBUG1",
+        ]);
+        let (file, o) = resolve_worker(&a).unwrap();
+        assert_eq!(file, Path::new("/etc/a/agent.cfg"));
+        assert_eq!(
+            o,
+            [
+                ("log_level".to_string(), "error".to_string()),
+                ("log_level".to_string(), "debug1".to_string())
+            ]
+        );
     }
 
     #[test]
