@@ -1610,6 +1610,12 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         registration::check_agent_user(u)?;
     }
     let o = register_overrides(&a.options)?;
+    if o.agent_id.is_some() && token.is_some() {
+        return Err(Error::Usage(
+            "-o agent_id cannot be used with an enrolment token: the token's server picks the id"
+                .into(),
+        ));
+    }
     let mut overrides = flag_settings(a);
     overrides.extend(o.rest);
     let config_dir = config_dir(a);
@@ -2168,6 +2174,12 @@ mod tests {
             );
         }
         assert!(parse_conninfo("host=x port=many").is_err());
+        // PEM's documentation spells libpq's sslmodes in capitals.
+        assert_eq!("verify-CA".parse::<SslMode>().unwrap(), SslMode::VerifyCa);
+        assert_eq!(
+            "Verify-Full".parse::<SslMode>().unwrap(),
+            SslMode::VerifyFull
+        );
     }
 
     #[test]
