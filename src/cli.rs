@@ -1,7 +1,9 @@
 //! The command line. Raw arguments are parsed by clap, then resolved into checked settings
-//! (`resolve_*`) before any work starts.
+//! (`resolve_*`) before any work starts. PEM's flat command line selects one [`Mode`] (declared
+//! once, in [`MODES`]) and takes PEM's flags in PEM's value forms; pemworker's own tools are
+//! subcommands ([`Command`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -19,7 +21,7 @@ use crate::registration::{self, migrate};
     after_help = "Exit codes: 0 success, 1 bad input or configuration, 2 cannot connect or \
                   authenticate, 3 agent inactive, 4 the PEM server refused, 5 local file error."
 )]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -27,45 +29,229 @@ pub struct Cli {
     pub agent: AgentArgs,
 }
 
+/// What one run of `pemworker` does. Declared once, in [`MODES`]; the flags, their help, the
+/// one-mode-at-a-time rule and the dispatch in `main` all come from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No mode flag: run the worker (`pemworker -c agent.cfg`).
+    Worker,
+    CheckConfig,
+    RegisterAgent,
+    UnregisterAgent,
+    VerifyRegistration,
+    MigrateToPooler,
+    RegisterServer,
+    UnregisterServer,
+    EnableProbe,
+    DisableProbe,
+    /// `--set-probe-interval SECONDS`.
+    SetProbeInterval(u32),
+    RegisterBarman,
+    UpdateBarman,
+    UnregisterBarman,
+}
+
+/// Every mode flag: the mode, its long name and its help line.
+pub const MODES: &[(Mode, &str, &str)] = &[
+    (
+        Mode::RegisterAgent,
+        "register-agent",
+        "Register this agent on the PEM server (usually through pgBouncer).",
+    ),
+    (
+        Mode::UnregisterAgent,
+        "unregister-agent",
+        "Mark this agent inactive on the PEM server and set its agent.cfg aside.",
+    ),
+    (
+        Mode::VerifyRegistration,
+        "verify-registration",
+        "Log in as the agent and check it is registered and active (exit 0, 1 config, 2 connection, 3 inactive).",
+    ),
+    (
+        Mode::MigrateToPooler,
+        "migrate-to-pooler",
+        "Move an existing agent onto pgBouncer, keeping its agent id (guide section 4.2).",
+    ),
+    (
+        Mode::RegisterServer,
+        "register-server",
+        "Record a monitored server on the PEM server and bind it to this agent.",
+    ),
+    (
+        Mode::UnregisterServer,
+        "unregister-server",
+        "Unbind a monitored server (--asb-host-name, or PEM 7's --server-addr, and --server-port) from this agent.",
+    ),
+    (
+        Mode::EnableProbe,
+        "enable-probe",
+        "Enable a probe for this agent or one of its servers (with --probe-interval: and set it).",
+    ),
+    (
+        Mode::DisableProbe,
+        "disable-probe",
+        "Disable a probe for this agent or one of its servers.",
+    ),
+    (
+        Mode::CheckConfig,
+        "check-config",
+        "Check agent.cfg and print \"config valid\" or every problem found.",
+    ),
+    (
+        Mode::RegisterBarman,
+        "register-barman",
+        "PEM's Barman (pg-backup-api) registration: accepted, not implemented (exit 1).",
+    ),
+    (
+        Mode::UpdateBarman,
+        "update-barman",
+        "PEM's Barman update: accepted, not implemented (exit 1).",
+    ),
+    (
+        Mode::UnregisterBarman,
+        "unregister-barman",
+        "PEM's Barman removal: accepted, not implemented (exit 1).",
+    ),
+];
+
+const SET_PROBE_INTERVAL: &str = "set-probe-interval";
+
+impl Mode {
+    /// The flag that selects this mode, as a user types it.
+    pub fn flag(self) -> String {
+        match self {
+            Mode::Worker => "-c agent.cfg".into(),
+            Mode::SetProbeInterval(_) => format!("--{SET_PROBE_INTERVAL}"),
+            m => MODES
+                .iter()
+                .find(|(mode, ..)| *mode == m)
+                .map(|(_, long, _)| format!("--{long}"))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl clap::FromArgMatches for Mode {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        if let Some((mode, ..)) = MODES.iter().find(|(_, long, _)| m.get_flag(long)) {
+            return Ok(*mode);
+        }
+        Ok(match m.get_one::<u32>(SET_PROBE_INTERVAL) {
+            Some(s) => Mode::SetProbeInterval(*s),
+            None => Mode::Worker,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for Mode {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, ArgAction, ArgGroup};
+        let cmd = MODES.iter().fold(cmd, |cmd, (_, long, help)| {
+            cmd.arg(
+                Arg::new(*long)
+                    .long(*long)
+                    .action(ArgAction::SetTrue)
+                    .help(*help)
+                    .help_heading("Modes"),
+            )
+        });
+        let ids = MODES
+            .iter()
+            .map(|(_, long, _)| *long)
+            .chain([SET_PROBE_INTERVAL]);
+        cmd.arg(
+            Arg::new(SET_PROBE_INTERVAL)
+                .long(SET_PROBE_INTERVAL)
+                .value_name("SECONDS")
+                .value_parser(clap::value_parser!(u32))
+                .help("Change a probe's interval without enabling or disabling it.")
+                .help_heading("Modes"),
+        )
+        .group(ArgGroup::new("mode").args(ids).multiple(false))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// PEM's yes/no values, as its documentation and EDB's tooling spell them: `true`/`false`,
+/// `yes`/`no`, `on`/`off`, `1`/`0`, in any case. A flag given without a value means true.
+pub fn pem_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" | "t" | "y" => Ok(true),
+        "false" | "no" | "off" | "0" | "f" | "n" => Ok(false),
+        _ => Err(format!("expected true or false (or yes, no), not {s:?}")),
+    }
+}
+
+/// PEM's log levels (`-l DEBUG1`, `-l WARNING`, any case), onto ours.
+pub fn pem_log_level(s: &str) -> Result<crate::config::LogLevel, String> {
+    use crate::config::LogLevel;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "debug3" | "debug4" | "debug5" => Ok(LogLevel::Debug2),
+        "notice" | "log" => Ok(LogLevel::Info),
+        "fatal" | "panic" | "critical" => Ok(LogLevel::Error),
+        other => LogLevel::parse(other).ok_or_else(|| {
+            format!("expected ERROR, WARNING, INFO, DEBUG1 or DEBUG2 (any case), not {s:?}")
+        }),
+    }
+}
+
+/// agent.cfg's spelling of a level, for `-l` given to the worker.
+fn level_name(l: crate::config::LogLevel) -> &'static str {
+    use crate::config::LogLevel;
+    match l {
+        LogLevel::Error => "error",
+        LogLevel::Warning => "warning",
+        LogLevel::Info => "info",
+        LogLevel::Debug1 => "debug1",
+        LogLevel::Debug2 => "debug2",
+    }
+}
+
+/// PEM's certificate pages print `-o agent_ssl_crt= agent.crt` (a space after `=`), which
+/// leaves the file name as a stray argument; this names the fix instead of clap's message.
+pub fn spaced_option_value(args: &[std::ffi::OsString]) -> Option<String> {
+    args.windows(3).find_map(|w| {
+        let (o, kv, next) = (w[0].to_str()?, w[1].to_str()?, w[2].to_str()?);
+        (o == "-o" && kv.ends_with('=') && !next.starts_with('-'))
+            .then(|| format!("-o {kv} {next}: remove the space after =, as in -o {kv}{next}"))
+    })
+}
+
 /// PEM's own command line: `pemworker --register-agent ...` and friends.
 #[derive(Debug, Args)]
 #[group(skip)]
-#[command(group = clap::ArgGroup::new("mode").multiple(false))]
 pub struct AgentArgs {
-    /// Register this agent on the PEM server (usually through pgBouncer).
-    #[arg(long = "register-agent", group = "mode", help_heading = "Modes")]
-    pub register_agent: bool,
-    /// Mark this agent inactive on the PEM server and set its agent.cfg aside.
-    #[arg(long = "unregister-agent", group = "mode", help_heading = "Modes")]
-    pub unregister_agent: bool,
-    /// Log in as the agent and check it is registered and active (exit 0, 1, 2 or 3).
-    #[arg(long = "verify-registration", group = "mode", help_heading = "Modes")]
-    pub verify_registration: bool,
-    /// Move an existing agent onto pgBouncer, keeping its agent id (guide section 4.2).
-    #[arg(long = "migrate-to-pooler", group = "mode", help_heading = "Modes")]
-    pub migrate_to_pooler: bool,
+    #[command(flatten)]
+    pub mode: Mode,
+    /// The PEM server, its admin and this agent's agent.cfg (shared with `pooler bind`).
+    #[command(flatten)]
+    pub admin: AgentAdminArgs,
 
-    /// PEM server (or pgBouncer) host.
-    #[arg(long = "pem-server", value_name = "HOST")]
-    pub pem_server: Option<String>,
-    /// PEM server (or pgBouncer) port [default: 5432].
-    #[arg(long = "pem-port", value_name = "PORT")]
-    pub pem_port: Option<u16>,
-    /// sslmode towards the PEM server (libpq's names) [default: verify-full; PEM's is require].
-    #[arg(long = "pem-ssl-mode", value_name = "MODE")]
-    pub pem_ssl_mode: Option<String>,
-    /// Root certificate that must have signed the PEM server's (or pgBouncer's) certificate
-    /// [default: PGSSLROOTCERT, else ~/.postgresql/root.crt].
-    #[arg(long = "pem-ssl-root-cert", value_name = "FILE")]
-    pub pem_ssl_root_cert: Option<PathBuf>,
-    /// PEM admin user that registers the agent (with an enrolment token: the enrolment login,
-    /// default pem_enrolment).
-    #[arg(long = "pem-user", value_name = "USER")]
-    pub pem_user: Option<String>,
+    /// Log level for this run: PEM's ERROR, WARNING, INFO, DEBUG1, DEBUG2 (any case).
+    #[arg(short = 'l', long = "log-level", value_name = "LEVEL", value_parser = pem_log_level)]
+    pub log_level: Option<crate::config::LogLevel>,
     /// Register with the enrolment token in this file (mode 0600) instead of the admin's
     /// password; or set PEMWORKER_ENROLMENT_TOKEN. Never on the command line.
     #[arg(long = "enrolment-token-file", value_name = "FILE")]
     pub enrolment_token_file: Option<PathBuf>,
+    /// PEM 10.4's registration connection (libpq key=value or URI; dbname is always pem); or
+    /// set PEM_REGISTRATION_CONN_STRING. Put its password in PEM_SERVER_PASSWORD, not here.
+    #[arg(
+        long = "pem-registration-conn-string",
+        value_name = "CONNINFO",
+        env = "PEM_REGISTRATION_CONN_STRING",
+        hide_env_values = true
+    )]
+    pub pem_registration_conn_string: Option<String>,
     /// Common agent user to log in as (through pgBouncer); default: a dedicated agent<ID>.
     #[arg(long = "pem-agent-user", value_name = "USER")]
     pub pem_agent_user: Option<String>,
@@ -75,61 +261,68 @@ pub struct AgentArgs {
     /// Directory of the agent's key and certificate [default: ~/.pem].
     #[arg(long = "cert-path", value_name = "DIR")]
     pub cert_path: Option<PathBuf>,
-    /// Directory of agent.cfg [default: <binary directory>/../etc].
-    #[arg(long = "config-dir", value_name = "DIR")]
-    pub config_dir: Option<PathBuf>,
-    /// Replace an existing registration on this host (keeping its agent id; backups kept).
-    #[arg(long = "force-registration")]
-    pub force_registration: bool,
+    /// Replace an existing registration on this host (keeping its agent id; backups kept)
+    /// [default: no, as PEM 10].
+    #[arg(long = "force-registration", value_name = "yes|no", num_args = 0..=1,
+          default_missing_value = "true", value_parser = pem_bool)]
+    pub force_registration: Option<bool>,
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
+    /// Role the agent (or server) is restricted to ("" = none).
     #[arg(long, value_name = "TEAM")]
     pub team: Option<String>,
+    /// Owner ("" = the --pem-user).
     #[arg(long, value_name = "OWNER")]
     pub owner: Option<String>,
-    /// Use a dedicated connection for heartbeats.
-    #[arg(long = "enable-heartbeat-connection")]
-    pub enable_heartbeat_connection: bool,
-    /// Allow PEM to restart monitored servers through this agent.
-    #[arg(long = "allow_server_restart")]
-    pub allow_server_restart: bool,
-    /// Allow batch probes (scripts) on this host.
-    #[arg(long = "allow-batch-probes")]
-    pub allow_batch_probes: bool,
+    /// PEM 10's cluster in the object tree: accepted; this PEM server has no clusters (ignored).
+    #[arg(long = "cluster-name", value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// PEM 10.3's agent profile: accepted; profiles are not implemented (ignored).
+    #[arg(long = "profile-id", value_name = "ID")]
+    pub profile_id: Option<i64>,
+    /// PEM 10.3's agent profile by name: accepted; profiles are not implemented (ignored).
+    #[arg(long = "profile-name", value_name = "NAME")]
+    pub profile_name: Option<String>,
+    /// Use a dedicated connection for heartbeats [default: false].
+    #[arg(long = "enable-heartbeat-connection", value_name = "true|false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = pem_bool)]
+    pub enable_heartbeat_connection: Option<bool>,
+    /// Allow PEM to restart monitored servers through this agent [default: true, as PEM].
+    #[arg(long = "allow_server_restart", alias = "allow-server-restart", value_name = "true|false",
+          num_args = 0..=1, default_missing_value = "true", value_parser = pem_bool)]
+    pub allow_server_restart: Option<bool>,
+    /// Allow batch probes (scripts) on this host [default: false].
+    #[arg(long = "allow-batch-probes", alias = "allow_batch_probes", value_name = "true|false",
+          num_args = 0..=1, default_missing_value = "true", value_parser = pem_bool)]
+    pub allow_batch_probes: Option<bool>,
+    /// agent.cfg's enable_smtp [default: false]; this agent sends no e-mail (stored only).
+    #[arg(long = "enable-smtp", value_name = "true|false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = pem_bool)]
+    pub enable_smtp: Option<bool>,
+    /// agent.cfg's enable_snmp [default: false]; this agent sends no SNMP traps (stored only).
+    #[arg(long = "enable-snmp", value_name = "true|false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = pem_bool)]
+    pub enable_snmp: Option<bool>,
+    /// agent.cfg's enable_webhook [default: false]; this agent calls no webhooks (stored only).
+    #[arg(long = "enable-webhook", value_name = "true|false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = pem_bool)]
+    pub enable_webhook: Option<bool>,
+    /// agent.cfg's max_webhook_retries [default: 3] (stored only, as --enable-webhook).
+    #[arg(long = "max-webhook-retries", value_name = "N")]
+    pub max_webhook_retries: Option<u32>,
     /// OS user batch probes run as.
     #[arg(long = "batch-script-user", value_name = "USER")]
     pub batch_script_user: Option<String>,
-    /// Extra agent.cfg setting (repeatable).
+    /// agent.cfg setting (repeatable; -okey=value too). With --register-agent: -o agent_id=N
+    /// re-registers agent N; -o agent_ssl_crt=F -o agent_ssl_key=F use existing files (signed
+    /// by the PEM CA, relative to --config-dir) instead of a new key.
     #[arg(short = 'o', value_name = "KEY=VALUE")]
     pub options: Vec<String>,
-    /// The worker's agent.cfg [default: agent.cfg in the config directory].
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// Stay in the foreground and log to stderr too (for systemd and terminals).
     #[arg(short = 'f', long = "foreground")]
     pub foreground: bool,
-    /// Record a monitored server on the PEM server and bind it to this agent.
-    #[arg(long = "register-server", group = "mode", help_heading = "Modes")]
-    pub register_server: bool,
-    /// Unbind a monitored server (--asb-host-name and --server-port) from this agent.
-    #[arg(long = "unregister-server", group = "mode", help_heading = "Modes")]
-    pub unregister_server: bool,
-    /// Enable a probe for this agent or one of its servers (with --probe-interval: and set it).
-    #[arg(long = "enable-probe", group = "mode", help_heading = "Modes")]
-    pub enable_probe: bool,
-    /// Disable a probe for this agent or one of its servers.
-    #[arg(long = "disable-probe", group = "mode", help_heading = "Modes")]
-    pub disable_probe: bool,
-    /// Change a probe's interval without enabling or disabling it.
-    #[arg(
-        long = "set-probe-interval",
-        group = "mode",
-        help_heading = "Modes",
-        value_name = "SECONDS"
-    )]
-    pub set_probe_interval: Option<u32>,
 
-    /// Monitored server: address recorded on the PEM server.
+    /// Monitored server: address recorded on the PEM server ("" = the local Unix socket).
     #[arg(
         long = "server-addr",
         value_name = "HOST",
@@ -187,8 +380,8 @@ pub struct AgentArgs {
         help_heading = "Monitored servers"
     )]
     pub asb_host_user: Option<String>,
-    /// libpq sslmode for the agent's connection [default: prefer]. Never taken from
-    /// PGSSLMODE, which is the PEM server's.
+    /// libpq sslmode for the agent's connection, any case (verify-CA) [default: prefer]. Never
+    /// taken from PGSSLMODE, which is the PEM server's.
     #[arg(
         long = "asb-ssl-mode",
         value_name = "MODE",
@@ -207,9 +400,50 @@ pub struct AgentArgs {
     #[arg(
         long = "remote-monitoring",
         value_name = "yes|no",
+        value_parser = pem_bool,
         help_heading = "Monitored servers"
     )]
-    pub remote_monitoring: Option<String>,
+    pub remote_monitoring: Option<bool>,
+    /// EFM cluster name: stored with the server's record on this host; EFM is not monitored.
+    #[arg(
+        long = "efm-cluster-name",
+        value_name = "NAME",
+        help_heading = "Monitored servers"
+    )]
+    pub efm_cluster_name: Option<String>,
+    /// EFM installation directory: stored as --efm-cluster-name; EFM is not monitored.
+    #[arg(
+        long = "efm-install-path",
+        value_name = "DIR",
+        help_heading = "Monitored servers"
+    )]
+    pub efm_install_path: Option<PathBuf>,
+    /// PEM 10's cluster manager (efm|patroni): accepted; cluster managers are not monitored.
+    #[arg(
+        long = "replication-solution",
+        value_name = "efm|patroni",
+        help_heading = "Monitored servers"
+    )]
+    pub replication_solution: Option<String>,
+    /// Patroni settings (PEM 10.1): accepted; Patroni is not monitored (ignored).
+    #[arg(
+        long = "patroni-cluster-name",
+        value_name = "NAME",
+        help_heading = "Monitored servers"
+    )]
+    pub patroni_cluster_name: Option<String>,
+    #[arg(
+        long = "patroni-install-path",
+        value_name = "DIR",
+        help_heading = "Monitored servers"
+    )]
+    pub patroni_install_path: Option<PathBuf>,
+    #[arg(
+        long = "patroni-config-path",
+        value_name = "FILE",
+        help_heading = "Monitored servers"
+    )]
+    pub patroni_config_path: Option<PathBuf>,
     #[arg(
         long = "probe-internal-name",
         value_name = "NAME",
@@ -232,9 +466,6 @@ pub struct AgentArgs {
     )]
     pub probe_interval: Option<u32>,
 
-    /// Check agent.cfg and print "config valid" or every problem found.
-    #[arg(long = "check-config", group = "mode", help_heading = "Modes")]
-    pub check_config: bool,
     /// With --migrate-to-pooler: reuse this certificate for the agent user.
     #[arg(
         long = "agent-ssl-crt",
@@ -251,8 +482,34 @@ pub struct AgentArgs {
     pub agent_ssl_key: Option<PathBuf>,
     /// With --migrate-to-pooler: once the agent logs in through the pooler, drop the dedicated
     /// agent<ID> role it logged in as before and remove that role's key and certificate here.
-    #[arg(long = "retire-dedicated-role", requires = "migrate_to_pooler")]
+    #[arg(long = "retire-dedicated-role", requires = "migrate-to-pooler")]
     pub retire_dedicated_role: bool,
+
+    #[command(flatten)]
+    pub barman: BarmanArgs,
+}
+
+/// PEM's Barman (pg-backup-api) options, accepted so that its command lines parse; the modes
+/// that use them are not implemented.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Barman (not implemented)")]
+pub struct BarmanArgs {
+    #[arg(long = "api-url", value_name = "URL")]
+    pub api_url: Option<String>,
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    #[arg(long = "probe-execution-frequency", value_name = "SECONDS")]
+    pub probe_execution_frequency: Option<u32>,
+    #[arg(long = "heartbeat-interval", value_name = "SECONDS")]
+    pub heartbeat_interval: Option<u32>,
+    #[arg(long = "ssl-crt", value_name = "FILE")]
+    pub ssl_crt: Option<PathBuf>,
+    #[arg(long = "ssl-key", value_name = "FILE")]
+    pub ssl_key: Option<PathBuf>,
+    #[arg(long = "ssl-ca-cert", alias = "ssl-ca-crt", value_name = "FILE")]
+    pub ssl_ca_cert: Option<PathBuf>,
+    #[arg(long, value_name = "BARMAN_ID")]
+    pub id: Option<i32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,7 +537,12 @@ pub enum SpoolCommand {
 #[derive(Debug, Args)]
 pub struct SpoolArgs {
     /// The agent's agent.cfg [default: agent.cfg in the config directory].
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long = "config-file",
+        alias = "config",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// agent.cfg setting for this run (repeatable), as for the worker.
     #[arg(short = 'o', value_name = "KEY=VALUE")]
@@ -365,27 +627,53 @@ pub struct ServerCertificateArgs {
     pub force: bool,
 }
 
-/// The agent whose bindings change (its agent.cfg) and the PEM admin who changes them.
+/// The PEM server, the admin who changes it, and this agent's agent.cfg: one declaration for
+/// PEM's flat command line and for `pooler bind`/`unbind`. Host, port and TLS default to
+/// agent.cfg's where the mode reads one.
 #[derive(Debug, Args)]
 pub struct AgentAdminArgs {
-    /// The PEM admin. Password: PEM_SERVER_PASSWORD, PGPASSWORD, ~/.pgpass or a prompt.
+    /// PEM admin user. Password: PEM_SERVER_PASSWORD, PGPASSWORD, ~/.pgpass or a prompt (with
+    /// an enrolment token: the enrolment login, default pem_enrolment).
     #[arg(long = "pem-user", value_name = "USER")]
-    pub pem_user: String,
+    pub pem_user: Option<String>,
     /// PEM server (or pgBouncer) host [default: agent.cfg's pem_host].
     #[arg(long = "pem-server", value_name = "HOST")]
     pub pem_server: Option<String>,
-    /// [default: agent.cfg's pem_port]
+    /// PEM server (or pgBouncer) port [default: agent.cfg's pem_port, else 5432].
     #[arg(long = "pem-port", value_name = "PORT")]
     pub pem_port: Option<u16>,
-    /// sslmode towards the PEM server [default: agent.cfg's pem_ssl_mode].
+    /// sslmode towards the PEM server, libpq's names in any case (verify-CA) [default:
+    /// agent.cfg's, else verify-full; PEM's default is require, which does not verify].
     #[arg(long = "pem-ssl-mode", value_name = "MODE")]
     pub pem_ssl_mode: Option<String>,
-    /// [default: agent.cfg's pem_ssl_root_cert]
+    /// Root certificate that must have signed the PEM server's (or pgBouncer's) certificate
+    /// [default: agent.cfg's pem_ssl_root_cert, PGSSLROOTCERT, else ~/.postgresql/root.crt].
     #[arg(long = "pem-ssl-root-cert", value_name = "FILE")]
     pub pem_ssl_root_cert: Option<PathBuf>,
     /// Directory of agent.cfg [default: <binary directory>/../etc].
     #[arg(long = "config-dir", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
+    /// agent.cfg itself, for the worker and every mode that reads it [default: agent.cfg in
+    /// the config directory].
+    #[arg(
+        short = 'c',
+        long = "config-file",
+        alias = "config",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+}
+
+impl AgentAdminArgs {
+    /// agent.cfg: `-c FILE`, else `agent.cfg` in `--config-dir` (or PEM's default directory).
+    pub fn config_file(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| {
+            self.config_dir
+                .clone()
+                .unwrap_or_else(default_config_dir)
+                .join(crate::agentcfg::FILE_NAME)
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -822,27 +1110,21 @@ pub fn resolve_server_certificate(
 /// The agent's configuration and the PEM admin's session: host, port and TLS from agent.cfg
 /// unless the flags say otherwise.
 fn agent_admin(a: &AgentAdminArgs) -> Result<(crate::config::AgentConfig, ConnectSettings), Error> {
-    let file = a
-        .config_dir
-        .clone()
-        .unwrap_or_else(default_config_dir)
-        .join(crate::agentcfg::FILE_NAME);
+    if a.pem_user.is_none() {
+        return Err(missing(
+            "--pem-user",
+            "the PEM admin user, for example --pem-user pem_admin1",
+        ));
+    }
+    let file = a.config_file();
     let (_, agent) =
         crate::config::AgentConfig::load_with_document(&file).map_err(registration::Error::from)?;
-    let admin = resolve_server_with(
-        &PemServerArgs {
-            pem_server: a
-                .pem_server
-                .clone()
-                .unwrap_or_else(|| agent.pem_host().to_string()),
-            pem_port: a.pem_port.unwrap_or(agent.pem_port),
-            pem_user: a.pem_user.clone(),
-            pem_database: "pem".into(),
-            pem_ssl_mode: a.pem_ssl_mode.clone(),
-            pem_ssl_root_cert: a.pem_ssl_root_cert.clone(),
-        },
-        &agent.tls_choice(),
-    )?;
+    let host = a
+        .pem_server
+        .clone()
+        .unwrap_or_else(|| agent.pem_host().to_string());
+    let port = a.pem_port.unwrap_or(agent.pem_port);
+    let admin = admin_settings(a, &host, port, &agent.tls_choice())?;
     Ok((agent, admin))
 }
 
@@ -918,9 +1200,21 @@ fn missing(flag: &str, why: &str) -> Error {
     Error::Usage(format!("missing {flag}: {why}"))
 }
 
-/// agent.cfg's directory: `--config-dir`, else `<binary directory>/../etc` as PEM installs it.
+/// agent.cfg's directory: that of `-c FILE`, else `--config-dir`, else
+/// `<binary directory>/../etc` as PEM installs it.
 pub fn config_dir(a: &AgentArgs) -> PathBuf {
-    a.config_dir.clone().unwrap_or_else(default_config_dir)
+    match &a.admin.config {
+        Some(file) => file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        None => a
+            .admin
+            .config_dir
+            .clone()
+            .unwrap_or_else(default_config_dir),
+    }
 }
 
 /// `<binary directory>/../etc`, PEM's place for agent.cfg.
@@ -964,7 +1258,7 @@ pub fn host_fqdn() -> String {
 }
 
 fn admin_settings(
-    a: &AgentArgs,
+    a: &AgentAdminArgs,
     host: &str,
     port: u16,
     configured: &TlsChoice,
@@ -986,15 +1280,6 @@ fn admin_settings(
         },
         configured,
     )
-}
-
-fn server_host(a: &AgentArgs) -> Result<String, Error> {
-    a.pem_server.clone().ok_or_else(|| {
-        missing(
-            "--pem-server",
-            "the PEM server or pgBouncer host, for example --pem-server pem.example",
-        )
-    })
 }
 
 /// Environment variable that may hold an enrolment token.
@@ -1046,11 +1331,276 @@ fn enrolment_token(a: &AgentArgs) -> Result<Option<crate::secret::Secret>, Error
     Ok(Some(crate::secret::Secret::new(token)))
 }
 
+/// PEM flags this agent accepts but does not act on: one note each on stderr, so a command
+/// line from PEM's documentation or EDB's tooling runs and says what it skipped.
+fn note_ignored(a: &AgentArgs) {
+    let mut notes = Vec::new();
+    if a.cluster_name.is_some() {
+        notes.push("--cluster-name: this PEM server has no clusters in its object tree; ignored");
+    }
+    if a.profile_id.is_some() || a.profile_name.is_some() {
+        notes.push("--profile-id/--profile-name: agent profiles are not implemented; ignored");
+    }
+    if a.replication_solution.is_some()
+        || a.patroni_cluster_name.is_some()
+        || a.patroni_install_path.is_some()
+        || a.patroni_config_path.is_some()
+    {
+        notes.push(
+            "--replication-solution/--patroni-*: cluster managers are not monitored; ignored",
+        );
+    }
+    for n in notes {
+        eprintln!("pemworker: note: {n}");
+    }
+}
+
+/// `--team ""` and `--owner ""` (what EDB's tooling renders for an unset value) mean none.
+fn non_empty(v: &Option<String>) -> Option<String> {
+    v.clone().filter(|s| !s.trim().is_empty())
+}
+
+/// PEM 10.4's `--pem-registration-conn-string` (or PEM_REGISTRATION_CONN_STRING), read into
+/// the flags it stands for: host, port, user, sslmode, sslrootcert. Its dbname is ignored (the
+/// registration always uses pem), as PEM does.
+#[derive(Debug, Default, PartialEq)]
+struct Conninfo {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    sslmode: Option<String>,
+    sslrootcert: Option<PathBuf>,
+}
+
+fn parse_conninfo(s: &str) -> Result<Conninfo, Error> {
+    let bad = |why: &str| {
+        Error::Usage(format!(
+            "invalid --pem-registration-conn-string: {why}; use key=value pairs (host=pem.example port=5432 user=pem_admin1) or a postgresql:// URI"
+        ))
+    };
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let s = s.trim();
+    if let Some(rest) = s
+        .strip_prefix("postgresql://")
+        .or_else(|| s.strip_prefix("postgres://"))
+    {
+        let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, _db) = main.split_once('/').unwrap_or((main, ""));
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        if let Some(u) = userinfo {
+            if u.contains(':') {
+                pairs.push(("password".into(), String::new()));
+            }
+            let user = u.split(':').next().unwrap_or("");
+            if !user.is_empty() {
+                pairs.push(("user".into(), user.to_string()));
+            }
+        }
+        let (h, p) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (h, Some(p)),
+            _ => (hostport, None),
+        };
+        if !h.is_empty() {
+            pairs.push(("host".into(), h.trim_matches(['[', ']']).to_string()));
+        }
+        if let Some(p) = p {
+            pairs.push(("port".into(), p.to_string()));
+        }
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad("a URI parameter without ="))?;
+            pairs.push((k.to_string(), v.to_string()));
+        }
+    } else {
+        let mut chars = s.chars().peekable();
+        loop {
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            if chars.peek().is_none() {
+                break;
+            }
+            let key: String = chars
+                .by_ref()
+                .take_while(|c| *c != '=')
+                .collect::<String>()
+                .trim()
+                .to_string();
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            let mut value = String::new();
+            if chars.peek() == Some(&'\'') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('\\') => value.extend(chars.next()),
+                        Some('\'') => break,
+                        Some(c) => value.push(c),
+                        None => return Err(bad("an unterminated quoted value")),
+                    }
+                }
+            } else {
+                while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                    value.push(c);
+                }
+            }
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(bad("a value without key="));
+            }
+            pairs.push((key, value));
+        }
+    }
+    let mut c = Conninfo::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "host" | "hostaddr" => c.host = Some(v),
+            "port" => {
+                c.port = Some(
+                    v.parse()
+                        .map_err(|_| bad(&format!("port {v:?} is not a port number")))?,
+                )
+            }
+            "user" => c.user = Some(v),
+            "sslmode" => c.sslmode = Some(v),
+            "sslrootcert" => c.sslrootcert = Some(PathBuf::from(v)),
+            "password" | "sslpassword" => {
+                return Err(Error::Usage(
+                    "--pem-registration-conn-string carries a password; put it in PEM_SERVER_PASSWORD or ~/.pgpass instead (pemworker keeps secrets out of its arguments)".into(),
+                ));
+            }
+            // dbname is forced to pem and target_session_attrs to read-write, as PEM does;
+            // libpq's other keywords come from the environment as usual.
+            _ => {}
+        }
+    }
+    Ok(c)
+}
+
+/// The agent.cfg keys `--register-agent` sets from PEM's flags (written as given, like -o).
+fn flag_settings(a: &AgentArgs) -> Vec<(String, String)> {
+    let b = |v: bool| if v { "true" } else { "false" }.to_string();
+    let mut out = Vec::new();
+    for (key, v) in [
+        ("enable_smtp", a.enable_smtp),
+        ("enable_snmp", a.enable_snmp),
+        ("enable_webhook", a.enable_webhook),
+    ] {
+        if let Some(v) = v {
+            out.push((key.to_string(), b(v)));
+        }
+    }
+    if let Some(n) = a.max_webhook_retries {
+        out.push(("max_webhook_retries".to_string(), n.to_string()));
+    }
+    out
+}
+
+/// `-o` for `--register-agent`: PEM's `agent_id`, `agent_ssl_crt` and `agent_ssl_key` taken
+/// out (registration acts on them), every other key checked and kept for agent.cfg.
+struct RegisterOverrides {
+    agent_id: Option<i32>,
+    ssl_crt: Option<PathBuf>,
+    ssl_key: Option<PathBuf>,
+    rest: Vec<(String, String)>,
+}
+
+fn register_overrides(options: &[String]) -> Result<RegisterOverrides, Error> {
+    let mut o = RegisterOverrides {
+        agent_id: None,
+        ssl_crt: None,
+        ssl_key: None,
+        rest: Vec::new(),
+    };
+    for opt in options {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None => ("", ""),
+        };
+        let empty = |key: &str| {
+            Error::Usage(format!(
+                "-o {key}= has no value; write -o {key}=FILE with no space after ="
+            ))
+        };
+        match k {
+            "agent_id" | "pem_agent" => {
+                let id = v.parse::<i32>().ok().filter(|i| *i > 0).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "invalid -o {k}={v}: an agent id is a positive integer, for example -o agent_id=8"
+                    ))
+                })?;
+                o.agent_id = Some(id);
+            }
+            "agent_ssl_crt" if v.is_empty() => return Err(empty(k)),
+            "agent_ssl_key" if v.is_empty() => return Err(empty(k)),
+            "agent_ssl_crt" => o.ssl_crt = Some(PathBuf::from(v)),
+            "agent_ssl_key" => o.ssl_key = Some(PathBuf::from(v)),
+            _ => o.rest.push(registration::parse_override(opt)?),
+        }
+    }
+    Ok(o)
+}
+
 pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
     // Checked first, and all before a password prompt or any connection.
-    let host = server_host(a)?;
+    let conninfo = a
+        .pem_registration_conn_string
+        .as_deref()
+        .map(parse_conninfo)
+        .transpose()?
+        .unwrap_or_default();
+    let mut admin_flags = AgentAdminArgs {
+        pem_user: conninfo.user.clone().or_else(|| a.admin.pem_user.clone()),
+        pem_server: conninfo.host.clone().or_else(|| a.admin.pem_server.clone()),
+        pem_port: conninfo.port.or(a.admin.pem_port),
+        pem_ssl_mode: conninfo
+            .sslmode
+            .clone()
+            .or_else(|| a.admin.pem_ssl_mode.clone()),
+        pem_ssl_root_cert: conninfo
+            .sslrootcert
+            .clone()
+            .or_else(|| a.admin.pem_ssl_root_cert.clone()),
+        config_dir: a.admin.config_dir.clone(),
+        config: a.admin.config.clone(),
+    };
+    let hosts = admin_flags.pem_server.clone().ok_or_else(|| {
+        missing(
+            "--pem-server",
+            "the PEM server or pgBouncer host, for example --pem-server pem.example",
+        )
+    })?;
+    // PEM 10.1's multi-host form: 'h1,h2,h3', each tried for the one that accepts writes.
+    let pem_hosts: Vec<String> = hosts
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    let host = pem_hosts.first().cloned().ok_or_else(|| {
+        missing(
+            "--pem-server",
+            "the PEM server or pgBouncer host, for example --pem-server pem.example",
+        )
+    })?;
+    let pem_hosts = if pem_hosts.len() > 1 {
+        pem_hosts
+    } else {
+        Vec::new()
+    };
+    if let Some(file) = &a.admin.config {
+        if file.file_name() != Some(std::ffi::OsStr::new(crate::agentcfg::FILE_NAME)) {
+            return Err(Error::Usage(format!(
+                "--register-agent writes agent.cfg: -c {} must name a file called agent.cfg (or use --config-dir DIR)",
+                file.display()
+            )));
+        }
+    }
     let token = enrolment_token(a)?;
-    if a.pem_user.is_none() && token.is_none() {
+    if admin_flags.pem_user.is_none() && token.is_none() {
         return Err(missing(
             "--pem-user",
             "the PEM admin user that registers agents, for example --pem-user pem_admin1 (or enrol with --enrolment-token-file)",
@@ -1059,19 +1609,55 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
     if let Some(u) = &a.pem_agent_user {
         registration::check_agent_user(u)?;
     }
-    let overrides = a
-        .options
-        .iter()
-        .map(|o| registration::parse_override(o))
-        .collect::<Result<Vec<_>, _>>()?;
-    let port = a.pem_port.unwrap_or(5432);
+    let o = register_overrides(&a.options)?;
+    if o.agent_id.is_some() && token.is_some() {
+        return Err(Error::Usage(
+            "-o agent_id cannot be used with an enrolment token: the token's server picks the id"
+                .into(),
+        ));
+    }
+    let mut overrides = flag_settings(a);
+    overrides.extend(o.rest);
+    let config_dir = config_dir(a);
+    let local_cert = match (&o.ssl_crt, &o.ssl_key) {
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::Usage(
+                "give both -o agent_ssl_crt=FILE and -o agent_ssl_key=FILE to register with existing files".into(),
+            ));
+        }
+        (Some(crt), Some(key)) => {
+            if token.is_some() {
+                return Err(Error::Usage(
+                    "-o agent_ssl_crt/agent_ssl_key cannot be used with an enrolment token: the token's server signs a new key".into(),
+                ));
+            }
+            // PEM 10: "absolute or relative to the agent config directory"; stored absolute.
+            let at = |p: &PathBuf| {
+                let p = if p.is_absolute() {
+                    p.clone()
+                } else {
+                    config_dir.join(p)
+                };
+                std::path::absolute(&p).unwrap_or(p)
+            };
+            Some((at(crt), at(key)))
+        }
+    };
+    if local_cert.is_some() && a.pem_agent_user.is_none() && o.agent_id.is_none() {
+        return Err(Error::Usage(
+            "-o agent_ssl_crt names a certificate for a user: give --pem-agent-user USER (its common name) or -o agent_id=N (for agent<N>)".into(),
+        ));
+    }
+    note_ignored(a);
+    let port = admin_flags.pem_port.unwrap_or(5432);
     let server = match &token {
         // The enrolment login has no password; the token goes only to a verified server.
         Some(_) => {
-            let user = a.pem_user.as_deref().unwrap_or(ENROLMENT_USER);
+            let user = admin_flags.pem_user.as_deref().unwrap_or(ENROLMENT_USER);
             let mut s = ConnectSettings::from_env(&host, port, user, "pem")?;
             s.choose_tls(
-                &tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
+                &tls_flags(&admin_flags.pem_ssl_mode, &admin_flags.pem_ssl_root_cert)?,
                 &TlsChoice::default(),
             )?;
             let verified = matches!(s.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
@@ -1082,8 +1668,18 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
             }
             s
         }
-        None => admin_settings(a, &host, port, &TlsChoice::default())?,
+        None => {
+            admin_flags.pem_port = Some(port);
+            admin_settings(&admin_flags, &host, port, &TlsChoice::default())?
+        }
     };
+    if let Some((crt, key)) = &local_cert {
+        let user = a
+            .pem_agent_user
+            .clone()
+            .unwrap_or_else(|| format!("agent{}", o.agent_id.unwrap_or_default()));
+        registration::cert_check::check_files(crt, key, &user, server.root_cert.as_deref())?;
+    }
     let host_name = host_fqdn();
     Ok(registration::Options {
         server,
@@ -1092,15 +1688,18 @@ pub fn resolve_register(a: &AgentArgs) -> Result<registration::Options, Error> {
         display_name: a.display_name.clone().unwrap_or_else(|| host_name.clone()),
         host_name,
         cert_path: cert_path(a),
-        config_dir: config_dir(a),
-        force: a.force_registration,
-        group: a.group.clone(),
-        team: a.team.clone(),
-        owner: a.owner.clone(),
-        heartbeat_connection: a.enable_heartbeat_connection,
-        allow_server_restart: a.allow_server_restart.then_some(true),
-        allow_batch_probes: a.allow_batch_probes,
+        config_dir,
+        force: a.force_registration.unwrap_or(false),
+        group: non_empty(&a.group),
+        team: non_empty(&a.team),
+        owner: non_empty(&a.owner),
+        heartbeat_connection: a.enable_heartbeat_connection.unwrap_or(false),
+        allow_server_restart: a.allow_server_restart,
+        allow_batch_probes: a.allow_batch_probes.unwrap_or(false),
         batch_script_user: a.batch_script_user.clone(),
+        pem_hosts,
+        agent_id: o.agent_id,
+        local_cert,
         overrides,
     })
 }
@@ -1111,8 +1710,8 @@ pub fn resolve_unregister(a: &AgentArgs) -> Result<(ConnectSettings, PathBuf), E
 }
 
 pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
-    let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
-    let port = a.pem_port.ok_or_else(|| {
+    let file = a.admin.config_file();
+    let port = a.admin.pem_port.ok_or_else(|| {
         missing(
             "--pem-port",
             "the pgBouncer port to move the agent to, for example --pem-port 6432",
@@ -1126,10 +1725,10 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
     })?;
     registration::check_agent_user(&agent_user)?;
     let reuse = a.agent_ssl_crt.clone().zip(a.agent_ssl_key.clone());
-    let admin = match (&reuse, &a.pem_user) {
+    let admin = match (&reuse, &a.admin.pem_user) {
         (Some(_), None) => None,
         (_, Some(_)) => {
-            let host = match &a.pem_server {
+            let host = match &a.admin.pem_server {
                 Some(h) => h.clone(),
                 None => crate::config::AgentConfig::load_with_document(&file)
                     .map_err(registration::Error::from)?
@@ -1140,7 +1739,7 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
             let configured = crate::config::AgentConfig::load_with_document(&file)
                 .map(|(_, c)| c.tls_choice())
                 .unwrap_or_default();
-            Some(admin_settings(a, &host, port, &configured)?)
+            Some(admin_settings(&a.admin, &host, port, &configured)?)
         }
         (None, None) => {
             return Err(missing(
@@ -1151,25 +1750,25 @@ pub fn resolve_migrate(a: &AgentArgs) -> Result<migrate::Options, Error> {
     };
     Ok(migrate::Options {
         config_file: file,
-        pem_host: a.pem_server.clone(),
+        pem_host: a.admin.pem_server.clone(),
         pooler_port: port,
         agent_user,
         cert_path: cert_path(a),
         admin,
         reuse,
-        force: a.force_registration,
-        tls: tls_flags(&a.pem_ssl_mode, &a.pem_ssl_root_cert)?,
+        force: a.force_registration.unwrap_or(false),
+        tls: tls_flags(&a.admin.pem_ssl_mode, &a.admin.pem_ssl_root_cert)?,
         retire_dedicated_role: a.retire_dedicated_role,
     })
 }
 
-/// The worker's agent.cfg and its `-o key=value` overrides.
+/// The worker's agent.cfg and its `-o key=value` overrides (`-l LEVEL` last, so it wins).
 pub fn resolve_worker(a: &AgentArgs) -> Result<(PathBuf, Vec<(String, String)>), Error> {
-    let path = a
-        .config
-        .clone()
-        .unwrap_or_else(|| config_dir(a).join(crate::agentcfg::FILE_NAME));
-    Ok((path, overrides(&a.options)?))
+    let mut o = overrides(&a.options)?;
+    if let Some(level) = a.log_level {
+        o.push(("log_level".to_string(), level_name(level).to_string()));
+    }
+    Ok((a.admin.config_file(), o))
 }
 
 /// agent.cfg and its `-o` overrides for `pemworker spool ...`.
@@ -1195,25 +1794,20 @@ fn overrides(options: &[String]) -> Result<Vec<(String, String)>, Error> {
         .collect()
 }
 
-/// This agent's identity (agent.cfg) and the PEM admin's session: host and port from agent.cfg
-/// unless --pem-server / --pem-port say otherwise.
+/// This agent's identity (agent.cfg: `-c FILE` or in `--config-dir`) and the PEM admin's
+/// session: host and port from agent.cfg unless --pem-server / --pem-port say otherwise.
 fn agent_and_admin(a: &AgentArgs) -> Result<(crate::config::AgentConfig, ConnectSettings), Error> {
-    if a.pem_user.is_none() {
-        return Err(missing(
-            "--pem-user",
-            "the PEM admin user, for example --pem-user pem_admin1",
-        ));
-    }
-    let file = config_dir(a).join(crate::agentcfg::FILE_NAME);
-    let (_, id) =
-        crate::config::AgentConfig::load_with_document(&file).map_err(registration::Error::from)?;
-    let host = a
-        .pem_server
-        .clone()
-        .unwrap_or_else(|| id.pem_host().to_string());
-    let port = a.pem_port.unwrap_or(id.pem_port);
-    let admin = admin_settings(a, &host, port, &id.tls_choice())?;
-    Ok((id, admin))
+    agent_admin(&a.admin)
+}
+
+/// PEM's blank `--server-addr ""`: the server's default Unix socket directory (Debian's and
+/// EDB's packages use /var/run/postgresql; libpq's built-in default is /tmp).
+fn local_socket_dir() -> String {
+    ["/var/run/postgresql", "/run/postgresql"]
+        .into_iter()
+        .find(|d| Path::new(d).is_dir())
+        .unwrap_or("/tmp")
+        .to_string()
 }
 
 pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::ServerOptions, Error> {
@@ -1224,6 +1818,11 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
             "the monitored server's address, for example --server-addr db1.example",
         )
     })?;
+    let server_addr = if server_addr.trim().is_empty() {
+        local_socket_dir()
+    } else {
+        server_addr
+    };
     let server_port = a.server_port.ok_or_else(|| {
         missing(
             "--server-port",
@@ -1258,19 +1857,12 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
             )));
         }
     }
-    let remote_monitoring = match a.remote_monitoring.as_deref() {
-        None | Some("no") => false,
-        Some("yes") => true,
-        Some(other) => {
-            return Err(Error::Usage(format!(
-                "invalid --remote-monitoring {other:?}: use yes or no"
-            )));
-        }
-    };
+    note_ignored(a);
     let binding = Binding {
         host: a
             .asb_host_name
             .clone()
+            .filter(|h| !h.trim().is_empty())
             .unwrap_or_else(|| server_addr.clone()),
         port: a.asb_host_port.unwrap_or(server_port),
         database: a
@@ -1314,6 +1906,7 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         display_name: a
             .display_name
             .clone()
+            .filter(|n| !n.trim().is_empty())
             .unwrap_or_else(|| format!("{server_addr}:{server_port}")),
         server_addr,
         server_port,
@@ -1321,26 +1914,37 @@ pub fn resolve_register_server(a: &AgentArgs) -> Result<crate::monitored::Server
         server_user,
         service_name: a.server_service_name.clone(),
         binding,
-        group: a.group.clone(),
-        team: a.team.clone(),
-        owner: a.owner.clone(),
-        remote_monitoring,
-        force: a.force_registration,
+        group: non_empty(&a.group),
+        team: non_empty(&a.team),
+        owner: non_empty(&a.owner),
+        remote_monitoring: a.remote_monitoring.unwrap_or(false),
+        force: a.force_registration.unwrap_or(false),
         password,
         pgpass,
         targets_file,
+        efm: crate::targets::Efm::from_flags(
+            a.efm_cluster_name.clone(),
+            a.efm_install_path.clone(),
+        ),
     })
 }
 
+/// `--unregister-server`: the server as this agent reaches it, named by PEM 10.2's
+/// `--asb-host-name` or, as PEM 7 to 10.1 did, by `--server-addr` ("" = the local socket).
 pub fn resolve_unregister_server(
     a: &AgentArgs,
 ) -> Result<(ConnectSettings, i32, String, u16, PathBuf), Error> {
-    let host = a.asb_host_name.clone().ok_or_else(|| {
-        missing(
-            "--asb-host-name",
-            "the host this agent reaches the server at",
-        )
-    })?;
+    let host = match (&a.asb_host_name, &a.server_addr) {
+        (Some(h), _) if !h.trim().is_empty() => h.clone(),
+        (_, Some(h)) if !h.trim().is_empty() => h.clone(),
+        (_, Some(_)) => local_socket_dir(),
+        _ => {
+            return Err(missing(
+                "--asb-host-name",
+                "the host this agent reaches the server at (PEM 7's --server-addr also works)",
+            ));
+        }
+    };
     let port = a
         .server_port
         .ok_or_else(|| missing("--server-port", "the monitored server's port"))?;
@@ -1370,14 +1974,17 @@ pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChan
             ));
         }
     };
-    let enabled = if a.enable_probe {
-        Some(true)
-    } else if a.disable_probe {
-        Some(false)
-    } else {
-        None
+    let (enabled, interval) = match a.mode {
+        Mode::EnableProbe => (Some(true), a.probe_interval),
+        Mode::DisableProbe => (Some(false), a.probe_interval),
+        Mode::SetProbeInterval(s) => (None, Some(s)),
+        other => {
+            return Err(Error::Usage(format!(
+                "{} does not change probes",
+                other.flag()
+            )));
+        }
     };
-    let interval = a.set_probe_interval.or(a.probe_interval);
     let (agent, admin) = agent_and_admin(a)?;
     Ok(crate::monitored::ProbeChange {
         admin,
@@ -1392,6 +1999,188 @@ pub fn resolve_probe_change(a: &AgentArgs) -> Result<crate::monitored::ProbeChan
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pemworker").chain(args.iter().copied()))
+    }
+
+    fn agent(args: &[&str]) -> AgentArgs {
+        parse(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .agent
+    }
+
+    #[test]
+    fn each_mode_flag_selects_its_mode_and_two_modes_are_refused() {
+        assert_eq!(agent(&[]).mode, Mode::Worker);
+        for (mode, long, _) in MODES {
+            assert_eq!(agent(&[&format!("--{long}")]).mode, *mode);
+            assert_eq!(mode.flag(), format!("--{long}"));
+        }
+        assert_eq!(
+            agent(&["--set-probe-interval", "30"]).mode,
+            Mode::SetProbeInterval(30)
+        );
+        let e = parse(&["--register-agent", "--unregister-agent"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn switches_take_pems_value_forms() {
+        for (args, want) in [
+            (&["--allow_server_restart"][..], Some(true)),
+            (&["--allow_server_restart", "true"][..], Some(true)),
+            (&["--allow_server_restart", "FALSE"][..], Some(false)),
+            (&["--allow_server_restart=no"][..], Some(false)),
+            (&["--allow-server-restart", "Yes"][..], Some(true)),
+            (&[][..], None),
+        ] {
+            assert_eq!(agent(args).allow_server_restart, want, "{args:?}");
+        }
+        let a = agent(&[
+            "--register-agent",
+            "--force-registration",
+            "yes",
+            "--enable-smtp=true",
+            "--enable-snmp",
+            "TRUE",
+            "--enable-webhook",
+            "--enable-heartbeat-connection",
+            "--allow-batch-probes",
+            "true",
+            "-l",
+            "DEBUG1",
+        ]);
+        assert_eq!(a.force_registration, Some(true));
+        assert_eq!(
+            (a.enable_smtp, a.enable_snmp, a.enable_webhook),
+            (Some(true), Some(true), Some(true))
+        );
+        assert_eq!(a.enable_heartbeat_connection, Some(true));
+        assert_eq!(a.allow_batch_probes, Some(true));
+        assert_eq!(a.log_level, Some(crate::config::LogLevel::Debug1));
+        let e = parse(&["--force-registration", "maybe"]).unwrap_err();
+        assert!(e.to_string().contains("expected true or false"), "{e}");
+    }
+
+    #[test]
+    fn l_sets_the_workers_log_level_over_o() {
+        let a = agent(&[
+            "-c",
+            "/etc/a/agent.cfg",
+            "-o",
+            "log_level=error",
+            "-l",
+            "DEBUG1",
+        ]);
+        let (file, o) = resolve_worker(&a).unwrap();
+        assert_eq!(file, Path::new("/etc/a/agent.cfg"));
+        assert_eq!(
+            o,
+            [
+                ("log_level".to_string(), "error".to_string()),
+                ("log_level".to_string(), "debug1".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn pem_levels_map_onto_ours() {
+        use crate::config::LogLevel;
+        for (pem, ours) in [
+            ("WARNING", LogLevel::Warning),
+            ("warning", LogLevel::Warning),
+            ("ERROR", LogLevel::Error),
+            ("INFO", LogLevel::Info),
+            ("NOTICE", LogLevel::Info),
+            ("DEBUG1", LogLevel::Debug1),
+            ("DEBUG2", LogLevel::Debug2),
+            ("DEBUG5", LogLevel::Debug2),
+        ] {
+            assert_eq!(pem_log_level(pem), Ok(ours), "{pem}");
+        }
+        assert!(pem_log_level("LOUD").is_err());
+    }
+
+    #[test]
+    fn o_repeats_and_attaches_and_a_repeated_option_takes_the_last_value() {
+        let a = agent(&[
+            "-oagent_conn_string=host=x",
+            "-o",
+            "agent_id=8",
+            "--pem-user",
+            "a",
+            "--pem-user",
+            "b",
+        ]);
+        assert_eq!(a.options, ["agent_conn_string=host=x", "agent_id=8"]);
+        assert_eq!(a.admin.pem_user.as_deref(), Some("b"));
+        let o = register_overrides(&a.options).unwrap();
+        assert_eq!(o.agent_id, Some(8));
+        assert_eq!(o.rest, [("agent_conn_string".into(), "host=x".into())]);
+        for bad in ["agent_id=x", "agent_id=0", "agent_ssl_crt="] {
+            assert!(register_overrides(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let args: Vec<std::ffi::OsString> = ["pemworker", "-o", "agent_ssl_crt=", "agent.crt"]
+            .map(Into::into)
+            .to_vec();
+        assert_eq!(
+            spaced_option_value(&args).as_deref(),
+            Some(
+                "-o agent_ssl_crt= agent.crt: remove the space after =, as in -o agent_ssl_crt=agent.crt"
+            )
+        );
+    }
+
+    #[test]
+    fn config_file_names_agent_cfg_for_every_mode() {
+        for flag in ["-c", "--config-file", "--config"] {
+            let a = agent(&["--verify-registration", flag, "/etc/x/agent.cfg"]);
+            assert_eq!(a.admin.config_file(), Path::new("/etc/x/agent.cfg"));
+            assert_eq!(config_dir(&a), Path::new("/etc/x"));
+        }
+        let a = agent(&["--verify-registration", "--config-dir", "/opt/etc"]);
+        assert_eq!(a.admin.config_file(), Path::new("/opt/etc/agent.cfg"));
+    }
+
+    #[test]
+    fn registration_conn_strings_in_both_forms() {
+        let c = parse_conninfo(
+            "host=pem.example port=6432 user=pem_admin1 dbname=postgres sslmode=verify-CA sslrootcert='/etc/pem root.crt'",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Conninfo {
+                host: Some("pem.example".into()),
+                port: Some(6432),
+                user: Some("pem_admin1".into()),
+                sslmode: Some("verify-CA".into()),
+                sslrootcert: Some("/etc/pem root.crt".into()),
+            }
+        );
+        let u =
+            parse_conninfo("postgresql://pem_admin1@pem.example:6432/pem?sslmode=require").unwrap();
+        assert_eq!(u.host.as_deref(), Some("pem.example"));
+        assert_eq!(u.port, Some(6432));
+        assert_eq!(u.user.as_deref(), Some("pem_admin1"));
+        assert_eq!(u.sslmode.as_deref(), Some("require"));
+        for secret in ["host=x password=s3cret", "postgresql://u:s3cret@x/pem"] {
+            let e = parse_conninfo(secret).unwrap_err().to_string();
+            assert!(
+                e.contains("PEM_SERVER_PASSWORD") && !e.contains("s3cret"),
+                "{e}"
+            );
+        }
+        assert!(parse_conninfo("host=x port=many").is_err());
+        // PEM's documentation spells libpq's sslmodes in capitals.
+        assert_eq!("verify-CA".parse::<SslMode>().unwrap(), SslMode::VerifyCa);
+        assert_eq!(
+            "Verify-Full".parse::<SslMode>().unwrap(),
+            SslMode::VerifyFull
+        );
+    }
 
     #[test]
     fn the_host_name_is_the_one_hostname_f_prints() {

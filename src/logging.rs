@@ -69,12 +69,13 @@ fn filter(level: LogLevel) -> Targets {
         .expect("LogLevel::filter gives valid directives")
 }
 
-/// Logs for a command-line run: warnings and errors on stderr (`PEMWORKER_LOG` overrides).
-pub fn init_cli() {
+/// Logs for a command-line run: `level` (`-l`; default warnings and errors) on stderr
+/// (`PEMWORKER_LOG` overrides).
+pub fn init_cli(level: Option<LogLevel>) {
     let filter = std::env::var("PEMWORKER_LOG")
         .ok()
         .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| filter(crate::config::LogLevel::Warning));
+        .unwrap_or_else(|| filter(level.unwrap_or(LogLevel::Warning)));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)

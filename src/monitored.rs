@@ -108,6 +108,8 @@ pub struct ServerOptions {
     pub pgpass: PathBuf,
     /// The record of targets registered from this host ([`crate::targets`]).
     pub targets_file: PathBuf,
+    /// PEM's EFM flags, kept in that record.
+    pub efm: Option<crate::targets::Efm>,
 }
 
 /// What `--register-server` did.
@@ -244,6 +246,7 @@ pub async fn register_server(o: &ServerOptions) -> Result<Registered, Error> {
             user: o.binding.user.clone(),
             sslmode: o.binding.sslmode.name().to_string(),
             root_cert: settings.root_cert.clone(),
+            efm: o.efm.clone(),
         })
         .stage(&o.targets_file)?;
 
@@ -467,6 +470,7 @@ pub async fn bind_pgbouncer(o: &BouncerOptions) -> Result<BouncerBound, Error> {
             user: console.user.clone(),
             sslmode: console.sslmode.name().to_string(),
             root_cert: console.root_cert.clone(),
+            efm: None,
         })
         .stage(&o.targets_file)?;
 

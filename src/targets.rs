@@ -60,6 +60,29 @@ pub struct Target {
     /// The root certificate its certificate was checked against at registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_cert: Option<PathBuf>,
+    /// PEM's `--efm-cluster-name` / `--efm-install-path` for a server, kept with its record
+    /// (EFM itself is not monitored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub efm: Option<Efm>,
+}
+
+/// A monitored server's EDB Failover Manager cluster, as `--register-server` was told it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Efm {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_path: Option<PathBuf>,
+}
+
+impl Efm {
+    /// `None` when neither flag was given.
+    pub fn from_flags(cluster_name: Option<String>, install_path: Option<PathBuf>) -> Option<Efm> {
+        (cluster_name.is_some() || install_path.is_some()).then_some(Efm {
+            cluster_name,
+            install_path,
+        })
+    }
 }
 
 impl Target {
@@ -195,6 +218,7 @@ impl Registry {
             user: user.to_string(),
             sslmode: String::new(),
             root_cert: None,
+            efm: None,
         };
         let Some(t) = self.targets.iter().find(|t| t.same_place(&wanted)) else {
             return Err(Refusal::NotRegistered(wanted.describe()));
@@ -250,6 +274,7 @@ mod tests {
             user: "monitor".into(),
             sslmode: sslmode.into(),
             root_cert: Some("/etc/pem/root.crt".into()),
+            efm: None,
         }
     }
 
@@ -367,6 +392,7 @@ mod tests {
                     user: user.clone(),
                     sslmode: mode.to_string(),
                     root_cert: Some("/etc/pem/root.crt".into()),
+                    efm: None,
                 };
                 let r = Registry::parse(&Registry::default().with(t).render()).unwrap();
                 let s = r.settings(Kind::Server, &host, port, &database, &user, &server).unwrap();

@@ -1129,6 +1129,7 @@ async fn bind_monitored(
             user: "monitor".into(),
             sslmode: "verify-full".into(),
             root_cert: Some(bed.root_crt.clone()),
+            efm: None,
         })
         .stage(&targets)
         .unwrap()

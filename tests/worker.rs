@@ -987,6 +987,7 @@ async fn a_monitored_server_that_hangs_on_connect_does_not_delay_heartbeats() {
             user: "monitor".into(),
             sslmode: "prefer".into(),
             root_cert: None,
+            efm: None,
         })
         .stage(&targets)
         .unwrap()

@@ -126,3 +126,122 @@ fn strict_layout(der: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Checks PEM's locally issued agent files (`-o agent_ssl_crt=... -o agent_ssl_key=...`)
+/// before registration touches the server: both readable, the key private (libpq refuses
+/// others), the key the certificate's, the certificate for `agent_user`, valid now and issued
+/// by a CA in `root` (the PEM CA the admin's session verified the server with).
+pub fn check_files(
+    crt: &Path,
+    key: &Path,
+    agent_user: &str,
+    root: Option<&Path>,
+) -> Result<(), super::Error> {
+    use openssl::pkey::PKey;
+    use openssl::x509::X509;
+    use std::os::unix::fs::PermissionsExt;
+    let invalid = |what: &'static str, path: &Path, why: String| super::Error::Invalid {
+        what,
+        value: path.display().to_string(),
+        why,
+    };
+    let crt_what = "-o agent_ssl_crt";
+    let key_what = "-o agent_ssl_key";
+    let read = |what, path: &Path| {
+        std::fs::read(path).map_err(|e| invalid(what, path, format!("cannot read it: {e}")))
+    };
+    let crt_pem = read(crt_what, crt)?;
+    let key_pem = read(key_what, key)?;
+    let mode = std::fs::metadata(key)
+        .map_err(|e| invalid(key_what, key, e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            key_what,
+            key,
+            format!(
+                "it has group or world access (mode {:04o}); run chmod 600 {}",
+                mode & 0o7777,
+                key.display()
+            ),
+        ));
+    }
+    let cert = X509::from_pem(&crt_pem)
+        .map_err(|_| invalid(crt_what, crt, "not a PEM certificate".into()))?;
+    let pkey = PKey::private_key_from_pem(&key_pem).map_err(|_| {
+        invalid(
+            key_what,
+            key,
+            "not an unencrypted PEM private key (PKCS#8 or PKCS#1)".into(),
+        )
+    })?;
+    let public = cert
+        .public_key()
+        .map_err(|e| invalid(crt_what, crt, e.to_string()))?;
+    if !public.public_eq(&pkey) {
+        return Err(invalid(
+            key_what,
+            key,
+            format!("it is not the key of {}", crt.display()),
+        ));
+    }
+    let cn = cert
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
+        .unwrap_or_default();
+    if cn != agent_user {
+        return Err(invalid(
+            crt_what,
+            crt,
+            format!(
+                "its common name is {cn:?}, but the agent logs in as {agent_user} (--pem-agent-user, or agent<N> with -o agent_id=N)"
+            ),
+        ));
+    }
+    let now = openssl::asn1::Asn1Time::days_from_now(0)
+        .map_err(|e| invalid(crt_what, crt, e.to_string()))?;
+    if cert.not_before() > now || cert.not_after() < now {
+        return Err(invalid(
+            crt_what,
+            crt,
+            format!(
+                "it is not valid now (from {} to {})",
+                cert.not_before(),
+                cert.not_after()
+            ),
+        ));
+    }
+    let Some(root) = root else {
+        return Err(invalid(
+            crt_what,
+            crt,
+            "cannot check it was issued by the PEM CA: give the PEM server's root certificate with --pem-ssl-root-cert (or PGSSLROOTCERT)".into(),
+        ));
+    };
+    let cas = std::fs::read(root)
+        .ok()
+        .and_then(|d| X509::stack_from_pem(&d).ok())
+        .unwrap_or_default();
+    let signed = cas.iter().any(|ca| {
+        ca.subject_name()
+            .try_cmp(cert.issuer_name())
+            .is_ok_and(|o| o.is_eq())
+            && ca
+                .public_key()
+                .is_ok_and(|k| cert.verify(&k).unwrap_or(false))
+    });
+    if !signed {
+        return Err(invalid(
+            crt_what,
+            crt,
+            format!(
+                "it was not issued by the PEM CA (no CA in {} signed it)",
+                root.display()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -77,6 +77,10 @@ pub enum Error {
         "agent {agent_id} is enrolled on the PEM server, but {cause}; ask the PEM admin to unregister agent {agent_id}, then enrol again with a new token"
     )]
     EnrolledWithoutFiles { agent_id: i32, cause: fsutil::Error },
+    #[error(
+        "agent id {agent_id} (-o agent_id) is not registered on {target}; -o agent_id re-registers an existing agent, so drop it to register a new agent (the server picks its id)"
+    )]
+    UnknownAgentId { agent_id: i32, target: String },
     #[error("{what}; {restored}")]
     MigrationFailed {
         what: String,
@@ -95,6 +99,7 @@ impl Error {
             | Error::Invalid { .. }
             | Error::Missing(_)
             | Error::NotRegistered { .. }
+            | Error::UnknownAgentId { .. }
             | Error::NoSecret { .. } => ExitCode::Config,
             Error::SchemaMissing { .. }
             | Error::SchemaOutdated { .. }
@@ -181,6 +186,14 @@ pub struct Options {
     pub allow_server_restart: Option<bool>,
     pub allow_batch_probes: bool,
     pub batch_script_user: Option<String>,
+    /// PEM 10.1's `--pem-server 'h1,h2,h3'`: every host, tried in order for one that accepts
+    /// writes, and all written to agent.cfg's pem_host; empty for one host (`server.host`).
+    pub pem_hosts: Vec<String>,
+    /// PEM's `-o agent_id=N`: re-register agent N (which the server must know) with its id.
+    pub agent_id: Option<i32>,
+    /// PEM's `-o agent_ssl_crt=... -o agent_ssl_key=...` (absolute, checked by
+    /// [`cert_check::check_files`]): use these files instead of a new key and certificate.
+    pub local_cert: Option<(PathBuf, PathBuf)>,
     pub overrides: Vec<(String, String)>,
 }
 
@@ -434,14 +447,16 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     let config_file = opts.config_dir.join(agentcfg::FILE_NAME);
     refuse_existing(&config_file, opts.force)?;
     // With --force-registration the agent keeps the id its agent.cfg already has.
-    let previous_id = if config_file.exists() {
+    let previous_id = if let Some(id) = opts.agent_id {
+        Some(id)
+    } else if config_file.exists() {
         Document::read(&config_file)
             .ok()
             .and_then(|d| d.get("agent_id").and_then(|v| v.parse::<i32>().ok()))
     } else {
         None
     };
-    if let Some(u) = &opts.agent_user {
+    if let (Some(u), None) = (&opts.agent_user, &opts.local_cert) {
         refuse_existing(&key_file(&opts.cert_path, u), opts.force)?;
         refuse_existing(&cert_file(&opts.cert_path, u), opts.force)?;
     }
@@ -453,7 +468,7 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     Staged::check(&key_file(&opts.cert_path, "probe"), 0o600, None)?;
     Staged::check(&config_file, 0o644, None)?;
 
-    let client = connection::connect(&opts.server).await?;
+    let client = connect_writable(&opts.server, &opts.pem_hosts).await?;
     match &opts.token {
         None => check_rights(&client, &opts.server).await?,
         Some(_) => check_enrolment(&client, &opts.server).await?,
@@ -485,14 +500,53 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
     Ok(registered)
 }
 
+/// The first of `hosts` (or `server`'s one host) that accepts a session and writes, as libpq's
+/// `target_session_attrs=read-write` picks it; the last host's error if none does.
+async fn connect_writable(server: &ConnectSettings, hosts: &[String]) -> Result<Client, Error> {
+    if hosts.len() < 2 {
+        return Ok(connection::connect(server).await?);
+    }
+    let mut last = None;
+    for host in hosts {
+        let mut s = server.clone();
+        s.host = host.clone();
+        match connection::connect(&s).await {
+            Ok(client) => {
+                let standby: bool = pool::query_value(
+                    &client,
+                    "checking for a standby",
+                    "SELECT pg_catalog.pg_is_in_recovery()",
+                    &[],
+                )
+                .await?;
+                if !standby {
+                    return Ok(client);
+                }
+                tracing::info!("{} is a standby; trying the next PEM host", s.target());
+            }
+            Err(e) => {
+                tracing::info!("{e}; trying the next PEM host");
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => Error::Missing(format!(
+            "every PEM host of {} is a standby; registration needs the primary",
+            hosts.join(",")
+        )),
+    })
+}
+
 /// What the server side of a registration produced.
 struct Enrolled {
     agent_id: i32,
     agent_user: String,
     kept_id: bool,
     created_role: bool,
-    key: KeyPair,
-    cert: String,
+    /// The new key and certificate; `None` when the registration uses the local files.
+    files: Option<(KeyPair, String)>,
     secret: AgentKey,
     deactivated: Vec<i32>,
 }
@@ -518,8 +572,13 @@ async fn with_admin(
     .await?;
     let dedicated = opts.agent_user.is_none().then_some(agent_id);
     let created_role = ensure_agent_user(client, &opts.server, &agent_user, dedicated).await?;
-    let (key, cert) =
-        obtain_certificate(client, &agent_user, opts.server.root_cert.as_deref()).await?;
+    let files = match &opts.local_cert {
+        // Checked before the server was touched (cert_check::check_files).
+        Some(_) => None,
+        None => {
+            Some(obtain_certificate(client, &agent_user, opts.server.root_cert.as_deref()).await?)
+        }
+    };
     let secret = issue_secret(client, agent_id).await?;
     let deactivated = if kept_id {
         deactivate_duplicates(client, agent_id, opts).await?
@@ -531,8 +590,7 @@ async fn with_admin(
         agent_user,
         kept_id,
         created_role,
-        key,
-        cert,
+        files,
         secret,
         deactivated,
     })
@@ -616,8 +674,7 @@ async fn with_token(
         agent_user,
         kept_id: false,
         created_role: false,
-        key,
-        cert,
+        files: Some((key, cert)),
         secret,
         deactivated: Vec::new(),
     })
@@ -632,10 +689,15 @@ fn stage(
     config_file: &Path,
     e: Enrolled,
 ) -> Result<(Registered, bool, StagedFiles), Error> {
-    let key_path = key_file(&opts.cert_path, &e.agent_user);
-    let crt_path = cert_file(&opts.cert_path, &e.agent_user);
+    let (crt_path, key_path) = match &opts.local_cert {
+        Some((crt, key)) => (crt.clone(), key.clone()),
+        None => (
+            cert_file(&opts.cert_path, &e.agent_user),
+            key_file(&opts.cert_path, &e.agent_user),
+        ),
+    };
     let secret_path = crate::mac::secret_file(&opts.cert_path, e.agent_id);
-    if opts.agent_user.is_none() {
+    if opts.agent_user.is_none() && e.files.is_some() {
         refuse_existing(&key_path, opts.force)?;
         refuse_existing(&crt_path, opts.force)?;
     }
@@ -648,29 +710,29 @@ fn stage(
         &crt_path,
         &secret_path,
     );
-    let staged = vec![
-        (
-            secret_path.clone(),
-            Staged::write(
-                &secret_path,
-                e.secret.file_contents().expose().as_bytes(),
-                0o600,
-                None,
-            )?,
-        ),
-        (
+    let mut staged = vec![(
+        secret_path.clone(),
+        Staged::write(
+            &secret_path,
+            e.secret.file_contents().expose().as_bytes(),
+            0o600,
+            None,
+        )?,
+    )];
+    if let Some((key, cert)) = &e.files {
+        staged.push((
             key_path.clone(),
-            Staged::write(&key_path, e.key.serialize_pem().as_bytes(), 0o600, None)?,
-        ),
-        (
+            Staged::write(&key_path, key.serialize_pem().as_bytes(), 0o600, None)?,
+        ));
+        staged.push((
             crt_path.clone(),
-            Staged::write(&crt_path, e.cert.as_bytes(), 0o600, None)?,
-        ),
-        (
-            config_file.to_path_buf(),
-            Staged::write(config_file, cfg.render().as_bytes(), 0o644, None)?,
-        ),
-    ];
+            Staged::write(&crt_path, cert.as_bytes(), 0o600, None)?,
+        ));
+    }
+    staged.push((
+        config_file.to_path_buf(),
+        Staged::write(config_file, cfg.render().as_bytes(), 0o644, None)?,
+    ));
     let existing: Vec<&PathBuf> = staged
         .iter()
         .map(|(p, _)| p)
@@ -722,6 +784,12 @@ async fn upsert_agent(
     .await?;
     if let Some(r) = row {
         return Ok((pool::get(&r, 0, "registering the agent")?, true));
+    }
+    if let Some(agent_id) = o.agent_id {
+        return Err(Error::UnknownAgentId {
+            agent_id,
+            target: o.server.target(),
+        });
     }
     if let Some(id) = previous {
         tracing::warn!(
@@ -809,7 +877,12 @@ fn agent_config(
 ) -> Document {
     let mut d = Document::with_defaults();
     let b = |v: bool| if v { "true" } else { "false" };
-    d.set("pem_host", &o.server.host, None);
+    let hosts = if o.pem_hosts.is_empty() {
+        o.server.host.clone()
+    } else {
+        o.pem_hosts.join(",")
+    };
+    d.set("pem_host", &hosts, None);
     d.set("pem_port", &o.server.port.to_string(), None);
     d.set("agent_id", &agent_id.to_string(), None);
     d.set("agent_user", agent_user, None);

@@ -310,6 +310,7 @@ pub async fn bind_servers(
         user: user.into(),
         sslmode: "verify-full".into(),
         root_cert: Some(servers.root_crt.clone()),
+        efm: None,
     };
     let file = crate::targets::file_for(config_file);
     crate::targets::Registry::load(&file)

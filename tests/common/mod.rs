@@ -425,6 +425,7 @@ impl TestBed {
                 user: user.into(),
                 sslmode: "verify-full".into(),
                 root_cert: Some(self.root_crt.clone()),
+                efm: None,
             })
             .stage(&file)
             .unwrap()
