@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{TestBed, wait_for};
+use common::{TestBed, last_heartbeat, wait_for};
 use pemworker::connection::pool;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -219,19 +219,6 @@ fn version_text(name: &str) -> String {
         pemworker::schema::latest_version(),
         v = env!("CARGO_PKG_VERSION")
     )
-}
-
-async fn last_heartbeat(su: &Client, agent: i32) -> f64 {
-    pool::query_opt(
-        su,
-        "heartbeat",
-        "SELECT extract(epoch FROM last_heartbeat)::float8 FROM pem.agent_heartbeat WHERE agent_id = $1",
-        &[(&agent, Type::INT4)],
-    )
-    .await
-    .unwrap()
-    .map(|r| r.get(0))
-    .unwrap_or(0.0)
 }
 
 async fn server_now(su: &Client) -> f64 {
