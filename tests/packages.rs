@@ -566,3 +566,76 @@ fn the_packages_declare_the_conflict_with_edb_pem_agent() {
         version_text("pemagent")
     );
 }
+
+/// A stand-in for EDB's agent .rpm: `edb-pem-agent` with the paths this package ships.
+fn dummy_edb_rpm(dir: &Path) -> PathBuf {
+    let spec = dir.join("edb-pem-agent.spec");
+    std::fs::write(
+        &spec,
+        "Name: edb-pem-agent\nVersion: 10.0.0\nRelease: 1\nSummary: stand-in for EDB's PEM agent\n\
+         License: none\nBuildArch: noarch\n%description\nstand-in\n%install\n\
+         mkdir -p %{buildroot}/usr/edb/pem/agent/bin\n\
+         printf '#!/bin/sh\\necho EDB\\n' > %{buildroot}/usr/edb/pem/agent/bin/pemagent\n\
+         cp %{buildroot}/usr/edb/pem/agent/bin/pemagent %{buildroot}/usr/edb/pem/agent/bin/pemworker\n\
+         %files\n%attr(0755,root,root) /usr/edb/pem/agent/bin/pemagent\n\
+         %attr(0755,root,root) /usr/edb/pem/agent/bin/pemworker\n",
+    )
+    .unwrap();
+    let out = Command::new("rpmbuild")
+        .arg("--define")
+        .arg(format!("_topdir {}", dir.join("top").display()))
+        .arg("-bb")
+        .arg(&spec)
+        .output()
+        .expect("run rpmbuild (apt-get install rpm)");
+    assert!(out.status.success(), "rpmbuild: {out:?}");
+    dir.join("top/RPMS/noarch/edb-pem-agent-10.0.0-1.noarch.rpm")
+}
+
+/// rpm, with a package database of its own: the first package recorded as installed
+/// (`--justdb --nodeps`: this Debian machine's libraries are not in an rpm database), then
+/// the second tried (`--test`). Returns rpm's exit code and messages.
+fn rpm_second_beside_first(dir: &Path, first: &Path, second: &Path) -> (i32, String) {
+    let db = dir.join(format!(
+        "rpmdb-{}",
+        first.file_name().unwrap().to_string_lossy()
+    ));
+    let rpm = |args: &[&str], pkg: Option<&Path>| {
+        let mut c = Command::new("rpm");
+        c.arg("--dbpath").arg(&db).args(args);
+        if let Some(p) = pkg {
+            c.arg(p);
+        }
+        common::outcome(&c.output().expect("run rpm (apt-get install rpm)"))
+    };
+    let (code, _, err) = rpm(&["--initdb"], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = rpm(&["-i", "--justdb", "--nodeps"], Some(first));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = rpm(&["-i", "--test"], Some(second));
+    (code, err)
+}
+
+/// rpm refuses either package while the other is installed: pemworker's Conflicts.
+#[test]
+fn rpm_refuses_pemworker_and_edb_pem_agent_together_in_either_order() {
+    let p = packages();
+    let work = tempfile::tempdir().unwrap();
+    let edb = dummy_edb_rpm(work.path());
+    let name = format!("pemworker-{}-1.x86_64", env!("CARGO_PKG_VERSION"));
+    let (code, err) = rpm_second_beside_first(work.path(), &p.rpm, &edb);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("edb-pem-agent conflicts with (installed) {name}")),
+        "{err}"
+    );
+    // The other way round rpm also lists the libraries this machine's (empty) rpm database
+    // lacks; the conflict is among them.
+    let (code, err) = rpm_second_beside_first(work.path(), &edb, &p.rpm);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.trim() == format!("edb-pem-agent conflicts with {name}")),
+        "{err}"
+    );
+}
