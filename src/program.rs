@@ -26,7 +26,7 @@ pub enum Program {
 /// the second line. So `Version:` is the second line of the output. `Version:` is this
 /// program's own version, not a PEM release: tools that branch on the PEM release take their
 /// oldest branch. `Schema Supported:` is the newest reference schema version this build
-/// installs (`--install-schema`), which is what `SELECT pem.schema_version()` returns after it.
+/// installs (`--install-schema`; recorded in the table `pem.schema_version`).
 static VERSION: LazyLock<String> = LazyLock::new(|| {
     let v = env!("CARGO_PKG_VERSION");
     format!(
