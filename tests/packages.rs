@@ -286,8 +286,8 @@ exec_start=$(sed -n 's/^ExecStart=//p' /lib/systemd/system/pemagent.service)
 echo "$exec_start" >"$out/exec-start"
 
 # PEM's documented command line: it detaches, and runs as pemagent.
-"$bin/pemagent" -c "$CFG" >"$out/daemon.out" 2>&1
-echo $? >"$out/daemon.rc"
+rc=0; "$bin/pemagent" -c "$CFG" >"$out/daemon.out" 2>&1 || rc=$?
+echo "$rc" >"$out/daemon.rc"
 for ((i = 0; i < 50; i++)); do pid=$(pgrep -x pemagent || true); [ -n "$pid" ] && break; sleep 0.1; done
 echo "$pid" >"$out/daemon.pid"
 touch "$out/daemon-started"
