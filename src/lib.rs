@@ -26,6 +26,7 @@
 //!   password, and the weakest sslmode for each.
 //! - [`pooler`]: the pooled side: preparing the PEM server (and its CA), proxy agent users,
 //!   pgBouncer's files and certificate.
+//! - [`program`]: the names the binary answers to (`pemagent`, `pemworker`) and `--version`.
 //! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
 
@@ -42,6 +43,7 @@ pub mod mac;
 pub mod monitored;
 pub mod pooler;
 pub mod probes;
+pub mod program;
 pub mod registration;
 pub mod sandbox;
 pub mod schema;

@@ -1,12 +1,13 @@
-//! The `pemworker` binary: parses the command line, sets up logging, dispatches to the library
+//! The `pemworker` binary (also `pemagent`, PEM's daemon name, through a link: see
+//! `pemworker::program`): parses the command line, sets up logging, dispatches to the library
 //! and maps the outcome to an exit code (see `pemworker --help`).
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 use pemworker::cli::{self, AgentArgs, Cli, Command, Mode, PoolerCommand};
 use pemworker::pooler::{bouncer, prepare, proxy_user};
+use pemworker::program::Program;
 use pemworker::registration::{self, migrate};
 
 fn main() -> ExitCode {
@@ -14,7 +15,7 @@ fn main() -> ExitCode {
     if let Some(why) = cli::spaced_option_value(&args) {
         return fail(pemworker::ExitCode::Config, why);
     }
-    let cli = match Cli::try_parse_from(&args) {
+    let cli = match Program::invoked().parse_from::<Cli, _, _>(&args) {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{ADMIN_PASSWORD, ADMIN_USER, STATS_PASSWORD, STATS_USER, TestBed, outcome, wait_for};
+use common::{
+    ADMIN_PASSWORD, ADMIN_USER, STATS_PASSWORD, STATS_USER, TestBed, last_heartbeat, outcome,
+    wait_for,
+};
 use pemworker::connection::pool;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -409,19 +412,6 @@ async fn a_bound_pgbouncer_is_probed_with_its_password_only_on_the_agent_host_un
     let (code, _, err) = run(&bed, &bind_args(&bed, &cfg, "unbind", &[]), &[admin]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no pgBouncer"), "{err}");
-}
-
-async fn last_heartbeat(su: &Client, agent: i32) -> f64 {
-    pool::query_opt(
-        su,
-        "heartbeat",
-        "SELECT extract(epoch FROM last_heartbeat)::float8 FROM pem.agent_heartbeat WHERE agent_id = $1",
-        &[(&agent, Type::INT4)],
-    )
-    .await
-    .unwrap()
-    .map(|r| r.get(0))
-    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

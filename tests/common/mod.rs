@@ -736,3 +736,17 @@ pub async fn log_heartbeats(su: &Client) {
     .await
     .unwrap();
 }
+
+/// The agent's last heartbeat on the server, in seconds since the epoch (0 before the first).
+pub async fn last_heartbeat(su: &Client, agent: i32) -> f64 {
+    pool::query_opt(
+        su,
+        "heartbeat",
+        "SELECT extract(epoch FROM last_heartbeat)::float8 FROM pem.agent_heartbeat WHERE agent_id = $1",
+        &[(&agent, Type::INT4)],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+    .unwrap_or(0.0)
+}
