@@ -484,7 +484,8 @@ async fn killed_with_sigkill_again_and_again_it_stores_every_sample_it_kept_exac
     let left: Vec<String> = std::fs::read_dir(a.state.join("spool"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "rejected")
+        // .reuse is the last delivered batch's file, kept for the next one to be written into.
+        .filter(|n| n != "rejected" && n != ".reuse")
         .collect();
     assert!(left.is_empty(), "left in the spool: {left:?}");
     let half: Vec<String> = std::fs::read_dir(a.state.join("spool/rejected"))
