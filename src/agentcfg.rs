@@ -48,6 +48,7 @@ pub const OTHER_KEYS: &[&str] = &[
     "ca_file",
     "state_dir",
     "spool_limit",
+    "certificate_renewal_fraction",
 ];
 
 pub fn is_known_key(key: &str) -> bool {

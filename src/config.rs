@@ -90,6 +90,9 @@ pub struct AgentConfig {
     /// versions kept one spool for every agent of the host.
     pub shared_state_dir: Option<PathBuf>,
     pub spool_limit: u64,
+    /// The share of its lifetime after which the running worker renews its certificate
+    /// (`certificate_renewal_fraction`, default 2/3); `None` = never (0).
+    pub certificate_renewal_fraction: Option<f64>,
 }
 
 /// Used when agent.cfg's connect_timeout is -1 or 0 (PEM's "no timeout"): an agent must not
@@ -452,6 +455,16 @@ impl AgentConfig {
             |v: &str| parse_size(v).filter(|&n| n >= 4096),
             "a size of at least 4kB (e.g. 64MB)"
         );
+        let certificate_renewal_fraction = parsed!(
+            "certificate_renewal_fraction",
+            Some(2.0 / 3.0),
+            |v: &str| v
+                .parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..1.0).contains(f))
+                .map(|f| (f > 0.0).then_some(f)),
+            "a fraction from 0 (never renew) up to, not including, 1 (e.g. 0.67)"
+        );
         let state_dir = find("state_dir")
             .filter(|(_, v)| !v.is_empty())
             .map(|(_, v)| PathBuf::from(v));
@@ -519,6 +532,7 @@ impl AgentConfig {
                             default_state_base().join(format!("agent{agent_id}"))
                         }),
                         spool_limit,
+                        certificate_renewal_fraction,
                     },
                     warnings,
                 ))

@@ -1,12 +1,14 @@
 //! The worker (`pemworker -c agent.cfg`): runs until stopped.
 //!
-//! Three loops, each a supervised task on one tracker ([`tasks`]), stopped by one token:
+//! Four loops, each a supervised task on one tracker ([`tasks`]), stopped by one token:
 //!
 //! - [`heartbeat`]: records a heartbeat at the agent's interval (from `pem.agent`);
 //! - [`collector`]: sleeps until the next probe is due (or the schedule is to be checked), runs
 //!   the probes that are due, each target in its own named task, and spools their samples;
 //! - [`delivery`]: sleeps until a batch is spooled, then sends the spool to the server, oldest
-//!   first; after a failure it retries with backoff.
+//!   first; after a failure it retries with backoff;
+//! - [`renewal`]: sleeps until the agent's certificate is due for renewal, then has a new one
+//!   signed through its own session and reconnects with it.
 //!
 //! Each loop checks its own session out of the connection manager, so none waits behind
 //! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
@@ -21,6 +23,7 @@ pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
 pub mod memory;
+pub mod renewal;
 pub mod stats;
 pub mod tasks;
 
@@ -347,6 +350,12 @@ pub async fn run(
         let (sh, stop) = (shared.clone(), collect_stop.clone());
         tasks.supervise("collector", stop.clone(), move || {
             collector::run(sh.clone(), stop.clone())
+        });
+    }
+    {
+        let (sh, stop) = (shared.clone(), collect_stop.clone());
+        tasks.supervise("certificate renewal", stop.clone(), move || {
+            renewal::run(sh.clone(), stop.clone())
         });
     }
     {
