@@ -36,8 +36,9 @@ impl LogLevel {
     pub fn filter(self) -> &'static str {
         match self {
             LogLevel::Error => "error",
-            // The worker's start line (worker::START_TARGET) also at the default level.
-            LogLevel::Warning => "warn,pemworker::started=info",
+            // The worker's start line (worker::START_TARGET) and its certificate renewals
+            // (worker::renewal::TARGET) also at the default level.
+            LogLevel::Warning => "warn,pemworker::started=info,pemworker::renewed=info",
             LogLevel::Info => "warn,pemworker=info",
             LogLevel::Debug1 => "warn,pemworker=debug",
             LogLevel::Debug2 => "debug,pemworker=trace",

@@ -29,7 +29,13 @@ fn register(bed: &TestBed, name: &str, user: &str) -> (PathBuf, i32) {
     let args: Vec<String> = bed
         .register_args(name)
         .into_iter()
-        .map(|a| if a == "pem_agent_user1" { user.into() } else { a })
+        .map(|a| {
+            if a == "pem_agent_user1" {
+                user.into()
+            } else {
+                a
+            }
+        })
         .collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = bed.pemworker_env(&args, &[("PEM_SERVER_PASSWORD", common::ADMIN_PASSWORD)]);
@@ -281,7 +287,10 @@ fn short_certificate(bed: &TestBed, cn: &str, key_file: &Path, seconds: i64) -> 
 fn start_worker(bed: &TestBed, cfg: &Path, journal: &Path, extra: &[(&str, String)]) -> Child {
     let site = cfg.parent().unwrap().parent().unwrap();
     let mut settings = vec![
-        ("log_location", site.join("worker.log").display().to_string()),
+        (
+            "log_location",
+            site.join("worker.log").display().to_string(),
+        ),
         ("short_wait", "2".into()),
         ("long_wait", "5".into()),
         ("state_dir", site.join("state").display().to_string()),
@@ -429,13 +438,16 @@ async fn a_two_minute_certificate_is_renewed_by_the_running_worker_with_no_lost_
     wait_for(
         "the certificate renewed",
         Duration::from_secs(LIFETIME as u64),
-        || async {
-            renewal::validity(&crt).is_some_and(|(_, new_end)| new_end > end)
-        },
+        || async { renewal::validity(&crt).is_some_and(|(_, new_end)| new_end > end) },
     )
     .await;
     let renewed_at = chrono::Utc::now();
     assert!(renewed_at < end, "renewed at {renewed_at}, after {end}");
+    let due = renewal::due(start, end, 2.0 / 3.0);
+    assert!(
+        renewed_at >= due,
+        "renewed at {renewed_at}, before 2/3 of the lifetime ({due})"
+    );
     let (_, new_end) = renewal::validity(&crt).unwrap();
     eprintln!("renewed at {renewed_at}: {end} -> {new_end}");
     assert!(new_end > end + chrono::Duration::days(300), "{new_end}");
@@ -468,25 +480,39 @@ async fn a_two_minute_certificate_is_renewed_by_the_running_worker_with_no_lost_
     // Heartbeats every second; the first comes after start-up.
     assert!(gap <= 1.0 + 3.0, "a heartbeat lost: a gap of {gap:.2} s");
     let recent = server_now(&su).await;
-    wait_for("a heartbeat after expiry", Duration::from_secs(5), || async {
-        longest_heartbeat_gap(&su, id, &recent, &server_now(&su).await)
-            .await
-            .1
-            > 0
-    })
+    wait_for(
+        "a heartbeat after expiry",
+        Duration::from_secs(5),
+        || async {
+            longest_heartbeat_gap(&su, id, &recent, &server_now(&su).await)
+                .await
+                .1
+                > 0
+        },
+    )
+    .await;
+
+    // ... and delivering.
+    let before = stored_keys(&su, id).await.len();
+    wait_for(
+        "samples stored after expiry",
+        Duration::from_secs(10),
+        || async { stored_keys(&su, id).await.len() > before },
+    )
     .await;
 
     assert_eq!(stop(worker).await, 0);
     let collected = collected_keys(&journal);
     let stored = stored_keys(&su, id).await;
-    eprintln!("{} rows collected, {} stored", collected.len(), stored.len());
+    eprintln!(
+        "{} rows collected, {} stored",
+        collected.len(),
+        stored.len()
+    );
     assert!(collected.len() > 50, "{} rows", collected.len());
     assert_eq!(stored, collected, "stored == collected");
     let log = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        log.contains("renewed this agent's certificate"),
-        "{log}"
-    );
+    assert!(log.contains("renewed this agent's certificate"), "{log}");
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
@@ -507,11 +533,15 @@ async fn an_expired_certificate_gets_one_line_naming_the_file_and_the_command_th
     let worker = start_worker(&bed, &cfg, &journal, &[]);
     let log = site.join("worker.log");
     let expired = format!("this agent's certificate {} expired on", crt.display());
-    wait_for("the expired certificate named", Duration::from_secs(20), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(&expired)
-    })
+    wait_for(
+        "the expired certificate named",
+        Duration::from_secs(20),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&expired)
+        },
+    )
     .await;
     // Several attempts later, still one line, and no renewal attempted with it.
     tokio::time::sleep(Duration::from_secs(12)).await;

@@ -429,9 +429,13 @@ pub async fn run(
 /// How long before its certificate expires the agent starts saying so.
 const EXPIRY_WARNING: chrono::Duration = chrono::Duration::days(30);
 
-/// Warns when the agent's certificate expires soon (once it has, the connection attempts say
-/// so, naming the file and the command that renews it).
+/// Warns when the agent's certificate expires soon and the worker does not renew it itself
+/// (`certificate_renewal_fraction=0`; once it has expired, the connection attempts say so, naming
+/// the file and the command that renews it).
 fn warn_of_expiry(c: &AgentConfig) {
+    if c.certificate_renewal_fraction.is_some() {
+        return;
+    }
     let Some(at) = connection::certificate_expiry(&c.agent_ssl_crt) else {
         return;
     };

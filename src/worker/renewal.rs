@@ -27,6 +27,10 @@ use crate::connection::{self, pool, tls};
 use crate::fsutil::{self, Staged};
 use crate::mac::{self, Kind};
 
+/// The tracing target of the line a renewal logs; let through at the default level (warning),
+/// since a new certificate is something an operator wants to see in the log.
+pub const TARGET: &str = "pemworker::renewed";
+
 const RENEW: &str = "SELECT pem.renew_agent_certificate($1, $2, $3, $4)";
 
 /// The longest sleep between looks at the certificate file: one replaced by hand or by a new
@@ -45,8 +49,12 @@ pub enum Error {
     Unavailable(String),
     #[error("cannot make a new key: {0}")]
     Key(#[from] crate::certs::Error),
-    #[error("the PEM server's certificate is unusable: {0}")]
+    #[error("the certificate the PEM server returned is unusable: {0}")]
     Reply(String),
+    #[error("the certificate in use is not from the PEM CA: {0}")]
+    OtherIssuer(String),
+    #[error("writing the new key and certificate was interrupted: {0}")]
+    Interrupted(String),
     #[error("{0}")]
     Files(#[from] fsutil::Error),
 }
@@ -87,13 +95,17 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     // is replaced (the connection errors name the command that does).
                     c.long_wait
                 } else if now < at {
-                    (at - now).to_std().unwrap_or(Duration::ZERO).min(LOOK_AGAIN)
+                    (at - now)
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .min(LOOK_AGAIN)
                 } else {
                     match renew(&shared, &c).await {
                         Ok(until) => {
                             backoff.reset();
                             failing = false;
                             tracing::info!(
+                                target: TARGET,
                                 "renewed this agent's certificate {}: valid until {} (the previous one ended {}); \
                                  reconnecting with it",
                                 c.agent_ssl_crt.display(),
@@ -117,7 +129,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             } else {
                                 tracing::debug!("certificate renewal failed again: {e}");
                             }
-                            delay.min(((end - now) / 4).to_std().unwrap_or(RETRY_MIN).max(RETRY_MIN))
+                            delay.min(
+                                ((end - now) / 4)
+                                    .to_std()
+                                    .unwrap_or(RETRY_MIN)
+                                    .max(RETRY_MIN),
+                            )
                         }
                     }
                 }
@@ -148,6 +165,8 @@ fn fix(e: &Error, c: &AgentConfig) -> String {
             "the PEM server's schema has no pem.renew_agent_certificate (schema version 6): upgrade it with \
              `pemworker pooler prepare-server` on the PEM server, or renew by hand with: {by_hand}"
         )
+    } else if matches!(e, Error::OtherIssuer(_)) {
+        "nothing was changed".into()
     } else if matches!(e, Error::Files(_)) {
         format!(
             "let this worker's user write a new key and certificate beside {} (a 0700 directory it owns), or \
@@ -187,17 +206,14 @@ async fn renew(shared: &Shared, c: &AgentConfig) -> Result<DateTime<Utc>, Error>
     let rows = tx.query(what, RENEW, &params).await?;
     tx.commit().await?;
     drop(session);
-    let cert: Option<String> = rows
-        .first()
-        .map(|r| pool::get(r, 0, what))
-        .transpose()?;
+    let cert: Option<String> = rows.first().map(|r| pool::get(r, 0, what)).transpose()?;
     let cert = cert.ok_or_else(|| Error::Reply("no certificate".into()))?;
-    let until = check_issued(&cert, &key, &c.agent_user)?;
+    let until = check_issued(&cert, &key, c)?;
     let (key_path, crt_path) = (c.agent_ssl_key.clone(), c.agent_ssl_crt.clone());
     let key_pem = crate::secret::Secret::new(key.serialize_pem());
     tokio::task::spawn_blocking(move || install(&key_path, key_pem.expose(), &crt_path, &cert))
         .await
-        .map_err(|e| Error::Reply(format!("interrupted: {e}")))??;
+        .map_err(|e| Error::Interrupted(e.to_string()))??;
     // Sessions opened from now on present the new certificate; open ones are closed when given
     // back, so none outlives the old certificate.
     manager.reset();
@@ -207,36 +223,53 @@ async fn renew(shared: &Shared, c: &AgentConfig) -> Result<DateTime<Utc>, Error>
     Ok(until)
 }
 
-/// Checks what the server returned: a certificate for this login and for the new key.
-fn check_issued(cert: &str, key: &rcgen::KeyPair, login: &str) -> Result<DateTime<Utc>, Error> {
-    let bad = |why: String| Error::Reply(why);
-    let x = openssl::x509::X509::from_pem(cert.as_bytes())
-        .map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
-    let cn = x
-        .subject_name()
-        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
-        .next()
-        .and_then(|e| e.data().to_string().ok());
-    if cn.as_deref() != Some(login) {
-        return Err(bad(format!(
-            "it is for {cn:?}, not for this agent's login {login:?}"
-        )));
+/// Checks what the server returned as registration does (strict DER, this login, the new key,
+/// valid now, client authentication, signed by the root certificate the agent verifies the
+/// PEM server with when it has one); the certificate's end.
+fn check_issued(cert: &str, key: &rcgen::KeyPair, c: &AgentConfig) -> Result<DateTime<Utc>, Error> {
+    let root = c
+        .pem_targets()
+        .ok()
+        .and_then(|t| t.into_iter().next())
+        .and_then(|t| t.root_cert);
+    crate::registration::cert_check::check(cert, key, &c.agent_user, root.as_deref())
+        .map_err(Error::Reply)?;
+    let new = openssl::x509::X509::from_pem(cert.as_bytes())
+        .map_err(|e| Error::Reply(format!("not a PEM certificate: {e}")))?;
+    // A certificate from another CA (PEM 10's locally issued certificates) may not be trusted
+    // where this agent logs in: such a certificate is renewed where it was issued, not here.
+    if let Some(old) = std::fs::read(&c.agent_ssl_crt)
+        .ok()
+        .and_then(|d| openssl::x509::X509::from_pem(&d).ok())
+    {
+        let same = old
+            .issuer_name()
+            .try_cmp(new.issuer_name())
+            .is_ok_and(|o| o.is_eq());
+        if !same {
+            return Err(Error::OtherIssuer(format!(
+                "{} was issued by {}, and the PEM CA is {}: renew it with the CA that issued it, or set \
+                 certificate_renewal_fraction=0",
+                c.agent_ssl_crt.display(),
+                name_text(old.issuer_name()),
+                name_text(new.issuer_name())
+            )));
+        }
     }
-    let spki = x
-        .public_key()
-        .and_then(|k| k.public_key_to_der())
-        .map_err(|e| bad(format!("unreadable public key: {e}")))?;
-    let ours = openssl::pkey::PKey::private_key_from_pem(key.serialize_pem().as_bytes())
-        .and_then(|k| k.public_key_to_der())
-        .map_err(|e| bad(format!("cannot read the new key: {e}")))?;
-    if spki != ours {
-        return Err(bad("it is not for the key this agent sent".into()));
-    }
-    let end = asn1_time(x.not_after()).ok_or_else(|| bad("unreadable notAfter".into()))?;
-    if end <= Utc::now() {
-        return Err(bad(format!("it ended already ({end})")));
-    }
-    Ok(end)
+    asn1_time(new.not_after()).ok_or_else(|| Error::Reply("unreadable notAfter".into()))
+}
+
+fn name_text(name: &openssl::x509::X509NameRef) -> String {
+    name.entries()
+        .filter_map(|e| {
+            Some(format!(
+                "{}={}",
+                e.object().nid().short_name().ok()?,
+                e.data().to_string().ok()?
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Puts the new pair in place: both staged and synced beside their targets, the old pair
@@ -271,6 +304,10 @@ mod tests {
             due(start, end, 2.0 / 3.0),
             start + chrono::Duration::seconds(80)
         );
-        assert_eq!(due(end, start, 0.5), end, "a backwards validity is due at once");
+        assert_eq!(
+            due(end, start, 0.5),
+            end,
+            "a backwards validity is due at once"
+        );
     }
 }
