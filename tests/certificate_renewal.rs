@@ -564,3 +564,83 @@ async fn an_expired_certificate_gets_one_line_naming_the_file_and_the_command_th
     );
     assert!(!text.contains("cannot renew"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_renewal_is_logged_once_with_its_fix_and_retried_until_it_works() {
+    const LIFETIME: i64 = 90;
+    let bed = TestBed::start();
+    let (cfg, id) = bed.register_agent("agent");
+    let site = cfg.parent().unwrap().parent().unwrap().to_path_buf();
+    let (crt, key) = (
+        site.join(".pem/pem_agent_user1.crt"),
+        site.join(".pem/pem_agent_user1.key"),
+    );
+    let su = bed.connect(&bed.superuser()).await;
+    fast_schedule(&su, id).await;
+    // The server refuses renewals for now.
+    let grant = "ON FUNCTION pem.renew_agent_certificate(integer, text, text, text)";
+    pool::batch(
+        &su,
+        "revoke",
+        &format!("REVOKE EXECUTE {grant} FROM pem_agent"),
+    )
+    .await
+    .unwrap();
+    std::fs::write(
+        &crt,
+        short_certificate(&bed, "pem_agent_user1", &key, LIFETIME),
+    )
+    .unwrap();
+    let (start, end) = renewal::validity(&crt).unwrap();
+    let journal = site.join("journal");
+    // Due after a sixth of its lifetime (15 s).
+    let worker = start_worker(
+        &bed,
+        &cfg,
+        &journal,
+        &[("certificate_renewal_fraction", "0.1667".into())],
+    );
+    let log = site.join("worker.log");
+    let due = renewal::due(start, end, 0.1667);
+    // Past the first attempt and a few retries.
+    let until = (due - chrono::Utc::now()).num_milliseconds().max(0) as u64 + 25_000;
+    tokio::time::sleep(Duration::from_millis(until)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("cannot renew"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the outage: {text}");
+    assert!(
+        lines[0].contains("ERROR")
+            && lines[0].contains(&crt.display().to_string())
+            && lines[0].contains("permission denied for function renew_agent_certificate")
+            && lines[0]
+                .contains("renew by hand with: pemworker --register-agent --force-registration")
+            && lines[0].contains("trying again with backoff"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(renewal::validity(&crt).unwrap().1, end, "nothing changed");
+
+    // Fixed on the server: the next retry renews it, before it expires.
+    pool::batch(&su, "grant", &format!("GRANT EXECUTE {grant} TO pem_agent"))
+        .await
+        .unwrap();
+    wait_for(
+        "the certificate renewed",
+        Duration::from_secs(LIFETIME as u64),
+        || async { renewal::validity(&crt).is_some_and(|(_, new_end)| new_end > end) },
+    )
+    .await;
+    assert!(chrono::Utc::now() < end, "renewed before it expired");
+    openssl_verify(&bed, &crt);
+    assert_eq!(stop(worker).await, 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| l.contains("cannot renew")).count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("renewed this agent's certificate"), "{text}");
+}
