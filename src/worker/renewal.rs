@@ -82,6 +82,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX).expect("valid bounds");
     // The first failure of an outage is logged with its fix; the rest at debug level.
     let mut failing = false;
+    // The end of the certificate this worker was issued last: one that is due again at once
+    // (the PEM CA itself ends soon, and the signer ends certificates with it) is not renewed
+    // over and over.
+    let mut issued: Option<DateTime<Utc>> = None;
     loop {
         let c = shared.config();
         let wait = match (c.certificate_renewal_fraction, validity(&c.agent_ssl_crt)) {
@@ -99,11 +103,27 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                         .to_std()
                         .unwrap_or(Duration::ZERO)
                         .min(LOOK_AGAIN)
+                } else if issued == Some(end) {
+                    (end - now)
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .min(LOOK_AGAIN)
                 } else {
                     match renew(&shared, &c).await {
                         Ok(until) => {
                             backoff.reset();
                             failing = false;
+                            issued = Some(until);
+                            let again = validity(&c.agent_ssl_crt)
+                                .is_some_and(|(s, e)| due(s, e, fraction) <= Utc::now());
+                            if again {
+                                tracing::warn!(
+                                    "the certificate the PEM server just issued ends on {}, already past \
+                                     certificate_renewal_fraction of its life: the PEM server's CA certificate \
+                                     probably ends then; renew the PEM CA",
+                                    until.format("%Y-%m-%d %H:%M:%S UTC")
+                                );
+                            }
                             tracing::info!(
                                 target: TARGET,
                                 "renewed this agent's certificate {}: valid until {} (the previous one ended {}); \
@@ -115,7 +135,13 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             Duration::ZERO
                         }
                         Err(e) => {
-                            let delay = backoff.next_delay();
+                            // Retried at least four times before the certificate ends.
+                            let delay = backoff.next_delay().min(
+                                ((end - now) / 4)
+                                    .to_std()
+                                    .unwrap_or(RETRY_MIN)
+                                    .max(RETRY_MIN),
+                            );
                             if !failing {
                                 failing = true;
                                 tracing::error!(
@@ -129,12 +155,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                             } else {
                                 tracing::debug!("certificate renewal failed again: {e}");
                             }
-                            delay.min(
-                                ((end - now) / 4)
-                                    .to_std()
-                                    .unwrap_or(RETRY_MIN)
-                                    .max(RETRY_MIN),
-                            )
+                            delay
                         }
                     }
                 }
