@@ -188,6 +188,14 @@ fn fix(e: &Error, c: &AgentConfig) -> String {
         )
     } else if matches!(e, Error::OtherIssuer(_)) {
         "nothing was changed".into()
+    } else if matches!(e, Error::Files(fsutil::Error::Io { source, .. })
+        if source.raw_os_error() == Some(nix::libc::EROFS))
+    {
+        format!(
+            "{} is on a file system mounted read-only for this worker: under systemd, add its \
+             directory to ReadWritePaths= of the unit (a drop-in), or renew by hand with: {by_hand}",
+            c.agent_ssl_crt.display()
+        )
     } else if matches!(e, Error::Files(_)) {
         format!(
             "let this worker's user write a new key and certificate beside {} (a 0700 directory it owns), or \
