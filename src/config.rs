@@ -39,8 +39,9 @@ impl LogLevel {
     pub fn filter(self) -> &'static str {
         match self {
             LogLevel::Error => "error",
-            // The worker's start line (worker::START_TARGET) also at the default level.
-            LogLevel::Warning => "warn,pemworker::started=info",
+            // The worker's start line (worker::START_TARGET) and its certificate renewals
+            // (worker::renewal::TARGET) also at the default level.
+            LogLevel::Warning => "warn,pemworker::started=info,pemworker::renewed=info",
             LogLevel::Info => "warn,pemworker=info",
             LogLevel::Debug1 => "warn,pemworker=debug",
             LogLevel::Debug2 => "debug,pemworker=trace",
@@ -95,6 +96,9 @@ pub struct AgentConfig {
     /// versions kept one spool for every agent of the host.
     pub shared_state_dir: Option<PathBuf>,
     pub spool_limit: u64,
+    /// The share of its lifetime after which the running worker renews its certificate
+    /// (`certificate_renewal_fraction`, default 2/3); `None` = never (0).
+    pub certificate_renewal_fraction: Option<f64>,
 }
 
 /// Used when agent.cfg's connect_timeout is absent or -1 (what PEM's registration writes for
@@ -444,6 +448,11 @@ impl AgentConfig {
             .and_then(keys::parse_size)
             .filter(|&n| n >= 4096)
             .unwrap_or(DEFAULT_SPOOL_LIMIT);
+        // 2/3 of its lifetime unless set; 0 = never.
+        let certificate_renewal_fraction = match value("certificate_renewal_fraction") {
+            None => Some(2.0 / 3.0),
+            Some(v) => keys::parse_fraction(v).filter(|&f| f > 0.0),
+        };
         let state_dir = file("state_dir");
         let log_location = file("log_location");
         let agent_user = value("agent_user").map(str::to_string);
@@ -511,6 +520,7 @@ impl AgentConfig {
                             default_state_base().join(format!("agent{agent_id}"))
                         }),
                         spool_limit,
+                        certificate_renewal_fraction,
                     },
                     notices,
                 ))
@@ -751,6 +761,7 @@ mod tests {
                 Kind::LogLevel => "info".into(),
                 Kind::SslMode => "require".into(),
                 Kind::Size => "1MB".into(),
+                Kind::Fraction => "0.5".into(),
                 Kind::Path if k.name == "agent_ssl_key" => key.clone(),
                 Kind::Path => crt.clone(),
                 Kind::Text => "x".into(),

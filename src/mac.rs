@@ -19,6 +19,8 @@ pub enum Kind {
     Heartbeat,
     Samples,
     Verify,
+    /// A certificate renewal: the payload is the CSR.
+    Certificate,
 }
 
 impl Kind {
@@ -27,6 +29,7 @@ impl Kind {
             Kind::Heartbeat => "heartbeat",
             Kind::Samples => "samples",
             Kind::Verify => "verify",
+            Kind::Certificate => "certificate",
         }
     }
 }

@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "agent users: concurrent registrations naming one agent user all succeed",
         sql: include_str!("../etc/sql/005_concurrent_agent_users.sql"),
     },
+    Migration {
+        version: 6,
+        description: "certificate renewal: an agent has its own certificate renewed through its own login",
+        sql: include_str!("../etc/sql/006_certificate_renewal.sql"),
+    },
 ];
 
 /// The newest version this build knows.

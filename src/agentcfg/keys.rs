@@ -58,6 +58,8 @@ pub enum Kind {
     SslMode,
     /// Bytes with an optional unit (kB, MB, GB), at least 4kB.
     Size,
+    /// A share: 0 or more, below 1.
+    Fraction,
     /// A file or directory; relative to agent.cfg's directory.
     Path,
     Text,
@@ -76,6 +78,7 @@ impl Kind {
             Kind::LogLevel => "level",
             Kind::SslMode => "sslmode",
             Kind::Size => "size",
+            Kind::Fraction => "fraction",
             Kind::Path => "path",
             Kind::Text => "text",
         }
@@ -97,6 +100,7 @@ impl Kind {
                 "an sslmode (disable, allow, prefer, require, verify-ca, verify-full)".into()
             }
             Kind::Size => "a size of at least 4kB (e.g. 64MB)".into(),
+            Kind::Fraction => "a fraction from 0 up to, not including, 1 (e.g. 0.67)".into(),
             Kind::Path | Kind::Text => "text".into(),
         }
     }
@@ -114,9 +118,18 @@ impl Kind {
             Kind::LogLevel => crate::config::LogLevel::parse(v).is_some(),
             Kind::SslMode => v.parse::<crate::connection::SslMode>().is_ok(),
             Kind::Size => parse_size(v).is_some_and(|n| n >= 4096),
+            Kind::Fraction => parse_fraction(v).is_some(),
             Kind::Path | Kind::Text => true,
         }
     }
+}
+
+/// A share of a whole: 0 or more and below 1.
+pub fn parse_fraction(s: &str) -> Option<f64> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| (0.0..1.0).contains(f))
 }
 
 /// PEM's spellings of booleans, any case.
@@ -512,6 +525,14 @@ pub const KEYS: &[Key] = &[
         "64MB",
         Support::Own,
         "Largest spool on disk; past it the oldest refused samples, then the oldest batches are dropped.",
+    ),
+    key(
+        "certificate_renewal_fraction",
+        Kind::Fraction,
+        None,
+        "0.67",
+        Support::Own,
+        "Share of its lifetime after which the running worker renews its certificate; 0 = never.",
     ),
     key(
         "batch_script_dir",

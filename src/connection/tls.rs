@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context as TaskContext, Poll};
 
 use openssl::hash::MessageDigest;
@@ -126,6 +126,17 @@ struct Entry {
 /// Most recently used last.
 static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
+/// Held shared while a context's files are looked at and read, and alone while a client key and
+/// certificate are replaced as a pair ([`replace_files`]): two renames are not one, and no
+/// session of this process may load the new key with the old certificate in between.
+static FILES: RwLock<()> = RwLock::new(());
+
+/// Runs `replace` (which renames files into place) while no context is being built.
+pub fn replace_files<T>(replace: impl FnOnce() -> T) -> T {
+    let _alone = FILES.write().unwrap_or_else(|p| p.into_inner());
+    replace()
+}
+
 /// Built contexts so far (the tests watch that sessions do not build new ones).
 static BUILT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -143,6 +154,7 @@ pub struct Context {
 /// The context for `s`: the cached one if its files did not change, else a new one.
 pub(super) fn context(s: &ConnectSettings) -> Result<Arc<Context>, Error> {
     let key = Key::of(s);
+    let _files = FILES.read().unwrap_or_else(|p| p.into_inner());
     let now = stamps(&key)?;
     {
         let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());

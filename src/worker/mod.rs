@@ -1,12 +1,14 @@
 //! The worker (`pemworker -c agent.cfg`): runs until stopped.
 //!
-//! Three loops, each a supervised task on one tracker ([`tasks`]), stopped by one token:
+//! Four loops, each a supervised task on one tracker ([`tasks`]), stopped by one token:
 //!
 //! - [`heartbeat`]: records a heartbeat at the agent's interval (from `pem.agent`);
 //! - [`collector`]: sleeps until the next probe is due (or the schedule is to be checked), runs
 //!   the probes that are due, each target in its own named task, and spools their samples;
 //! - [`delivery`]: sleeps until a batch is spooled, then sends the spool to the server, oldest
-//!   first; after a failure it retries with backoff.
+//!   first; after a failure it retries with backoff;
+//! - [`renewal`]: sleeps until the agent's certificate is due for renewal, then has a new one
+//!   signed through its own session and reconnects with it.
 //!
 //! Each loop checks its own session out of the connection manager, so none waits behind
 //! another's statement or transaction. Disk work (spool, stats) runs on blocking threads.
@@ -21,6 +23,7 @@ pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
 pub mod memory;
+pub mod renewal;
 pub mod stats;
 pub mod tasks;
 
@@ -350,6 +353,12 @@ pub async fn run(
         });
     }
     {
+        let (sh, stop) = (shared.clone(), collect_stop.clone());
+        tasks.supervise("certificate renewal", stop.clone(), move || {
+            renewal::run(sh.clone(), stop.clone())
+        });
+    }
+    {
         let (sh, stop) = (shared.clone(), delivery_stop.clone());
         tasks.supervise("delivery", stop.clone(), move || {
             delivery::run(sh.clone(), stop.clone())
@@ -420,9 +429,13 @@ pub async fn run(
 /// How long before its certificate expires the agent starts saying so.
 const EXPIRY_WARNING: chrono::Duration = chrono::Duration::days(30);
 
-/// Warns when the agent's certificate expires soon (once it has, the connection attempts say
-/// so, naming the file and the command that renews it).
+/// Warns when the agent's certificate expires soon and the worker does not renew it itself
+/// (`certificate_renewal_fraction=0`; once it has expired, the connection attempts say so, naming
+/// the file and the command that renews it).
 fn warn_of_expiry(c: &AgentConfig) {
+    if c.certificate_renewal_fraction.is_some() {
+        return;
+    }
     let Some(at) = connection::certificate_expiry(&c.agent_ssl_crt) else {
         return;
     };
