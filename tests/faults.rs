@@ -607,12 +607,16 @@ async fn a_full_then_read_only_state_directory_loses_no_sample_while_the_server_
     let kept = || journal_keys(&journal).len();
     let t0 = server_now(&su).await;
 
-    // Full: every write fails with ENOSPC (the filler takes back what deliveries free).
+    // Full: every write fails with ENOSPC (the filler takes back what deliveries free). The
+    // spool writes a batch into the file of the last delivered one, which needs no new space
+    // while the batch fits; that file goes too, so that every write needs space.
     let filler = a.state.join("filler");
+    let reuse = a.state.join("spool/.reuse");
     let full_until = Instant::now() + Duration::from_secs(10);
     let kept_before = kept();
     let cpu_before = history_rows(&su, "cpu_usage", a.id).await;
     while Instant::now() < full_until {
+        let _ = std::fs::remove_file(&reuse);
         fill(&filler);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

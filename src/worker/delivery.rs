@@ -254,7 +254,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let min = Duration::from_secs(1).min(long_wait);
     let mut backoff = Backoff::new(min, long_wait.max(min)).expect("bounds checked above");
     let mut outage = Outage::default();
-    let mut start_up_code_kept = true;
+    // When the clean code pages are next given back: after the first delivered round (start-up
+    // is over), and once more a minute later, when the loops that start only after the first
+    // round (schedule checks, the first heartbeats' follow-ups, renewal) have run once too.
+    let mut code_release: Option<Option<std::time::Instant>> = Some(None);
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return,
@@ -268,11 +271,15 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if let Next::Idle = next {
             // The round's samples are stored: what it allocated goes back to the system.
             super::memory::trim();
-            if start_up_code_kept && shared.stats.delivered_samples() > 0 {
-                // Start-up and the first round are over; what runs from now on is mapped
-                // again as it runs.
+            if let Some(due) = code_release
+                && shared.stats.delivered_samples() > 0
+                && due.is_none_or(|at| std::time::Instant::now() >= at)
+            {
+                // What runs from now on is mapped again as it runs.
                 super::memory::release_start_up_code();
-                start_up_code_kept = false;
+                code_release = due
+                    .is_none()
+                    .then(|| Some(std::time::Instant::now() + Duration::from_secs(60)));
             }
         }
         match next {

@@ -13,9 +13,10 @@
 //!   start-up used (argument and configuration parsing, the dynamic loader's symbol lookups,
 //!   OpenSSL's initialisation of every algorithm and error string, the TLS handshakes and
 //!   logins) stay mapped, and counted in RSS, until memory runs short. Once the first round is
-//!   delivered, [`release_start_up_code`] unmaps the read-only file pages of the binary and its
-//!   libraries; those a round needs come back at once from the page cache (the files are not
-//!   read again), the others stay out. About half of the worker's RSS was such pages (README.md,
+//!   delivered, and again a minute later (after the code that runs only once early on, such as
+//!   the first schedule checks), [`release_start_up_code`] unmaps the read-only file pages of
+//!   the binary and its libraries; those a round needs come back at once from the page cache
+//!   (the files are not read again), the others stay out. About half of the worker's RSS was such pages (README.md,
 //!   "Footprint").
 //!
 //! All of it is Linux's and glibc's; elsewhere these functions do nothing.
@@ -43,8 +44,8 @@ pub fn trim() {
 /// (machine code, constant data, symbol tables); they are mapped again, from the page cache,
 /// when next used. Only mappings of a file that are not writable and hold no private copy of
 /// any page qualify: nothing in them differs from the file, so dropping them loses nothing.
-/// Relocated data (whose pages are private copies) and writable mappings are left alone. Once
-/// is enough: what the worker then uses stays resident.
+/// Relocated data (whose pages are private copies) and writable mappings are left alone. What
+/// the worker then uses every round stays resident.
 pub fn release_start_up_code() {
     #[cfg(target_os = "linux")]
     {
