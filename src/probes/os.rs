@@ -262,6 +262,15 @@ struct ProcessCounts {
 }
 
 impl ProcessCounts {
+    fn row(&self) -> Vec<Row> {
+        vec![vec![
+            Value::Int(self.total),
+            Value::Int(self.running),
+            Value::Int(self.sleeping),
+            Value::Int(self.zombie),
+        ]]
+    }
+
     fn add(&mut self, state: char) {
         self.total += 1;
         match state {
@@ -291,7 +300,9 @@ fn stat_state(stat: &[u8]) -> Option<char> {
 /// line afresh. A kept file stays tied to its process: once that exits and is reaped, reading
 /// fails with ESRCH even if a new process got the same id, so a reused id is opened anew.
 /// The number kept is bounded by a quarter of the open-file limit; processes beyond it are
-/// opened and closed each round as before.
+/// opened and closed each round as before. /proc itself is listed again only when the kernel
+/// has handed out a process id since the last listing (`/proc/loadavg`): otherwise no process
+/// can have started, and the kept files are all there is to read.
 #[derive(Debug)]
 struct ProcessFiles {
     /// /proc itself, kept open too: listing it again needs only a rewind.
@@ -299,6 +310,11 @@ struct ProcessFiles {
     kept: HashMap<u32, KeptStat>,
     limit: usize,
     round: u64,
+    /// /proc/loadavg, kept open: its last field is the last process id the kernel handed out.
+    loadavg: Option<std::fs::File>,
+    /// That id when /proc was last listed, if every process listed then is kept (none past
+    /// `limit`) and /proc is this process's own pid namespace (the id is the namespace's).
+    listed_at: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -316,6 +332,8 @@ impl Default for ProcessFiles {
             kept: HashMap::new(),
             limit: usize::try_from(soft / 4).unwrap_or(usize::MAX).min(4096),
             round: 0,
+            loadavg: None,
+            listed_at: None,
         }
     }
 }
@@ -330,6 +348,50 @@ fn vanished(e: &std::io::Error) -> bool {
 }
 
 impl ProcessFiles {
+    /// The last process id the kernel handed out in this pid namespace, if /proc shows it.
+    fn newest_pid(&mut self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        if self.loadavg.is_none() {
+            // /proc mounted from another pid namespace lists other ids than loadavg counts.
+            let own = std::fs::read_link("/proc/self").ok()?;
+            if own.as_os_str() != std::process::id().to_string().as_str() {
+                return None;
+            }
+            self.loadavg = std::fs::File::open("/proc/loadavg").ok();
+        }
+        let mut buf = [0u8; 128];
+        let n = self.loadavg.as_ref()?.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .split_ascii_whitespace()
+            .last()?
+            .parse()
+            .ok()
+    }
+
+    /// Counts from the kept files alone: no process was made since /proc was listed, so every
+    /// process there is kept, and those gone since fail with ESRCH.
+    fn count_kept(&mut self, buf: &mut [u8]) -> Result<ProcessCounts, Error> {
+        use std::os::unix::fs::FileExt;
+        let mut counts = ProcessCounts::default();
+        let mut gone = Vec::new();
+        for (pid, k) in &self.kept {
+            match k.file.read_at(buf, 0) {
+                Ok(n) => {
+                    if let Some(state) = stat_state(&buf[..n]) {
+                        counts.add(state);
+                    }
+                }
+                Err(e) if vanished(&e) => gone.push(*pid),
+                Err(e) => return Err(failed("process_count", &format!("/proc/{pid}/stat"), e)),
+            }
+        }
+        for pid in gone {
+            self.kept.remove(&pid);
+        }
+        Ok(counts)
+    }
+
     /// Counts processes by state from each /proc/PID/stat, reading each into one buffer:
     /// procfs would parse all 52 fields of every process into a struct, for the one letter
     /// wanted here.
@@ -337,6 +399,16 @@ impl ProcessFiles {
         use nix::fcntl::OFlag;
         use nix::sys::stat::Mode;
         use std::os::unix::fs::FileExt;
+
+        // The state comes within the first ~300 bytes however long the command name (at most 64).
+        let mut buf = [0u8; 512];
+        // Read before listing: a process made during the listing shows in the next round's.
+        let newest = self.newest_pid();
+        if newest.is_some() && newest == self.listed_at {
+            let counts = self.count_kept(&mut buf)?;
+            return Ok(counts.row());
+        }
+        let mut all_kept = true;
 
         let failed_proc = |e: nix::Error| failed("process_count", "/proc", e);
         // Taken out and put back at the end: after an error the next round opens it afresh.
@@ -354,8 +426,6 @@ impl ProcessFiles {
         let round = self.round;
         let mut counts = ProcessCounts::default();
         let mut path = String::with_capacity(24);
-        // The state comes within the first ~300 bytes however long the command name (at most 64).
-        let mut buf = [0u8; 512];
         // The iterator rewinds the directory when dropped, ready for the next round.
         for entry in proc.iter() {
             let entry = entry.map_err(failed_proc)?;
@@ -403,6 +473,8 @@ impl ProcessFiles {
                         read = Some(n);
                         if self.kept.len() < self.limit {
                             self.kept.insert(pid, KeptStat { file, seen: round });
+                        } else {
+                            all_kept = false;
                         }
                     }
                     // The process exited between listing /proc and reading its stat file, or
@@ -418,12 +490,8 @@ impl ProcessFiles {
         // Processes no longer listed have gone: close their files.
         self.kept.retain(|_, k| k.seen == round);
         self.proc = Some(proc);
-        Ok(vec![vec![
-            Value::Int(counts.total),
-            Value::Int(counts.running),
-            Value::Int(counts.sleeping),
-            Value::Int(counts.zombie),
-        ]])
+        self.listed_at = newest.filter(|_| all_kept);
+        Ok(counts.row())
     }
 }
 
@@ -625,6 +693,19 @@ mod tests {
             files.kept.contains_key(&pid),
             "the child's stat file is kept"
         );
+        // A process started since is seen at the next count: its id is newer than the one
+        // handed out before the last listing.
+        let mut second = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        files.count().unwrap();
+        assert!(
+            files.kept.contains_key(&second.id()),
+            "a new process is seen"
+        );
+        second.kill().unwrap();
+        second.wait().unwrap();
         // Killed but not reaped: the kept file now reads its zombie state.
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

@@ -195,11 +195,41 @@ impl Stats {
     }
 }
 
-/// Writes `data` under a temporary name and renames it into place: readers see the old or the
+/// Writes `data` under a temporary name and swaps it into place: readers see the old or the
 /// new file, never a partial one.
+///
+/// The two files trade places (`RENAME_EXCHANGE`) rather than the new one replacing the old:
+/// the old one is then written over the next time. A rename over the old file frees its inode
+/// and blocks every round, and a new file allocates them again, which on a file system mounted
+/// with `discard` also trims the device synchronously: several percent of the worker's CPU.
+/// Where the file system cannot exchange, a plain rename does.
 fn write(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
-    let r = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
+    let r = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.set_len(data.len() as u64)?;
+        drop(f);
+        let exchanged = nix::fcntl::renameat2(
+            None,
+            &tmp,
+            None,
+            path,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        );
+        match exchanged {
+            Ok(()) => Ok(()),
+            // No file to exchange with yet, or a file system that cannot exchange.
+            Err(_) => std::fs::rename(&tmp, path),
+        }
+    })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
