@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{TestBed, log_heartbeats, wait_for};
+use common::{TestBed, journal_keys, log_heartbeats, stored_keys, wait_for};
 use openssl::x509::extension::{BasicConstraints, KeyUsage};
 use pemworker::connection::{Error, pool};
 use pemworker::mac::{self, AgentKey, Kind};
-use pemworker::probes::PROBES;
 use pemworker::worker::renewal;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -351,46 +349,6 @@ async fn longest_heartbeat_gap(su: &Client, agent: i32, from: &str, to: &str) ->
     (row.get(0), row.get(1))
 }
 
-/// Delivery key -> probe of every sample row stored for `agent`.
-async fn stored_keys(su: &Client, agent: i32) -> BTreeMap<String, String> {
-    let mut keys = BTreeMap::new();
-    for p in PROBES {
-        let rows = pool::query(
-            su,
-            "keys",
-            &format!(
-                "SELECT delivery_key::text FROM pemhistory.{} WHERE agent_id = $1",
-                p.name
-            ),
-            &[(&agent, Type::INT4)],
-        )
-        .await
-        .unwrap();
-        for r in rows {
-            let key: String = r.get(0);
-            assert!(
-                keys.insert(key.clone(), p.name.to_string()).is_none(),
-                "delivery key {key} stored twice"
-            );
-        }
-    }
-    keys
-}
-
-/// Delivery key -> probe of every row the worker kept in its spool (the test hook's journal).
-fn collected_keys(journal: &Path) -> BTreeMap<String, String> {
-    std::fs::read_to_string(journal)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            (f.next()? == "kept").then_some(())?;
-            let (_seq, probe, key) = (f.next()?, f.next()?, f.next()?);
-            Some((key.to_string(), probe.to_string()))
-        })
-        .collect()
-}
-
 /// Heartbeats every second and the agent-level probes every 2 s for `id`.
 async fn fast_schedule(su: &Client, id: i32) {
     pool::execute(
@@ -502,7 +460,7 @@ async fn a_two_minute_certificate_is_renewed_by_the_running_worker_with_no_lost_
     .await;
 
     assert_eq!(stop(worker).await, 0);
-    let collected = collected_keys(&journal);
+    let collected = journal_keys(&journal);
     let stored = stored_keys(&su, id).await;
     eprintln!(
         "{} rows collected, {} stored",

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestBed, log_heartbeats, wait_for};
+use common::{TestBed, journal_keys, log_heartbeats, stored_keys, wait_for};
 use pemworker::connection::pool;
 use pemworker::probes::PROBES;
 use pemworker::worker::stats::Snapshot;
@@ -231,32 +231,6 @@ async fn server_now(su: &Client) -> String {
         .get(0)
 }
 
-/// Every delivery key stored for `agent`, with its probe.
-async fn stored_keys(su: &Client, agent: i32) -> BTreeMap<String, String> {
-    let mut keys = BTreeMap::new();
-    for p in PROBES {
-        let rows = pool::query(
-            su,
-            "keys",
-            &format!(
-                "SELECT delivery_key::text FROM pemhistory.{} WHERE agent_id = $1",
-                p.name
-            ),
-            &[(&agent, Type::INT4)],
-        )
-        .await
-        .unwrap();
-        for r in rows {
-            let key: String = r.get(0);
-            assert!(
-                keys.insert(key.clone(), p.name.to_string()).is_none(),
-                "delivery key {key} stored twice"
-            );
-        }
-    }
-    keys
-}
-
 /// The longest time between two logged heartbeats of `agent` in [from, to] (server times),
 /// counting from `from` and to `to`, and the number of heartbeats.
 async fn longest_heartbeat_gap(su: &Client, agent: i32, from: &str, to: &str) -> (f64, i64) {
@@ -275,20 +249,6 @@ async fn longest_heartbeat_gap(su: &Client, agent: i32, from: &str, to: &str) ->
     .await
     .unwrap();
     (row.get(0), row.get(1))
-}
-
-/// The rows a test hook journal says were kept in the spool: delivery key -> probe.
-fn journal_keys(journal: &Path) -> BTreeMap<String, String> {
-    std::fs::read_to_string(journal)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            (f.next()? == "kept").then_some(())?;
-            let (_seq, probe, key) = (f.next()?, f.next()?, f.next()?);
-            Some((key.to_string(), probe.to_string()))
-        })
-        .collect()
 }
 
 /// Counts of keys per probe.

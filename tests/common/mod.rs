@@ -750,3 +750,44 @@ pub async fn last_heartbeat(su: &Client, agent: i32) -> f64 {
     .map(|r| r.get(0))
     .unwrap_or(0.0)
 }
+
+/// Delivery key -> probe of every sample row stored for `agent`; a key stored twice fails.
+pub async fn stored_keys(su: &Client, agent: i32) -> std::collections::BTreeMap<String, String> {
+    let mut keys = std::collections::BTreeMap::new();
+    for p in pemworker::probes::PROBES {
+        let rows = pool::query(
+            su,
+            "keys",
+            &format!(
+                "SELECT delivery_key::text FROM pemhistory.{} WHERE agent_id = $1",
+                p.name
+            ),
+            &[(&agent, Type::INT4)],
+        )
+        .await
+        .unwrap();
+        for r in rows {
+            let key: String = r.get(0);
+            assert!(
+                keys.insert(key.clone(), p.name.to_string()).is_none(),
+                "delivery key {key} stored twice"
+            );
+        }
+    }
+    keys
+}
+
+/// Delivery key -> probe of every row the worker kept in its spool, from the test hooks'
+/// journal (`PEMWORKER_TEST_HOOKS=journal=FILE`).
+pub fn journal_keys(journal: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(journal)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            (f.next()? == "kept").then_some(())?;
+            let (_seq, probe, key) = (f.next()?, f.next()?, f.next()?);
+            Some((key.to_string(), probe.to_string()))
+        })
+        .collect()
+}
