@@ -522,6 +522,57 @@ pub enum Command {
     /// The worker's spool: samples waiting for delivery and samples the PEM server refused.
     #[command(subcommand)]
     Spool(SpoolCommand),
+    /// Many agents against a throwaway PEM server, through pgBouncer and directly, measured:
+    /// backends, pool figures, heartbeat round trips, delivery, CPU, errors; a table, a CSV
+    /// and a plot.
+    Fleet(FleetArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FleetMode {
+    Pooled,
+    Direct,
+    Both,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// How many agents.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub agents: usize,
+    /// Through pgBouncer, straight to PostgreSQL, or both (one after the other, each on
+    /// fresh servers).
+    #[arg(long, value_enum, default_value_t = FleetMode::Both)]
+    pub mode: FleetMode,
+    /// How long every agent runs once all have started, seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub duration: u64,
+    /// Agents start evenly spread over this many seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub ramp: u64,
+    /// The agents' heartbeat interval, set on the PEM server.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub heartbeat_interval: u32,
+    /// The interval of the agents' probes, set on the PEM server.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub probe_interval: u32,
+    /// pgBouncer's pool_size for the pem database.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub pool_size: u32,
+    /// Run the agents as real pemworker processes (memory per agent) instead of in this
+    /// process.
+    #[arg(long)]
+    pub processes: bool,
+    /// Write the per-second figures of every run here.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Draw server backends and heartbeat p99 against agents running, every run on one chart
+    /// (.svg).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Write the agents' warnings and errors here.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

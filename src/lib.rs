@@ -29,6 +29,7 @@
 //! - [`program`]: the names the binary answers to (`pemagent`, `pemworker`) and `--version`.
 //! - [`probes`]: what the agent measures (OS, PostgreSQL, pgBouncer) and the shape of a sample.
 //! - [`registration`]: registering, verifying, unregistering and migrating agents.
+//! - [`fleet`]: `pemworker fleet`, many agents against a throwaway PEM server, measured.
 
 pub mod agentcfg;
 pub mod backoff;
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod fleet;
 pub mod fsutil;
 pub mod logging;
 pub mod mac;

@@ -39,7 +39,84 @@ fn main() -> ExitCode {
             }
         };
     };
+    if let Command::Fleet(f) = &command {
+        return fleet_main(f);
+    }
     block_on(a, run(command))
+}
+
+/// `pemworker fleet`: its own logging (every agent's warnings and errors counted by kind).
+fn fleet_main(f: &cli::FleetArgs) -> ExitCode {
+    use pemworker::fleet::{self, Mode, Settings};
+    let modes = match f.mode {
+        cli::FleetMode::Pooled => vec![Mode::Pooled],
+        cli::FleetMode::Direct => vec![Mode::Direct],
+        cli::FleetMode::Both => vec![Mode::Pooled, Mode::Direct],
+    };
+    let settings = Settings {
+        agents: f.agents,
+        modes,
+        duration: std::time::Duration::from_secs(f.duration),
+        ramp: std::time::Duration::from_secs(f.ramp),
+        heartbeat_interval: f.heartbeat_interval,
+        probe_interval: f.probe_interval,
+        pool_size: f.pool_size,
+        processes: f.processes,
+        csv: f.csv.clone(),
+        plot: f.plot.clone(),
+    };
+    if let Err(e) = fleet::init_logging(f.log.as_deref()) {
+        return fail(pemworker::ExitCode::Local, e);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                pemworker::ExitCode::Local,
+                format!("cannot start the runtime: {e}"),
+            );
+        }
+    };
+    match runtime.block_on(fleet::run(&settings)) {
+        Ok(summaries) => {
+            let bad: Vec<String> = summaries
+                .iter()
+                .filter(|s| !s.clean())
+                .map(|s| s.label.clone())
+                .collect();
+            if bad.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                fail(
+                    pemworker::ExitCode::Server,
+                    format!(
+                        "fleet run with problems (errors, or a sample not stored exactly once): {}",
+                        bad.join("; ")
+                    ),
+                )
+            }
+        }
+        Err(e) => {
+            let code = match &e {
+                fleet::Error::Usage(_) => pemworker::ExitCode::Config,
+                fleet::Error::Servers(pemworker::sandbox::servers::Error::Missing { .. }) => {
+                    pemworker::ExitCode::Config
+                }
+                fleet::Error::Connection(c) => {
+                    if c.is_connect() {
+                        pemworker::ExitCode::Connect
+                    } else {
+                        pemworker::ExitCode::Server
+                    }
+                }
+                _ => pemworker::ExitCode::Local,
+            };
+            fail(code, e)
+        }
+    }
 }
 
 /// PEM's Barman modes: the flags parse, the work is not done here.
@@ -124,6 +201,12 @@ async fn run(command: Command) -> Result<(), pemworker::Error> {
             pemworker::sandbox::run(&settings).await?;
         }
         Command::Spool(c) => pemworker::spool::command::run(&c).await?,
+        // Dispatched before this runtime starts (it sets up its own logging).
+        Command::Fleet(_) => {
+            return Err(pemworker::Error::Usage(
+                "pemworker fleet runs on its own".into(),
+            ));
+        }
         Command::Pooler(PoolerCommand::EnrolmentToken(t)) => run_token(t).await?,
         Command::Pooler(PoolerCommand::Check(a)) => {
             let opts = cli::resolve_check(&a)?;

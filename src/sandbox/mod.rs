@@ -57,6 +57,7 @@ pub async fn run(settings: &Settings) -> Result<(), Error> {
         exe,
         passwords: Passwords::random(),
         pgbouncer_port: Some(settings.pgbouncer_port),
+        sizes: Default::default(),
     };
     println!("starting a throwaway PEM server and pgBouncer ...");
     let mut servers = tokio::task::spawn_blocking(move || Servers::start(&opts))

@@ -93,6 +93,28 @@ pub struct Options {
     pub passwords: Passwords,
     /// pgBouncer's port; a free one when `None` or taken.
     pub pgbouncer_port: Option<u16>,
+    /// Sizes for a fleet of agents (`pemworker fleet`); the defaults suit a handful.
+    pub sizes: Sizes,
+}
+
+/// PostgreSQL's and pgBouncer's limits.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub max_connections: u32,
+    /// `pooler configure --pool-size`; `None`: its default.
+    pub pool_size: Option<u32>,
+    /// `pooler configure --max-client-conn`; `None`: its default.
+    pub max_client_conn: Option<u32>,
+}
+
+impl Default for Sizes {
+    fn default() -> Sizes {
+        Sizes {
+            max_connections: 200,
+            pool_size: None,
+            max_client_conn: None,
+        }
+    }
 }
 
 pub struct Servers {
@@ -111,6 +133,7 @@ pub struct Servers {
     pub pgbouncer_bin: PathBuf,
     pub exe: PathBuf,
     pub passwords: Passwords,
+    pub sizes: Sizes,
     /// The OS user the servers run as: `postgres` when started as root.
     pub run_as: Option<String>,
     pgbouncer: Option<Child>,
@@ -224,6 +247,7 @@ impl Servers {
             pgbouncer_bin,
             exe: opts.exe.clone(),
             passwords: opts.passwords.clone(),
+            sizes: opts.sizes.clone(),
             run_as,
             pgbouncer: None,
             postgres_started: false,
@@ -321,10 +345,11 @@ impl Servers {
         let conf = format!(
             "\n# pemworker sandbox\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = {}\n\
              shared_buffers = 32MB\n",
             self.pg_port,
-            self.pg_socket_dir.display()
+            self.pg_socket_dir.display(),
+            self.sizes.max_connections
         );
         let conf_path = self.data_dir.join("postgresql.conf");
         let mut text =
@@ -474,6 +499,14 @@ impl Servers {
             a.push(k.into());
             a.push(v);
         }
+        for (k, v) in [
+            ("--pool-size", self.sizes.pool_size),
+            ("--max-client-conn", self.sizes.max_client_conn),
+        ] {
+            if let Some(v) = v {
+                a.extend([k.to_string(), v.to_string()]);
+            }
+        }
         a
     }
 
@@ -567,6 +600,12 @@ impl Servers {
         let mut s = self.tls_settings(self.pgb_port, ADMIN_USER);
         s.password = Some(self.passwords.admin.clone());
         s
+    }
+
+    /// The enrolment login through pgBouncer, as an agent host enrols with a token (it has no
+    /// password; the token is the credential).
+    pub fn enrolment_via_pooler(&self) -> ConnectSettings {
+        self.tls_settings(self.pgb_port, crate::pooler::hba::ENROLMENT_USER)
     }
 
     /// pgBouncer's admin console as the PEM admin.

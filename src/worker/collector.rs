@@ -640,9 +640,17 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             match &place {
                 Place::Agent => {
                     let os = os.clone();
+                    let observer = shared.observer.clone();
                     let task = shared.rounds.track_future(async move {
                         let _guard = guard;
-                        let _ = round.send(collect_os(os, specs).await);
+                        let samples = match observer {
+                            Some(o) => specs
+                                .iter()
+                                .map(|s| Sample::new(s.name, None, None, o.rows(s)))
+                                .collect(),
+                            None => collect_os(os, specs).await,
+                        };
+                        let _ = round.send(samples);
                     });
                     shared.tasks.spawn(name, task);
                 }

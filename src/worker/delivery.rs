@@ -268,7 +268,9 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             .stats
             .write_if_changed(&stats_file, shared.spool.health())
             .await;
-        if let Next::Idle = next {
+        // In a fleet run, the process is shared by many agents: what it gives back is the
+        // fleet's business, not each agent's.
+        if let (Next::Idle, None) = (&next, &shared.observer) {
             // The round's samples are stored: what it allocated goes back to the system.
             super::memory::trim();
             if let Some(due) = code_release
@@ -351,6 +353,19 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
                         })
                     })
                     .collect();
+                if let Some(o) = &shared.observer {
+                    if refused.is_empty() {
+                        o.stored(&entry.samples);
+                    } else {
+                        let kept: Vec<Sample> = entry
+                            .samples
+                            .iter()
+                            .filter(|s| !refused.iter().any(|r| r.sample == **s))
+                            .cloned()
+                            .collect();
+                        o.stored(&kept);
+                    }
+                }
                 let (n, r) = (entry.samples.len(), refused.len());
                 tracing::debug!("delivered spool batch {} ({} samples)", entry.seq, n - r);
                 if let Err(e) = shared.spool.complete(entry.seq, refused).await {

@@ -87,6 +87,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Ok(mut session) => {
                 let (stamp, made) = clock.next();
+                let began = std::time::Instant::now();
                 let r = beat(
                     &mut session,
                     config.agent_id,
@@ -95,6 +96,9 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     &mac::timestamp(stamp),
                 )
                 .await;
+                if let Some(o) = &shared.observer {
+                    o.heartbeat(began.elapsed(), r.as_ref().is_ok_and(|b| b.active));
+                }
                 match r {
                     Ok(b) => {
                         clock.accepted(stamp, made);

@@ -23,6 +23,7 @@ pub mod collector;
 pub mod delivery;
 pub mod heartbeat;
 pub mod memory;
+pub mod observe;
 pub mod renewal;
 pub mod stats;
 pub mod tasks;
@@ -83,6 +84,8 @@ pub struct Shared {
     pub rounds: TaskTracker,
     /// What the start line says, gathered from the first heartbeat and schedule read.
     start_line: std::sync::Mutex<StartLine>,
+    /// A fleet run's observer ([`observe`]); `None` for a worker of its own.
+    pub observer: Option<Arc<dyn observe::Observer>>,
 }
 
 /// The tracing target of the line a worker logs once it runs. The default level (warning)
@@ -189,6 +192,9 @@ impl Shared {
         for s in &mut samples {
             crate::testhooks::sample(s);
             self.stats.collected(&s.probe, s.rows.len());
+        }
+        if let Some(o) = &self.observer {
+            o.collected(&samples);
         }
         let n = samples.len();
         match self.spool.push(samples).await {
@@ -300,6 +306,19 @@ pub async fn run(
     reload: Arc<Notify>,
     read_config: impl Fn() -> Result<AgentConfig, Problems>,
 ) -> Result<stats::Snapshot, Error> {
+    run_observed(config, lock, logging, shutdown, reload, read_config, None).await
+}
+
+/// [`run`], with a fleet run's observer (see [`observe`]).
+pub async fn run_observed(
+    config: AgentConfig,
+    lock: StateLock,
+    logging: Option<&Logging>,
+    shutdown: CancellationToken,
+    reload: Arc<Notify>,
+    read_config: impl Fn() -> Result<AgentConfig, Problems>,
+    observer: Option<Arc<dyn observe::Observer>>,
+) -> Result<stats::Snapshot, Error> {
     tasks::log_panics();
     let spool = open_spool(&config).await?;
     let (pem, hb) = managers(&config)?;
@@ -314,6 +333,7 @@ pub async fn run(
         tasks: Tasks::new(),
         rounds: TaskTracker::new(),
         start_line: Default::default(),
+        observer,
     });
     let c = shared.config();
     tracing::info!(

@@ -62,6 +62,7 @@ fn options() -> Options {
             stats: Secret::new(STATS_PASSWORD),
         },
         pgbouncer_port: None,
+        sizes: Default::default(),
     }
 }
 
