@@ -80,7 +80,29 @@ fn fleet_main(f: &cli::FleetArgs) -> ExitCode {
             );
         }
     };
-    match runtime.block_on(fleet::run(&settings)) {
+    // Ctrl-C or SIGTERM ends the run: dropping it stops and removes its servers and agents.
+    let interrupted = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            r = fleet::run(&settings) => r,
+            _ = interrupted => Err(fleet::Error::Step(
+                "interrupted: the run's servers and agents are stopped and removed".into(),
+            )),
+        }
+    });
+    match outcome {
         Ok(summaries) => {
             let bad: Vec<String> = summaries
                 .iter()

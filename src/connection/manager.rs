@@ -24,8 +24,12 @@ use super::{ConnectSettings, Error, connect};
 use crate::backoff::Backoff;
 
 /// Idle sessions kept for reuse; more are closed when given back. Three loops talk to the PEM
-/// server (heartbeat, schedule, delivery), so more than that are never needed at once.
-const MAX_IDLE: usize = 3;
+/// server (heartbeat, schedule, delivery), each for a few milliseconds a round, so they rarely
+/// overlap: one kept session serves them all, and the one an overlap opens is closed again.
+/// Keeping one per loop would hold three server backends per agent when agents connect
+/// directly, and three client connections per agent in pgBouncer (measured with `pemworker
+/// fleet`: README, "Fleet").
+const MAX_IDLE: usize = 1;
 
 /// Why no session is available right now.
 #[derive(Debug, thiserror::Error)]

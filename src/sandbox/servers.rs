@@ -522,8 +522,19 @@ impl Servers {
         let err = log
             .try_clone()
             .map_err(io("creating pgBouncer's output file"))?;
-        let child = self
-            .server_command(&self.pgbouncer_bin.clone())
+        // Not through runuser, whose PAM session sets the login default of 1024 open files:
+        // that caps pgBouncer near a thousand clients whatever max_client_conn says.
+        // setpriv changes the user and keeps this process's limits.
+        let mut command = match &self.run_as {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", u, "--regid", u, "--init-groups", "--"])
+                    .arg(&self.pgbouncer_bin);
+                c
+            }
+            None => Command::new(&self.pgbouncer_bin),
+        };
+        let child = command
             .arg(self.pgbouncer_ini())
             .stdin(Stdio::null())
             .stdout(log)
@@ -569,7 +580,7 @@ impl Servers {
     /// Stops pgBouncer (SIGTERM: immediate shutdown), waiting at most 30 s.
     pub fn stop_pgbouncer(&mut self) {
         if let Some(mut child) = self.pgbouncer.take() {
-            // runuser passes SIGTERM on to pgBouncer.
+            // setpriv runs pgBouncer in its own place: the signal reaches it.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
