@@ -715,3 +715,56 @@ async fn bad_input_fails_in_one_line_with_its_exit_code_and_leaves_nothing() {
         "[PEM/agent]\nagent_id=7\n"
     );
 }
+
+/// Registrations take turns on pem.agent_role. One that waits longer than lock_timeout while
+/// other registrations get through (many at once straight to PostgreSQL, with no pool to queue
+/// them) tries again and succeeds; one behind a lock that nobody gets through fails in one
+/// line (server_trust.rs, registration_is_not_held_up_by_agents_and_a_slow_lock_is_one_line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_that_waits_while_others_get_through_tries_again_and_succeeds() {
+    let bed = TestBed::start();
+    let holder = bed.connect(&bed.superuser()).await;
+    pool::batch(
+        &holder,
+        "lock",
+        "BEGIN; LOCK TABLE pem.agent_role IN ACCESS EXCLUSIVE MODE",
+    )
+    .await
+    .unwrap();
+    let site = Site::new(&bed, "patient");
+    let args = register_args(bed.pg_port, &site, &[]);
+    let started = std::time::Instant::now();
+    // Meanwhile, on the runtime's other thread: another registration commits while this one
+    // waits, and the lock is free again after this one's first lock_timeout (10 s).
+    let su = bed.superuser();
+    let others = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        let other = connection::connect(&su).await.unwrap();
+        pool::batch(
+            &other,
+            "another registration",
+            "INSERT INTO pem.agent (display_name) VALUES ('another host')",
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+        pool::batch(&holder, "unlock", "COMMIT").await.unwrap();
+    });
+    let (code, out, err) = tokio::task::block_in_place(|| run(&bed, &args, &[]));
+    others.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(10),
+        "it waited past lock_timeout: {:?}",
+        started.elapsed()
+    );
+    let cfg = Document::read(&site.config_file()).unwrap();
+    let id: i32 = cfg.get("agent_id").unwrap().parse().unwrap();
+    assert_eq!(
+        bed.scalar_i64(&format!(
+            "SELECT count(*) FROM pem.agent WHERE id = {id} AND active"
+        ))
+        .await,
+        1
+    );
+}

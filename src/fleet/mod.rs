@@ -216,7 +216,8 @@ pub(crate) async fn start_servers(settings: &Settings, mode: Mode) -> Result<Ser
             Mode::Pooled => 200,
         },
         pool_size: Some(settings.pool_size),
-        max_client_conn: Some((3 * n + 100).max(500)),
+        // Each agent keeps one session, and opens a second when its loops overlap.
+        max_client_conn: Some((2 * n + 100).max(500)),
     };
     let opts = Options {
         exe,

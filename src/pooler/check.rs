@@ -726,6 +726,7 @@ fn check_pgbouncer_files(dir: &Path, c: &mut Collector<'_>) {
             None,
         );
     }
+    check_open_files(&ini, c);
     if !get("auth_query").contains("pem.get_agent_pool_auth") {
         c.problem(
             format!(
@@ -794,6 +795,83 @@ fn check_pgbouncer_files(dir: &Path, c: &mut Collector<'_>) {
                 None,
             );
         }
+    }
+}
+
+/// The open files pgBouncer needs: a socket per client (max_client_conn) and per server
+/// connection (every pool at its size), and a few of its own (listening sockets, its log).
+/// Returns (clients, the rest).
+fn files_needed(ini: &configparser::ini::Ini) -> (u64, u64) {
+    let num = |v: Option<String>| v.and_then(|v| v.trim().parse::<u64>().ok());
+    let clients = num(ini.get("pgbouncer", "max_client_conn")).unwrap_or(100);
+    let default_pool = num(ini.get("pgbouncer", "default_pool_size")).unwrap_or(20);
+    let servers: u64 = ini
+        .get_map_ref()
+        .get("databases")
+        .map(|dbs| {
+            dbs.values()
+                .map(|v| {
+                    v.as_deref()
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .find_map(|kv| kv.strip_prefix("pool_size="))
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(default_pool)
+                })
+                .sum()
+        })
+        .unwrap_or(default_pool);
+    (clients, servers + 20)
+}
+
+/// The soft "Max open files" of a /proc/PID/limits text.
+fn open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A running pgBouncer whose open-file limit is below what max_client_conn and its pools need
+/// refuses clients beyond it, whatever max_client_conn says (Debian's pgbouncer.service leaves
+/// systemd's default of 1024).
+fn check_open_files(ini: &configparser::ini::Ini, c: &mut Collector<'_>) {
+    let pid = ini
+        .get("pgbouncer", "pidfile")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| t.trim().parse::<u32>().ok());
+    let Some(pid) = pid else {
+        c.ok(
+            "pgBouncer does not run on this host (no pid file): its open-file limit is not checked",
+        );
+        return;
+    };
+    let Some(limit) = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|t| open_file_limit(&t))
+    else {
+        c.ok("pgBouncer's open-file limit cannot be read here: not checked");
+        return;
+    };
+    let (clients, rest) = files_needed(ini);
+    let need = clients + rest;
+    if limit >= need {
+        c.ok(format!(
+            "pgBouncer (pid {pid}) may open {limit} files; max_client_conn and its pools need {need}"
+        ));
+    } else {
+        c.problem(
+            format!(
+                "pgBouncer (pid {pid}) may open only {limit} files, but max_client_conn and its pools need {need}: clients beyond about {} are refused",
+                limit.saturating_sub(rest)
+            ),
+            format!(
+                "raise its limit: systemctl edit pgbouncer, add [Service] LimitNOFILE={need}, then systemctl restart pgbouncer (or ulimit -n {need} where it is started)"
+            ),
+            None,
+        );
     }
 }
 
@@ -970,6 +1048,22 @@ fn scram_userlist(path: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pgbouncer_needs_a_file_per_client_and_server_connection() {
+        let mut ini = configparser::ini::Ini::new();
+        ini.read(
+            "[databases]\npem = host=/run/pg port=5432 dbname=pem pool_size=80 pool_mode=transaction\n\
+             * = host=/run/pg port=5432 pool_size=10\n[pgbouncer]\nmax_client_conn = 2000\n"
+                .into(),
+        )
+        .unwrap();
+        assert_eq!(files_needed(&ini), (2000, 90 + 20));
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(open_file_limit(limits), Some(1024));
+        assert_eq!(open_file_limit("Max processes 10 10 processes"), None);
+    }
 
     #[test]
     fn user_list_entries_are_read_as_pgbouncer_quotes_them() {

@@ -11,6 +11,7 @@ pub mod cert_check;
 pub mod migrate;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rcgen::KeyPair;
 use tokio_postgres::Client;
@@ -383,6 +384,24 @@ pub(crate) async fn ensure_agent_user(
     Ok(pool::get(&row, 0, &what)?)
 }
 
+/// How many times a registration that waited its turn longer than lock_timeout tries again,
+/// provided other registrations got through meanwhile.
+const LOCK_RETRIES: u32 = 30;
+
+/// How many agents the server has registered, and the newest id: changes whenever a
+/// registration commits. `None` when it cannot be read.
+async fn registrations_so_far(client: &Client) -> Option<(i64, i32)> {
+    let row = pool::query_one(
+        client,
+        "counting registrations",
+        "SELECT count(*), coalesce(max(id), 0) FROM pem.agent",
+        &[],
+    )
+    .await
+    .ok()?;
+    Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
+}
+
 /// A lock wait over lock_timeout (SQLSTATE 55P03) as the one-line error that says so.
 fn lock_timeout(e: connection::Error, what: &str, settings: &ConnectSettings) -> Error {
     if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
@@ -474,15 +493,42 @@ pub async fn register(opts: &Options) -> Result<Registered, Error> {
         Some(_) => check_enrolment(&client, &opts.server).await?,
     }
 
-    let work = async {
-        let e = match &opts.token {
-            None => with_admin(&client, opts, previous_id).await?,
-            Some(token) => with_token(&client, opts, token).await?,
-        };
-        stage(opts, &config_file, e)
+    // Registrations take their turn on pem.agent_role. Many at once straight to PostgreSQL
+    // (no pool to queue them) can wait longer than lock_timeout while every one ahead makes
+    // progress: such a registration tries again, as long as others are seen registering.
+    // A lock that someone holds without any registration getting through is reported at once.
+    let mut progress = match opts.token {
+        None => registrations_so_far(&client).await,
+        Some(_) => None,
     };
-    let (registered, created_role, staged) =
-        pool::transaction(&client, "the registration", work).await?;
+    let mut retries = 0;
+    let (registered, created_role, staged) = loop {
+        let work = async {
+            let e = match &opts.token {
+                None => with_admin(&client, opts, previous_id).await?,
+                Some(token) => with_token(&client, opts, token).await?,
+            };
+            stage(opts, &config_file, e)
+        };
+        match pool::transaction(&client, "the registration", work).await {
+            Err(e @ Error::LockTimeout { .. }) => {
+                let now = match progress {
+                    Some(_) => registrations_so_far(&client).await,
+                    None => None,
+                };
+                if now.is_none() || now == progress || retries >= LOCK_RETRIES {
+                    return Err(e);
+                }
+                retries += 1;
+                tracing::info!(
+                    "other registrations went first while this one waited for its turn; trying again ({retries} of at most {LOCK_RETRIES})"
+                );
+                progress = now;
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..500))).await;
+            }
+            r => break r?,
+        }
+    };
 
     if let Err(e) = fsutil::commit_all(staged.into_iter().map(|(_, s)| s).collect()) {
         if opts.token.is_some() {

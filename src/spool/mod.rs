@@ -165,8 +165,9 @@ pub struct Spool {
     dropped: BTreeMap<String, ProbeCount>,
     overflow: Option<Overflow>,
     health: Health,
-    /// The batch being delivered ([`Spool::oldest`] to [`Spool::complete`] or
-    /// [`Spool::release`]): never dropped for the limit, which waits for its delivery instead.
+    /// The newest batch being delivered ([`Spool::oldest`] or [`Spool::oldest_batches`] to
+    /// [`Spool::complete`] or [`Spool::release`]); it and every older batch are in flight, never
+    /// dropped for the limit, which waits for their delivery instead.
     delivering: Option<u64>,
     /// A delivered batch's file is kept under [`REUSE`] to hold the next batch (see
     /// [`Spool::write_entry`]); whether that file is there.
@@ -507,7 +508,10 @@ impl Spool {
     /// The oldest batch is being delivered: it is not dropped (a delivery in flight would store
     /// a batch counted as dropped), and nothing newer is dropped before it.
     fn oldest_is_delivering(&self) -> bool {
-        self.delivering.is_some() && self.delivering == self.oldest_seq()
+        match (self.delivering, self.oldest_seq()) {
+            (Some(newest), Some(oldest)) => oldest <= newest,
+            _ => false,
+        }
     }
 
     /// Drops the oldest batch, on disk or held.
@@ -583,26 +587,71 @@ impl Spool {
     /// The oldest batch, on disk or held. An unreadable entry is moved aside (`.corrupt`) and
     /// skipped.
     pub fn oldest(&mut self) -> Option<Entry> {
+        self.oldest_batches(0).pop()
+    }
+
+    /// The oldest batches, oldest first: at least one (when there is one), and more while their
+    /// samples come to at most `max_samples` in all. They are in flight until
+    /// [`Spool::complete`] (each) or [`Spool::release`] (all).
+    pub fn oldest_batches(&mut self, max_samples: usize) -> Vec<Entry> {
         self.delivering = None;
+        let mut out: Vec<Entry> = Vec::new();
+        let mut samples = 0;
+        let mut after: Option<u64> = None;
         loop {
-            let seq = self.oldest_seq()?;
-            self.delivering = Some(seq);
+            let Some(seq) = self.seq_after(after) else {
+                return out;
+            };
+            let n = self
+                .held
+                .get(&seq)
+                .map(|h| h.samples.len())
+                .or_else(|| self.entries.get(&seq).map(|(_, n)| *n))
+                .unwrap_or(0);
+            if !out.is_empty() && samples + n > max_samples {
+                return out;
+            }
+            after = Some(seq);
             if let Some(h) = self.held.get(&seq) {
-                return Some(Entry {
+                samples += n;
+                self.delivering = Some(seq);
+                out.push(Entry {
                     seq,
                     samples: h.samples.clone(),
                 });
+                continue;
             }
             let p = self.path(seq);
             match read_entry(&p) {
-                Some(samples) => return Some(Entry { seq, samples }),
+                Some(batch) => {
+                    samples += batch.len();
+                    self.delivering = Some(seq);
+                    out.push(Entry {
+                        seq,
+                        samples: batch,
+                    });
+                }
                 None => {
                     tracing::error!("spool entry {} is unreadable; moved aside", p.display());
                     let _ = std::fs::rename(&p, p.with_extension("corrupt"));
                     self.entries.remove(&seq);
-                    self.delivering = None;
                 }
             }
+        }
+    }
+
+    /// The oldest batch newer than `after` (the oldest of all for `None`), on disk or held.
+    fn seq_after(&self, after: Option<u64>) -> Option<u64> {
+        let Some(a) = after else {
+            return self.oldest_seq();
+        };
+        let range = (std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded);
+        match (
+            self.entries.range(range).next().map(|(k, _)| *k),
+            self.held.range(range).next().map(|(k, _)| *k),
+        ) {
+            (Some(d), Some(h)) => Some(d.min(h)),
+            (d, h) => d.or(h),
         }
     }
 
@@ -643,7 +692,10 @@ impl Spool {
             }
         }
         self.remove(seq);
-        self.delivering = None;
+        // The batches still in flight (newer ones of the same delivery) stay protected.
+        if self.delivering.is_some_and(|newest| seq >= newest) {
+            self.delivering = None;
+        }
         self.end_overflow();
         self.enforce_limit();
     }
@@ -922,6 +974,21 @@ impl SpoolHandle {
         self.run(|s| s.oldest()).await
     }
 
+    /// See [`Spool::oldest_batches`].
+    pub async fn oldest_batches(&self, max_samples: usize) -> Result<Vec<Entry>, Error> {
+        self.run(move |s| s.oldest_batches(max_samples)).await
+    }
+
+    /// Ends every batch of one delivery (see [`Spool::complete`]), in one trip to the spool.
+    pub async fn complete_all(&self, done: Vec<(u64, Vec<RejectedSample>)>) -> Result<(), Error> {
+        self.run(move |s| {
+            for (seq, refused) in done {
+                s.complete(seq, refused);
+            }
+        })
+        .await
+    }
+
     pub async fn complete(&self, seq: u64, refused: Vec<RejectedSample>) -> Result<(), Error> {
         self.run(move |s| s.complete(seq, refused)).await
     }
@@ -1091,6 +1158,45 @@ mod tests {
         s.complete(oldest.seq, Vec::new());
         assert!(s.overflow.is_none());
         assert_eq!(s.dropped_total(), 2);
+    }
+
+    #[test]
+    fn a_backlog_goes_several_whole_batches_at_a_time_and_none_of_them_is_dropped_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let one = serde_json::to_vec(&[sample(1)]).unwrap().len() as u64;
+        let mut s = Spool::open(d.path(), one * 8).unwrap();
+        for i in 0..3 {
+            s.push(vec![sample(2 * i), sample(2 * i + 1)]).unwrap();
+        }
+        // Whole batches only, oldest first: two of two samples fit in five, the third does not.
+        let taken = s.oldest_batches(5);
+        assert_eq!(
+            taken.iter().map(|e| e.samples.len()).collect::<Vec<_>>(),
+            [2, 2]
+        );
+        assert_eq!(taken[0].samples[0].rows[0].1[0], Value::Int(0));
+        assert_eq!(taken[1].samples[0].rows[0].1[0], Value::Int(2));
+        // One batch is taken even when it alone is over the bound.
+        assert_eq!(s.oldest_batches(1).len(), 1);
+        let taken = s.oldest_batches(5);
+        // Over the limit meanwhile: neither batch in flight is dropped, the limit waits.
+        for i in 6..9 {
+            s.push(vec![sample(i)]).unwrap();
+        }
+        assert_eq!(s.dropped_total(), 0);
+        // Completing the first leaves the second protected; completing both lets the limit act.
+        s.complete(taken[0].seq, Vec::new());
+        assert_eq!(s.dropped_total(), 0);
+        assert_eq!(s.oldest_seq(), Some(taken[1].seq));
+        s.complete(taken[1].seq, Vec::new());
+        assert_eq!(s.len(), 4);
+        assert_eq!(
+            s.oldest_batches(100)
+                .iter()
+                .map(|e| e.samples.len())
+                .sum::<usize>(),
+            5
+        );
     }
 
     #[test]

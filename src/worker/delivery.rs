@@ -29,6 +29,12 @@ use crate::connection::{Error, pool};
 use crate::mac::{self, AgentKey, Kind};
 use crate::probes::{ProbeSpec, Sample, Value};
 
+/// The most samples one delivery sends, when the spool holds several batches: a backlog (after
+/// an outage, or while the server falls behind) goes in a few large transactions rather than
+/// one per round, which costs the PEM server and pgBouncer a fraction per sample (README,
+/// "Fleet"). One round's batch is never split.
+pub const MAX_DELIVERY_SAMPLES: usize = 500;
+
 const STORE: &str = "SELECT sample_index, sqlstate, message FROM pem.store_samples($1, $2, $3, $4)";
 
 /// A sample the server refused as data.
@@ -316,60 +322,85 @@ async fn drain(shared: &Shared, backoff: &mut Backoff, outage: &mut Outage) -> N
             }
         };
         shared.stats.set_connected(true);
-        // From here until it is completed or released, the spool does not drop this batch.
-        let entry = match shared.spool.oldest().await {
-            Ok(Some(e)) => e,
-            Ok(None) => return Next::Idle,
+        // From here until they are completed or released, the spool does not drop these
+        // batches. Usually one; after an outage, or when the server falls behind, the backlog
+        // goes several batches to a transaction.
+        let entries = match shared.spool.oldest_batches(MAX_DELIVERY_SAMPLES).await {
+            Ok(e) if e.is_empty() => return Next::Idle,
+            Ok(e) => e,
             Err(e) => {
                 tracing::error!("cannot read the spool: {e}");
                 return Next::RetryIn(backoff.next_delay());
             }
         };
+        // Each batch by its sequence number and its number of samples, in delivery order.
+        let mut batches: Vec<(u64, usize)> = Vec::with_capacity(entries.len());
+        let mut samples: Vec<Sample> = Vec::new();
+        for e in entries {
+            batches.push((e.seq, e.samples.len()));
+            if samples.is_empty() {
+                samples = e.samples;
+            } else {
+                samples.extend(e.samples);
+            }
+        }
         let config = shared.config();
         let key = config.agent_secret.as_ref();
-        match store(&mut session, config.agent_id, key, &entry.samples).await {
+        match store(&mut session, config.agent_id, key, &samples).await {
             Ok(refusals) => {
                 drop(session);
                 crate::testhooks::pause_async("after-commit").await;
                 outage.ended();
                 backoff.reset();
                 shared.stats.set_delivery_problem(None);
-                let refused: Vec<RejectedSample> = refusals
-                    .into_iter()
-                    .filter_map(|r| {
-                        let sample = entry.samples.get(r.index)?.clone();
+                // Refusals by position in the delivery; each goes back to its own batch.
+                let mut refused_at: Vec<Option<Rejection>> =
+                    (0..samples.len()).map(|_| None).collect();
+                for r in refusals {
+                    if let Some(slot) = refused_at.get_mut(r.index) {
+                        *slot = Some(r);
+                    }
+                }
+                let mut done = Vec::with_capacity(batches.len());
+                let mut stored = Vec::new();
+                let (n, mut r) = (samples.len(), 0);
+                let mut all = samples.into_iter().zip(refused_at);
+                for &(seq, count) in &batches {
+                    let mut refused = Vec::new();
+                    for (sample, refusal) in all.by_ref().take(count) {
+                        let Some(refusal) = refusal else {
+                            if shared.observer.is_some() {
+                                stored.push(sample);
+                            }
+                            continue;
+                        };
                         tracing::error!(
                             "the PEM server refused a {} sample collected at {} as data: {}; it is kept in the spool (pemworker spool status, then spool replay once the cause is fixed)",
                             sample.probe,
                             sample.collected_at.to_rfc3339(),
-                            r.message
+                            refusal.message
                         );
-                        Some(RejectedSample {
+                        refused.push(RejectedSample {
                             sample,
-                            sqlstate: r.sqlstate,
-                            message: r.message,
+                            sqlstate: refusal.sqlstate,
+                            message: refusal.message,
                             rejected_at: chrono::Utc::now(),
                             attempts: 1,
-                        })
-                    })
-                    .collect();
-                if let Some(o) = &shared.observer {
-                    if refused.is_empty() {
-                        o.stored(&entry.samples);
-                    } else {
-                        let kept: Vec<Sample> = entry
-                            .samples
-                            .iter()
-                            .filter(|s| !refused.iter().any(|r| r.sample == **s))
-                            .cloned()
-                            .collect();
-                        o.stored(&kept);
+                        });
                     }
+                    r += refused.len();
+                    done.push((seq, refused));
                 }
-                let (n, r) = (entry.samples.len(), refused.len());
-                tracing::debug!("delivered spool batch {} ({} samples)", entry.seq, n - r);
-                if let Err(e) = shared.spool.complete(entry.seq, refused).await {
-                    // The batch stays: delivered again, it is stored once (delivery keys).
+                if let Some(o) = &shared.observer {
+                    o.stored(&stored);
+                }
+                tracing::debug!(
+                    "delivered spool batches {:?} ({} samples)",
+                    batches.iter().map(|(seq, _)| seq).collect::<Vec<_>>(),
+                    n - r
+                );
+                if let Err(e) = shared.spool.complete_all(done).await {
+                    // The batches stay: delivered again, they are stored once (delivery keys).
                     tracing::error!("cannot update the spool after a delivery: {e}");
                     return Next::RetryIn(backoff.next_delay());
                 }
