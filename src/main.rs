@@ -68,17 +68,9 @@ fn fleet_main(f: &cli::FleetArgs) -> ExitCode {
     if let Err(e) = fleet::init_logging(f.log.as_deref()) {
         return fail(pemworker::ExitCode::Local, e);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                pemworker::ExitCode::Local,
-                format!("cannot start the runtime: {e}"),
-            );
-        }
+        Err(code) => return code,
     };
     // Ctrl-C or SIGTERM ends the run: dropping it stops and removes its servers and agents.
     let interrupted = async {
@@ -149,6 +141,19 @@ fn not_implemented(mode: Mode) -> String {
     )
 }
 
+/// The one-thread runtime management commands run on; the failure as the exit code.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            fail(
+                pemworker::ExitCode::Local,
+                format!("cannot start the runtime: {e}"),
+            )
+        })
+}
+
 /// Runs one management command on a small runtime with command-line logging, and maps its
 /// outcome to an exit code.
 fn block_on(
@@ -156,17 +161,9 @@ fn block_on(
     work: impl std::future::Future<Output = Result<(), pemworker::Error>>,
 ) -> ExitCode {
     pemworker::logging::init_cli(a.log_level);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                pemworker::ExitCode::Local,
-                format!("cannot start the runtime: {e}"),
-            );
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,

@@ -460,12 +460,14 @@ fn ticks(pid: i32) -> Option<(u64, u64, i32)> {
     Some((n(11)? + n(12)?, n(13)? + n(14)?, ppid))
 }
 
-/// Ticks of `parent` and every process it started, live or ended.
-pub(crate) fn tree_ticks(parent: i32) -> u64 {
+/// CPU ticks of `parent` and every process it started, live or ended, and the memory (PSS,
+/// MiB) of `parent` and its live children.
+pub(crate) fn tree_usage(parent: i32) -> (u64, f64) {
     let Some((own, ended, _)) = ticks(parent) else {
-        return 0;
+        return (0, 0.0);
     };
     let mut total = own + ended;
+    let mut memory = pss_mib(parent);
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -474,11 +476,12 @@ pub(crate) fn tree_ticks(parent: i32) -> u64 {
             if let Some((t, _, ppid)) = ticks(pid) {
                 if ppid == parent {
                     total += t;
+                    memory += pss_mib(pid);
                 }
             }
         }
     }
-    total
+    (total, memory)
 }
 
 fn pid_file(path: &Path) -> Option<i32> {
@@ -585,8 +588,11 @@ impl Watch {
             }
         }
         let now = Instant::now();
+        let (server, server_memory) = self.postmaster.map_or((0, 0.0), tree_usage);
+        s.server_mem_mib = server_memory;
+        s.pgbouncer_mem_mib = self.pgbouncer.map_or(0.0, pss_mib);
         let t = Ticks {
-            server: self.postmaster.map_or(0, tree_ticks),
+            server,
             pgbouncer: self.pgbouncer.and_then(ticks).map_or(0, |(own, _, _)| own),
             agents: agents_ticks,
         };
@@ -626,6 +632,11 @@ pub(crate) fn fold_steady(sum: &mut Summary, seconds: &[Second], agents: usize) 
     sum.pgbouncer_cpu = steady.iter().map(|s| s.pgbouncer_cpu).sum::<f64>() / n;
     sum.agents_cpu = steady.iter().map(|s| s.agents_cpu).sum::<f64>() / n;
     sum.agents_rss_mib = steady.iter().map(|s| s.agents_rss_mib).fold(0.0, f64::max);
+    sum.server_mem_mib = steady.iter().map(|s| s.server_mem_mib).fold(0.0, f64::max);
+    sum.pgbouncer_mem_mib = steady
+        .iter()
+        .map(|s| s.pgbouncer_mem_mib)
+        .fold(0.0, f64::max);
 }
 
 pub(crate) fn label(settings: &Settings, mode: Mode) -> String {
@@ -722,14 +733,11 @@ async fn run_in_process(
         .replace(meters.clone());
     let stop = CancellationToken::new();
     let mut agents = tokio::task::JoinSet::new();
-    let started = Instant::now();
-    let spacing = settings.ramp / storm.agents.len().max(1) as u32;
+    let mut clock = Clock::new(settings, storm.agents.len());
     let mut pending = storm.agents.iter().enumerate().peekable();
     let mut seconds: Vec<Second> = Vec::new();
     let mut steady_hb: Vec<u64> = Vec::new();
     let mut steady_delivery: Vec<u64> = Vec::new();
-    let end_at = started + settings.ramp + settings.duration;
-    let mut next_tick = started + Duration::from_secs(1);
     let mut launched = 0usize;
     let mut failed_to_start: BTreeMap<String, u64> = BTreeMap::new();
     println!(
@@ -741,35 +749,22 @@ async fn run_in_process(
     );
     loop {
         // Start the agents whose time has come.
-        while let Some((i, _)) = pending.peek() {
-            if started + spacing * (*i as u32) > Instant::now() {
-                break;
-            }
-            let (_, a) = pending.next().expect("peeked");
+        while let Some((_, a)) = pending.next_if(|(i, _)| clock.due(*i)) {
             match start_agent(a, meters.clone(), stop.child_token(), &mut agents) {
                 Ok(()) => launched += 1,
                 Err(e) => *failed_to_start.entry(meters::kind_of(&e)).or_default() += 1,
             }
         }
-        let now = Instant::now();
-        if now >= end_at {
+        if clock.ended() {
             break;
         }
-        let wake = pending
-            .peek()
-            .map_or(next_tick, |(i, _)| {
-                (started + spacing * (*i as u32)).min(next_tick)
-            })
-            .min(end_at);
-        tokio::time::sleep_until(wake.into()).await;
-        if Instant::now() < next_tick {
+        if !clock.wait(pending.peek().map(|(i, _)| *i)).await {
             continue;
         }
-        next_tick += Duration::from_secs(1);
         let mut w = meters.take_window();
         let mut s = Second {
             mode: mode.name().into(),
-            t: started.elapsed().as_secs_f64(),
+            t: clock.elapsed(),
             agents_started: launched,
             agents_connected: meters.connected(),
             heartbeats: w.heartbeats_us.len(),
@@ -839,6 +834,59 @@ async fn run_in_process(
         .await
         .ok();
     Ok((summary, seconds))
+}
+
+/// A run's timetable: agents start evenly over the ramp, then all run for the duration; the
+/// figures are read once a second.
+pub(crate) struct Clock {
+    started: Instant,
+    spacing: Duration,
+    end_at: Instant,
+    next_tick: Instant,
+}
+
+impl Clock {
+    pub(crate) fn new(settings: &Settings, agents: usize) -> Clock {
+        let started = Instant::now();
+        Clock {
+            started,
+            spacing: settings.ramp / agents.max(1) as u32,
+            end_at: started + settings.ramp + settings.duration,
+            next_tick: started + Duration::from_secs(1),
+        }
+    }
+
+    fn start_of(&self, agent: usize) -> Instant {
+        self.started + self.spacing * agent as u32
+    }
+
+    /// Whether agent number `agent` (in start order) is due to start.
+    pub(crate) fn due(&self, agent: usize) -> bool {
+        self.start_of(agent) <= Instant::now()
+    }
+
+    pub(crate) fn ended(&self) -> bool {
+        Instant::now() >= self.end_at
+    }
+
+    /// Seconds since the first agent started.
+    pub(crate) fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Sleeps until agent `next` is due to start, the next second or the end, whichever comes
+    /// first; true when a second has passed (its figures are to be read).
+    pub(crate) async fn wait(&mut self, next: Option<usize>) -> bool {
+        let wake = next
+            .map_or(self.next_tick, |i| self.start_of(i).min(self.next_tick))
+            .min(self.end_at);
+        tokio::time::sleep_until(wake.into()).await;
+        if Instant::now() < self.next_tick {
+            return false;
+        }
+        self.next_tick += Duration::from_secs(1);
+        true
+    }
 }
 
 type AgentResult = (usize, Result<crate::worker::stats::Snapshot, String>);

@@ -120,24 +120,17 @@ pub async fn run(
         settings.ramp.as_secs(),
         settings.duration.as_secs()
     );
-    let started = Instant::now();
-    let spacing = settings.ramp / storm.agents.len().max(1) as u32;
-    let end_at = started + settings.ramp + settings.duration;
+    let mut clock = super::Clock::new(settings, storm.agents.len());
     let mut agents: Vec<Agent> = Vec::with_capacity(n);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut pending = storm.agents.iter().enumerate().peekable();
     let mut seconds = Vec::new();
-    let mut next_tick = started + Duration::from_secs(1);
     let mut last_stored = 0u64;
     let mut last_collected = 0u64;
     let mut pss_max = 0f64;
     let recent = (2 * settings.heartbeat_interval + 2) as f64;
     loop {
-        while let Some((i, _)) = pending.peek() {
-            if started + spacing * (*i as u32) > Instant::now() {
-                break;
-            }
-            let (_, a) = pending.next().expect("peeked");
+        while let Some((_, a)) = pending.next_if(|(i, _)| clock.due(*i)) {
             match spawn(a, &exe, &servers.home) {
                 Ok(p) => agents.push(p),
                 Err(e) => {
@@ -147,23 +140,15 @@ pub async fn run(
                 }
             }
         }
-        if Instant::now() >= end_at {
+        if clock.ended() {
             break;
         }
-        let wake = pending
-            .peek()
-            .map_or(next_tick, |(i, _)| {
-                (started + spacing * (*i as u32)).min(next_tick)
-            })
-            .min(end_at);
-        tokio::time::sleep_until(wake.into()).await;
-        if Instant::now() < next_tick {
+        if !clock.wait(pending.peek().map(|(i, _)| *i)).await {
             continue;
         }
-        next_tick += Duration::from_secs(1);
         let mut s = Second {
             mode: format!("{}-processes", mode.name()),
-            t: started.elapsed().as_secs_f64(),
+            t: clock.elapsed(),
             ..Default::default()
         };
         let mut agent_ticks = 0;

@@ -39,16 +39,21 @@ pub struct Second {
     pub agents_cpu: f64,
     /// Resident memory of the agents (the fleet's process, or every agent process), MiB.
     pub agents_rss_mib: f64,
+    /// PostgreSQL's memory (PSS of the postmaster and its processes: shared memory counted
+    /// once) and pgBouncer's, MiB.
+    pub server_mem_mib: f64,
+    pub pgbouncer_mem_mib: f64,
 }
 
 const HEADER: &str = "mode,t_s,agents_started,agents_connected,backends,agent_backends,cl_active,cl_waiting,\
 sv_active,sv_idle,maxwait_ms,heartbeats,hb_p50_ms,hb_p99_ms,hb_max_ms,delivery_p50_ms,delivery_p99_ms,\
-collected_per_s,stored_per_s,errors,server_cpu_pct,pgbouncer_cpu_pct,agents_cpu_pct,agents_rss_mib";
+collected_per_s,stored_per_s,errors,server_cpu_pct,pgbouncer_cpu_pct,agents_cpu_pct,agents_rss_mib,\
+server_pss_mib,pgbouncer_pss_mib";
 
 impl Second {
     pub fn csv(&self) -> String {
         format!(
-            "{},{:.1},{},{},{},{},{},{},{},{},{:.1},{},{:.2},{:.2},{:.2},{:.0},{:.0},{:.1},{:.1},{},{:.1},{:.1},{:.1},{:.1}",
+            "{},{:.1},{},{},{},{},{},{},{},{},{:.1},{},{:.2},{:.2},{:.2},{:.0},{:.0},{:.1},{:.1},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1}",
             self.mode,
             self.t,
             self.agents_started,
@@ -73,6 +78,8 @@ impl Second {
             self.pgbouncer_cpu,
             self.agents_cpu,
             self.agents_rss_mib,
+            self.server_mem_mib,
+            self.pgbouncer_mem_mib,
         )
     }
 
@@ -196,6 +203,8 @@ pub struct Summary {
     pub pgbouncer_cpu: f64,
     pub agents_cpu: f64,
     pub agents_rss_mib: f64,
+    pub server_mem_mib: f64,
+    pub pgbouncer_mem_mib: f64,
     /// Proportional set size of the agent processes (shared pages divided among them), MiB.
     pub agents_pss_mib: Option<f64>,
     /// Whether heartbeat round trips and delivery times were seen (agents in this process).
@@ -365,6 +374,14 @@ impl Summary {
             format!(
                 "PEM server {:.1}, pgBouncer {:.1}, agents {:.1}",
                 self.server_cpu, self.pgbouncer_cpu, self.agents_cpu
+            ),
+        );
+        row(
+            &mut t,
+            "server memory (PSS), max",
+            format!(
+                "PEM server {:.0} MiB, pgBouncer {:.1} MiB",
+                self.server_mem_mib, self.pgbouncer_mem_mib
             ),
         );
         let per = |m: f64| m / self.registered.max(1) as f64;
