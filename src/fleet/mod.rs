@@ -441,6 +441,9 @@ pub(crate) struct Watch {
     postmaster: Option<i32>,
     pgbouncer: Option<i32>,
     last: Option<(Instant, Ticks)>,
+    reads: u32,
+    /// The servers' memory as last read (PostgreSQL, pgBouncer), MiB.
+    memory: (f64, f64),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -460,14 +463,16 @@ fn ticks(pid: i32) -> Option<(u64, u64, i32)> {
     Some((n(11)? + n(12)?, n(13)? + n(14)?, ppid))
 }
 
-/// CPU ticks of `parent` and every process it started, live or ended, and the memory (PSS,
-/// MiB) of `parent` and its live children.
-pub(crate) fn tree_usage(parent: i32) -> (u64, f64) {
+/// CPU ticks of `parent` and every process it started, live or ended, and with `memory` the
+/// memory (PSS, MiB) of `parent` and its live children. PSS is costly to read (the kernel walks
+/// each process's page tables: about a millisecond per PostgreSQL backend), so it is asked for
+/// only every few seconds.
+pub(crate) fn tree_usage(parent: i32, memory: bool) -> (u64, Option<f64>) {
     let Some((own, ended, _)) = ticks(parent) else {
-        return (0, 0.0);
+        return (0, None);
     };
     let mut total = own + ended;
-    let mut memory = pss_mib(parent);
+    let mut pss = memory.then(|| pss_mib(parent));
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -476,13 +481,18 @@ pub(crate) fn tree_usage(parent: i32) -> (u64, f64) {
             if let Some((t, _, ppid)) = ticks(pid) {
                 if ppid == parent {
                     total += t;
-                    memory += pss_mib(pid);
+                    if let Some(m) = pss.as_mut() {
+                        *m += pss_mib(pid);
+                    }
                 }
             }
         }
     }
-    (total, memory)
+    (total, pss)
 }
+
+/// How often the servers' memory is read.
+const MEMORY_EVERY: u32 = 10;
 
 fn pid_file(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path)
@@ -538,6 +548,8 @@ impl Watch {
             postmaster: pid_file(&servers.data_dir.join("postmaster.pid")),
             pgbouncer: pid_file(&servers.pgb_run_dir.join("pgbouncer.pid")),
             last: None,
+            reads: 0,
+            memory: (0.0, 0.0),
         })
     }
 
@@ -587,10 +599,23 @@ impl Watch {
                 }
             }
         }
+        // /proc is read on a blocking thread: with a backend per agent it is a thousand files
+        // and more, which would hold up the agents running on this thread.
+        let (postmaster, pgbouncer) = (self.postmaster, self.pgbouncer);
+        let memory = self.reads % MEMORY_EVERY == 0;
+        self.reads += 1;
+        let (server, mem) = tokio::task::spawn_blocking(move || {
+            let (server, server_pss) = postmaster.map_or((0, None), |p| tree_usage(p, memory));
+            let bouncer_pss = memory.then(|| pgbouncer.map_or(0.0, pss_mib));
+            (server, server_pss.zip(bouncer_pss))
+        })
+        .await
+        .unwrap_or_default();
+        if let Some(m) = mem {
+            self.memory = m;
+        }
+        (s.server_mem_mib, s.pgbouncer_mem_mib) = self.memory;
         let now = Instant::now();
-        let (server, server_memory) = self.postmaster.map_or((0, 0.0), tree_usage);
-        s.server_mem_mib = server_memory;
-        s.pgbouncer_mem_mib = self.pgbouncer.map_or(0.0, pss_mib);
         let t = Ticks {
             server,
             pgbouncer: self.pgbouncer.and_then(ticks).map_or(0, |(own, _, _)| own),

@@ -841,7 +841,12 @@ fn check_open_files(ini: &configparser::ini::Ini, c: &mut Collector<'_>) {
     let pid = ini
         .get("pgbouncer", "pidfile")
         .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| t.trim().parse::<u32>().ok());
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        // A pid file left behind names whatever process has the number now.
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "pgbouncer")
+        });
     let Some(pid) = pid else {
         c.ok(
             "pgBouncer does not run on this host (no pid file): its open-file limit is not checked",
