@@ -441,9 +441,6 @@ pub(crate) struct Watch {
     postmaster: Option<i32>,
     pgbouncer: Option<i32>,
     last: Option<(Instant, Ticks)>,
-    reads: u32,
-    /// The servers' memory as last read (PostgreSQL, pgBouncer), MiB.
-    memory: (f64, f64),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -464,9 +461,7 @@ fn ticks(pid: i32) -> Option<(u64, u64, i32)> {
 }
 
 /// CPU ticks of `parent` and every process it started, live or ended, and with `memory` the
-/// memory (PSS, MiB) of `parent` and its live children. PSS is costly to read (the kernel walks
-/// each process's page tables: about a millisecond per PostgreSQL backend), so it is asked for
-/// only every few seconds.
+/// memory (PSS, MiB) of `parent` and its live children.
 pub(crate) fn tree_usage(parent: i32, memory: bool) -> (u64, Option<f64>) {
     let Some((own, ended, _)) = ticks(parent) else {
         return (0, None);
@@ -490,9 +485,6 @@ pub(crate) fn tree_usage(parent: i32, memory: bool) -> (u64, Option<f64>) {
     }
     (total, pss)
 }
-
-/// How often the servers' memory is read.
-const MEMORY_EVERY: u32 = 10;
 
 fn pid_file(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path)
@@ -548,9 +540,22 @@ impl Watch {
             postmaster: pid_file(&servers.data_dir.join("postmaster.pid")),
             pgbouncer: pid_file(&servers.pgb_run_dir.join("pgbouncer.pid")),
             last: None,
-            reads: 0,
-            memory: (0.0, 0.0),
         })
+    }
+
+    /// PostgreSQL's and pgBouncer's memory now (PSS, MiB). Read once, at the end of the
+    /// steady phase: PSS makes the kernel walk every process's page tables, about a
+    /// millisecond per PostgreSQL backend, which read every second would slow the agents.
+    pub(crate) async fn memory(&self) -> (f64, f64) {
+        let (postmaster, pgbouncer) = (self.postmaster, self.pgbouncer);
+        tokio::task::spawn_blocking(move || {
+            let server = postmaster
+                .and_then(|p| tree_usage(p, true).1)
+                .unwrap_or_default();
+            (server, pgbouncer.map_or(0.0, pss_mib))
+        })
+        .await
+        .unwrap_or_default()
     }
 
     pub(crate) fn superuser(&self) -> &Client {
@@ -602,23 +607,15 @@ impl Watch {
         // /proc is read on a blocking thread: with a backend per agent it is a thousand files
         // and more, which would hold up the agents running on this thread.
         let (postmaster, pgbouncer) = (self.postmaster, self.pgbouncer);
-        let memory = self.reads % MEMORY_EVERY == 0;
-        self.reads += 1;
-        let (server, mem) = tokio::task::spawn_blocking(move || {
-            let (server, server_pss) = postmaster.map_or((0, None), |p| tree_usage(p, memory));
-            let bouncer_pss = memory.then(|| pgbouncer.map_or(0.0, pss_mib));
-            (server, server_pss.zip(bouncer_pss))
+        let (server, _) = tokio::task::spawn_blocking(move || {
+            postmaster.map_or((0, None), |p| tree_usage(p, false))
         })
         .await
         .unwrap_or_default();
-        if let Some(m) = mem {
-            self.memory = m;
-        }
-        (s.server_mem_mib, s.pgbouncer_mem_mib) = self.memory;
         let now = Instant::now();
         let t = Ticks {
             server,
-            pgbouncer: self.pgbouncer.and_then(ticks).map_or(0, |(own, _, _)| own),
+            pgbouncer: pgbouncer.and_then(ticks).map_or(0, |(own, _, _)| own),
             agents: agents_ticks,
         };
         if let Some((at, last)) = self.last {
@@ -657,11 +654,6 @@ pub(crate) fn fold_steady(sum: &mut Summary, seconds: &[Second], agents: usize) 
     sum.pgbouncer_cpu = steady.iter().map(|s| s.pgbouncer_cpu).sum::<f64>() / n;
     sum.agents_cpu = steady.iter().map(|s| s.agents_cpu).sum::<f64>() / n;
     sum.agents_rss_mib = steady.iter().map(|s| s.agents_rss_mib).fold(0.0, f64::max);
-    sum.server_mem_mib = steady.iter().map(|s| s.server_mem_mib).fold(0.0, f64::max);
-    sum.pgbouncer_mem_mib = steady
-        .iter()
-        .map(|s| s.pgbouncer_mem_mib)
-        .fold(0.0, f64::max);
 }
 
 pub(crate) fn label(settings: &Settings, mode: Mode) -> String {
@@ -819,6 +811,7 @@ async fn run_in_process(
         seconds.push(s);
     }
 
+    (summary.server_mem_mib, summary.pgbouncer_mem_mib) = watch.memory().await;
     // Stop: each agent delivers what it holds, as at a service stop.
     println!("[{}] stopping the agents ...", mode.name());
     stop.cancel();

@@ -197,6 +197,7 @@ pub async fn run(
         seconds.push(s);
     }
 
+    (summary.server_mem_mib, summary.pgbouncer_mem_mib) = watch.memory().await;
     println!(
         "[{}] stopping the agent processes (SIGTERM) ...",
         mode.name()

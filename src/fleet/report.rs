@@ -39,21 +39,16 @@ pub struct Second {
     pub agents_cpu: f64,
     /// Resident memory of the agents (the fleet's process, or every agent process), MiB.
     pub agents_rss_mib: f64,
-    /// PostgreSQL's memory (PSS of the postmaster and its processes: shared memory counted
-    /// once) and pgBouncer's, MiB.
-    pub server_mem_mib: f64,
-    pub pgbouncer_mem_mib: f64,
 }
 
 const HEADER: &str = "mode,t_s,agents_started,agents_connected,backends,agent_backends,cl_active,cl_waiting,\
 sv_active,sv_idle,maxwait_ms,heartbeats,hb_p50_ms,hb_p99_ms,hb_max_ms,delivery_p50_ms,delivery_p99_ms,\
-collected_per_s,stored_per_s,errors,server_cpu_pct,pgbouncer_cpu_pct,agents_cpu_pct,agents_rss_mib,\
-server_pss_mib,pgbouncer_pss_mib";
+collected_per_s,stored_per_s,errors,server_cpu_pct,pgbouncer_cpu_pct,agents_cpu_pct,agents_rss_mib";
 
 impl Second {
     pub fn csv(&self) -> String {
         format!(
-            "{},{:.1},{},{},{},{},{},{},{},{},{:.1},{},{:.2},{:.2},{:.2},{:.0},{:.0},{:.1},{:.1},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1}",
+            "{},{:.1},{},{},{},{},{},{},{},{},{:.1},{},{:.2},{:.2},{:.2},{:.0},{:.0},{:.1},{:.1},{},{:.1},{:.1},{:.1},{:.1}",
             self.mode,
             self.t,
             self.agents_started,
@@ -78,8 +73,6 @@ impl Second {
             self.pgbouncer_cpu,
             self.agents_cpu,
             self.agents_rss_mib,
-            self.server_mem_mib,
-            self.pgbouncer_mem_mib,
         )
     }
 
@@ -203,6 +196,8 @@ pub struct Summary {
     pub pgbouncer_cpu: f64,
     pub agents_cpu: f64,
     pub agents_rss_mib: f64,
+    /// PostgreSQL's memory (PSS of the postmaster and its processes: shared memory counted
+    /// once) and pgBouncer's, MiB, at the end of the steady phase.
     pub server_mem_mib: f64,
     pub pgbouncer_mem_mib: f64,
     /// Proportional set size of the agent processes (shared pages divided among them), MiB.
@@ -378,7 +373,7 @@ impl Summary {
         );
         row(
             &mut t,
-            "server memory (PSS), max",
+            "server memory (PSS) at the end",
             format!(
                 "PEM server {:.0} MiB, pgBouncer {:.1} MiB",
                 self.server_mem_mib, self.pgbouncer_mem_mib
