@@ -701,12 +701,17 @@ pub(crate) fn agent_users(mode: Mode, ids: &[i32]) -> Vec<String> {
     }
 }
 
-/// One run with the agents in this process.
-async fn run_in_process(
-    settings: &Settings,
-    mode: Mode,
-    mut csv: Option<&mut Csv>,
-) -> Result<(Summary, Vec<Second>), Error> {
+/// A run up to its agents: servers started, agents registered and their intervals set, the
+/// summary begun (with the registration storm), the servers watched.
+pub(crate) struct Prepared {
+    pub servers: Servers,
+    pub storm: Storm,
+    pub summary: Summary,
+    pub ids: Vec<i32>,
+    pub watch: Watch,
+}
+
+pub(crate) async fn prepare(settings: &Settings, mode: Mode) -> Result<Prepared, Error> {
     let n = settings.agents;
     println!(
         "[{}] starting a throwaway PEM server{} ...",
@@ -734,7 +739,7 @@ async fn run_in_process(
             .insert(format!("registration failed: {k}"), *v);
     }
     let ids: Vec<i32> = storm.agents.iter().map(|a| a.agent_id).collect();
-    let mut watch = Watch::new(&servers, mode, agent_users(mode, &ids)).await?;
+    let watch = Watch::new(&servers, mode, agent_users(mode, &ids)).await?;
     set_intervals(
         watch.superuser(),
         &ids,
@@ -742,7 +747,58 @@ async fn run_in_process(
         settings.probe_interval,
     )
     .await?;
+    Ok(Prepared {
+        servers,
+        storm,
+        summary,
+        ids,
+        watch,
+    })
+}
 
+impl Prepared {
+    /// After the agents stopped: counts their samples on the server, unregisters them, stops
+    /// and removes the servers; the summary, complete.
+    pub(crate) async fn finish(self) -> Result<Summary, Error> {
+        let Prepared {
+            servers,
+            mut summary,
+            ids,
+            watch,
+            ..
+        } = self;
+        (summary.server_samples, summary.server_rows) =
+            server_counts(watch.superuser(), &ids).await?;
+        summary.unregistered = unregister_all(&servers, &ids).await?;
+        drop(watch);
+        tokio::task::spawn_blocking(move || drop(servers))
+            .await
+            .ok();
+        Ok(summary)
+    }
+}
+
+/// Keeps one second's figures: in the CSV file, on the progress line every ten seconds, and
+/// for the end table.
+pub(crate) fn record(s: Second, seconds: &mut Vec<Second>, csv: Option<&mut Csv>) {
+    if let Some(c) = csv {
+        c.write(&s);
+    }
+    if seconds.len() % 10 == 9 {
+        println!("{}", s.progress());
+    }
+    seconds.push(s);
+}
+
+/// One run with the agents in this process.
+async fn run_in_process(
+    settings: &Settings,
+    mode: Mode,
+    mut csv: Option<&mut Csv>,
+) -> Result<(Summary, Vec<Second>), Error> {
+    let n = settings.agents;
+    let mut run = prepare(settings, mode).await?;
+    let storm = &run.storm;
     let meters = Arc::new(Meters::new(n));
     LOG_METERS
         .lock()
@@ -797,21 +853,15 @@ async fn run_in_process(
         let (d50, d99, _) = report::spread(&mut w.delivery_ms);
         (s.delivery_p50_ms, s.delivery_p99_ms) = (d50 as f64, d99 as f64);
         let own = ticks(std::process::id() as i32).map_or(0, |(t, _, _)| t);
-        watch.read(&mut s, own).await;
+        run.watch.read(&mut s, own).await;
         if launched == storm.agents.len() {
             steady_hb.extend(w.heartbeats_us);
             steady_delivery.extend(w.delivery_ms);
         }
-        if let Some(c) = csv.as_deref_mut() {
-            c.write(&s);
-        }
-        if seconds.len() % 10 == 9 {
-            println!("{}", s.progress());
-        }
-        seconds.push(s);
+        record(s, &mut seconds, csv.as_deref_mut());
     }
 
-    (summary.server_mem_mib, summary.pgbouncer_mem_mib) = watch.memory().await;
+    let memory = run.watch.memory().await;
     // Stop: each agent delivers what it holds, as at a service stop.
     println!("[{}] stopping the agents ...", mode.name());
     stop.cancel();
@@ -832,7 +882,10 @@ async fn run_in_process(
     LOG_METERS.lock().unwrap_or_else(|p| p.into_inner()).take();
 
     let totals = meters.totals();
-    fold_steady(&mut summary, &seconds, storm.agents.len());
+    let agents_run = storm.agents.len();
+    let summary = &mut run.summary;
+    (summary.server_mem_mib, summary.pgbouncer_mem_mib) = memory;
+    fold_steady(summary, &seconds, agents_run);
     summary.heartbeats = totals.heartbeats;
     summary.heartbeats_failed = totals.heartbeats_failed;
     summary.timed = true;
@@ -841,17 +894,11 @@ async fn run_in_process(
     summary.collected_samples = totals.collected_samples;
     summary.collected_rows = totals.collected_rows;
     summary.left_in_spools = left;
-    (summary.server_samples, summary.server_rows) = server_counts(watch.superuser(), &ids).await?;
     summary.errors.extend(meters.errors());
     for (k, v) in failed_to_start {
         summary.errors.insert(format!("agent did not run: {k}"), v);
     }
-    summary.unregistered = unregister_all(&servers, &ids).await?;
-    drop(watch);
-    tokio::task::spawn_blocking(move || drop(servers))
-        .await
-        .ok();
-    Ok((summary, seconds))
+    Ok((run.finish().await?, seconds))
 }
 
 /// A run's timetable: agents start evenly over the ramp, then all run for the duration; the

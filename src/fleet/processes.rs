@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::Type;
 
 use super::report::{Csv, Second, Summary};
-use super::{Error, Mode, Registered, Settings, Watch};
+use super::{Error, Mode, Registered, Settings};
 use crate::connection::pool;
 use crate::worker::stats::Snapshot;
 
@@ -92,26 +92,8 @@ pub async fn run(
     let n = settings.agents;
     let exe = std::env::current_exe()
         .map_err(|e| Error::Step(format!("cannot find this program: {e}")))?;
-    println!("[{}] starting a throwaway PEM server ...", mode.name());
-    let servers = super::start_servers(settings, mode).await?;
-    println!("[{}] registering {n} agents at once ...", mode.name());
-    let storm = super::register_all(&servers, n, mode).await?;
-    let mut summary = super::new_summary(settings, mode, &storm);
-    summary.label = format!("{} (real processes)", summary.label);
-    for (k, v) in &storm.failed {
-        summary
-            .errors
-            .insert(format!("registration failed: {k}"), *v);
-    }
-    let ids: Vec<i32> = storm.agents.iter().map(|a| a.agent_id).collect();
-    let mut watch = Watch::new(&servers, mode, super::agent_users(mode, &ids)).await?;
-    super::set_intervals(
-        watch.superuser(),
-        &ids,
-        settings.heartbeat_interval,
-        settings.probe_interval,
-    )
-    .await?;
+    let mut run = super::prepare(settings, mode).await?;
+    let (storm, ids) = (&run.storm, &run.ids);
 
     println!(
         "[{}] starting {} pemworker processes over {} s, then running {} s",
@@ -131,7 +113,7 @@ pub async fn run(
     let recent = (2 * settings.heartbeat_interval + 2) as f64;
     loop {
         while let Some((_, a)) = pending.next_if(|(i, _)| clock.due(*i)) {
-            match spawn(a, &exe, &servers.home) {
+            match spawn(a, &exe, &run.servers.home) {
                 Ok(p) => agents.push(p),
                 Err(e) => {
                     *errors
@@ -177,27 +159,21 @@ pub async fn run(
         (last_stored, last_collected) = (stored.max(last_stored), collected.max(last_collected));
         let what = "counting agents with a recent heartbeat";
         if let Ok(row) = pool::query_one(
-            watch.superuser(),
+            run.watch.superuser(),
             what,
             "SELECT count(*) FROM pem.agent_heartbeat WHERE agent_id = ANY($1) \
                 AND last_heartbeat > pg_catalog.now() - pg_catalog.make_interval(secs => $2)",
-            &[(&ids, Type::INT4_ARRAY), (&recent, Type::FLOAT8)],
+            &[(ids, Type::INT4_ARRAY), (&recent, Type::FLOAT8)],
         )
         .await
         {
             s.agents_connected = pool::get::<i64>(&row, 0, what).unwrap_or(0) as usize;
         }
-        watch.read(&mut s, agent_ticks).await;
-        if let Some(c) = csv.as_deref_mut() {
-            c.write(&s);
-        }
-        if seconds.len() % 10 == 9 {
-            println!("{}", s.progress());
-        }
-        seconds.push(s);
+        run.watch.read(&mut s, agent_ticks).await;
+        super::record(s, &mut seconds, csv.as_deref_mut());
     }
 
-    (summary.server_mem_mib, summary.pgbouncer_mem_mib) = watch.memory().await;
+    let memory = run.watch.memory().await;
     println!(
         "[{}] stopping the agent processes (SIGTERM) ...",
         mode.name()
@@ -228,6 +204,9 @@ pub async fn run(
             tracing::debug!("agent {} exited with {st}", a.slot);
         }
     }
+    let agents_run = storm.agents.len();
+    let summary = &mut run.summary;
+    (summary.server_mem_mib, summary.pgbouncer_mem_mib) = memory;
     for a in &agents {
         log_problems(&a.log, &mut errors);
         if let Some(snap) = snapshot(&a.state_dir) {
@@ -239,15 +218,8 @@ pub async fn run(
         }
     }
     errors.extend(exits);
-    super::fold_steady(&mut summary, &seconds, storm.agents.len());
+    super::fold_steady(summary, &seconds, agents_run);
     summary.agents_pss_mib = Some(pss_max);
-    (summary.server_samples, summary.server_rows) =
-        super::server_counts(watch.superuser(), &ids).await?;
     summary.errors.extend(errors);
-    summary.unregistered = super::unregister_all(&servers, &ids).await?;
-    drop(watch);
-    tokio::task::spawn_blocking(move || drop(servers))
-        .await
-        .ok();
-    Ok((summary, seconds))
+    Ok((run.finish().await?, seconds))
 }
